@@ -1,0 +1,129 @@
+"""HTTP client for the docqueue API, used by the CLI (and usable from Python)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from service.errors import DocqueueError
+
+
+class ApiError(DocqueueError):
+    """The API answered with an error; ``message`` is the API's own."""
+
+    def __init__(self, status_code: int, message: str, body: Any = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = body
+
+
+class _ProgressReader:
+    """A file wrapper that reports bytes read, so uploads can show a progress bar."""
+
+    def __init__(self, f: IO[bytes], on_read: Callable[[int], None]) -> None:
+        self._f = f
+        self._on_read = on_read
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self._on_read(len(data))
+        return data
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+class Client:
+    def __init__(self, base_url: str, api_key: str | None, timeout_s: float = 600.0) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
+        )
+        self.base_url = base_url
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            resp = self._http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise ApiError(0, f"cannot reach the docqueue API at {self.base_url}: {exc}") from exc
+        _raise_for_error(resp)
+        return resp
+
+    def submit(
+        self,
+        path: Path,
+        fields: dict[str, Any],
+        idempotency_key: str | None = None,
+        on_upload: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        data = {k: str(v) for k, v in fields.items() if v is not None}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        with path.open("rb") as f:
+            body: Any = _ProgressReader(f, on_upload) if on_upload else f
+            resp = self._request(
+                "POST",
+                "/v1/jobs",
+                data=data,
+                files={"file": (path.name, body, "text/csv")},
+                headers=headers,
+            )
+        return dict(resp.json())
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/jobs/{job_id}").json())
+
+    def jobs(self, status: str | None = None, limit: int = 20) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        return dict(self._request("GET", "/v1/jobs", params=params).json())
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
+
+    def results(self, job_id: str, fmt: str = "csv") -> Iterator[bytes]:
+        """Streams the results; the caller writes them wherever it likes."""
+        try:
+            with self._http.stream(
+                "GET", f"/v1/jobs/{job_id}/results", params={"format": fmt}
+            ) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _raise_for_error(resp)
+                yield from resp.iter_bytes()
+        except httpx.TransportError as exc:
+            raise ApiError(0, f"cannot reach the docqueue API at {self.base_url}: {exc}") from exc
+
+
+def _raise_for_error(resp: httpx.Response) -> None:
+    if resp.status_code < 400:
+        return
+    try:
+        body = resp.json()
+        err = body.get("error") if isinstance(body, dict) else None
+        message = err.get("message") if isinstance(err, dict) else None
+        message = message or (body.get("detail") if isinstance(body, dict) else None) or resp.text
+    except ValueError:
+        body, message = resp.text, resp.text or resp.reason_phrase
+    raise ApiError(resp.status_code, f"{message} (HTTP {resp.status_code})", body)

@@ -1,0 +1,97 @@
+"""The queue contract: task names, queue names and message payloads.
+
+Both the producer (``service``) and the consumer (``workers``) import this module, so the two
+sides cannot drift. Messages carry ids only, never document text: Postgres is the source of
+truth and Redis merely carries work, so a lost message delays a chunk but never loses data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Celery
+
+from service.settings import Settings, get_settings
+
+APP_NAME = "docqueue"
+#: The one task the workers run: process one chunk of one job.
+TASK_RUN_CHUNK = "docqueue.run_chunk"
+#: Prefix of every per-model queue.
+QUEUE_PREFIX = "dq"
+
+
+def queue_for_model(model: str) -> str:
+    """One queue per model, named so that a person reading Redis or Flower recognises it.
+
+    A model may be a hub id or a local path; the readable part is its last path component and
+    a short hash of the whole string keeps two models with the same basename apart.
+    """
+    base = model.rstrip("/").rsplit("/", 1)[-1].lower() or "model"
+    slug = re.sub(r"[^a-z0-9_.-]+", "-", base).strip("-.")[:48] or "model"
+    digest = hashlib.sha256(model.encode()).hexdigest()[:8]
+    return f"{QUEUE_PREFIX}.{slug}.{digest}"
+
+
+@dataclass(frozen=True)
+class ChunkMessage:
+    """The payload of a chunk message: the chunk id, nothing more.
+
+    ``job_id``, ``seq`` and ``n_chunks`` travel only in the message's display form (``kwargsrepr``)
+    so that Flower shows which job and chunk a task is without the worker trusting them.
+    """
+
+    chunk_id: uuid.UUID
+    job_id: uuid.UUID
+    seq: int
+    n_chunks: int
+    queue: str
+    priority: int = 0
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"chunk_id": str(self.chunk_id)}
+
+    def display(self) -> str:
+        return f"{{'job': '{self.job_id}', 'chunk': '{self.seq + 1}/{self.n_chunks}'}}"
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    """The Celery app shared by producers and workers (workers add their own settings on top)."""
+    settings = settings or get_settings()
+    app = Celery(APP_NAME, broker=settings.redis_url)
+    app.conf.update(
+        task_ignore_result=True,  # Postgres holds all state; no result backend.
+        task_serializer="json",
+        accept_content=["json"],
+        enable_utc=True,
+        timezone="UTC",
+        task_default_queue=f"{QUEUE_PREFIX}.default",
+        task_create_missing_queues=True,
+        # Producers and workers must agree on this, or a message could be redelivered early.
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+    )
+    return app
+
+
+def send_chunks(app: Celery, messages: Iterable[ChunkMessage]) -> int:
+    """Publish one message per chunk over one broker connection; returns how many were sent."""
+    sent = 0
+    with app.producer_or_acquire() as producer:
+        for msg in messages:
+            app.send_task(
+                TASK_RUN_CHUNK,
+                kwargs=msg.kwargs(),
+                queue=msg.queue,
+                routing_key=msg.queue,
+                producer=producer,
+                kwargsrepr=msg.display(),
+                # Readable task id (job and chunk); the suffix keeps a re-sent chunk's id distinct.
+                task_id=f"{msg.job_id}:{msg.seq}:{uuid.uuid4().hex[:8]}",
+            )
+            sent += 1
+    return sent

@@ -1,0 +1,51 @@
+"""One typed settings object for the API, the CLI and the workers (env prefix ``DOCQUEUE_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every knob in one place, so API, CLI and workers can never disagree on a default."""
+
+    model_config = SettingsConfigDict(env_prefix="DOCQUEUE_", env_file=".env", extra="ignore")
+
+    # Storage and queue.
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/docqueue"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Seconds Redis keeps an unacked message invisible before redelivering it. Far above any
+    # chunk's run time: Postgres leases, not Redis, decide when work is re-run.
+    broker_visibility_timeout_s: int = 6 * 3600
+
+    # Upload limits.
+    max_document_bytes: int = Field(default=1 * MiB, gt=0)
+    max_rows_per_job: int = Field(default=2_000_000, gt=0)
+    max_upload_bytes: int = Field(default=8 * 1024 * MiB, gt=0)
+
+    # Jobs.
+    default_model: str = "smollm2-135m-instruct"
+    default_chunk_size: int = Field(default=256, gt=0)
+    max_chunk_size: int = Field(default=10_000, gt=0)
+    default_max_tokens: int = Field(default=256, gt=0)
+
+    # API server.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    # CLI client.
+    api_url: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+    http_timeout_s: float = 600.0
+
+    log_level: str = "INFO"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings are read once per process; tests clear the cache after changing the env."""
+    return Settings()
