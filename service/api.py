@@ -2,7 +2,6 @@
 # No `from __future__ import annotations` here: FastAPI resolves the handlers' Annotated
 # dependencies (defined inside create_app) at definition time.
 
-
 import base64
 import logging
 import uuid
@@ -116,7 +115,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             checks["redis"] = f"error: {type(exc).__name__}"
         ok = all(v == "ok" for v in checks.values())
         return JSONResponse(
-            status_code=200 if ok else 503, content={"status": "ok" if ok else "unavailable", **checks}
+            status_code=200 if ok else 503,
+            content={"status": "ok" if ok else "unavailable", **checks},
         )
 
     @app.post("/v1/jobs", status_code=202, tags=["jobs"])

@@ -60,7 +60,10 @@ def main(
 def _client() -> Client:
     s = get_settings()
     if not s.api_key:
-        _fail("no API key: set DOCQUEUE_API_KEY (create one with `docqueue keys create --tenant NAME`)")
+        _fail(
+            "no API key: set DOCQUEUE_API_KEY "
+            "(create one with `docqueue keys create --tenant NAME`)"
+        )
     return Client(s.api_url, s.api_key, s.http_timeout_s)
 
 
@@ -131,7 +134,9 @@ def keys_create(
 def submit(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
     task: Annotated[str, typer.Option(help="generate | summarize | classify")],
-    model: Annotated[str | None, typer.Option(help="Model name or path (default: server's).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model name or path (default: server's).")
+    ] = None,
     text_column: Annotated[str, typer.Option(help="Column holding the document text.")] = "text",
     id_column: Annotated[str | None, typer.Option(help="Column with unique ids.")] = None,
     prompt: Annotated[str | None, typer.Option(help="Template with {text} and columns.")] = None,
@@ -141,9 +146,13 @@ def submit(
     seed: Annotated[int | None, typer.Option()] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Documents per chunk.")] = None,
     priority: Annotated[int, typer.Option()] = 0,
-    delimiter: Annotated[str | None, typer.Option(help="',' ';' or 'tab' (default: sniffed).")] = None,
+    delimiter: Annotated[
+        str | None, typer.Option(help="',' ';' or 'tab' (default: sniffed).")
+    ] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Same key, same job.")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the job with a progress bar.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the job with a progress bar.")
+    ] = False,
     poll_s: Annotated[float, typer.Option(help="Seconds between polls with --wait.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
 ) -> None:
@@ -252,8 +261,11 @@ def status(
         ("status", job["status"]),
         ("task", job["task"]),
         ("model", job["model"]),
-        ("progress", f"{job['percent']}%  ({c['succeeded']} ok, {c['failed']} failed, "
-                     f"{c['cancelled']} cancelled of {c['total']})"),
+        (
+            "progress",
+            f"{job['percent']}%  ({c['succeeded']} ok, {c['failed']} failed, "
+            f"{c['cancelled']} cancelled of {c['total']})",
+        ),
         ("tokens", f"{t['prompt']} prompt, {t['completion']} completion"),
         ("rate", f"{job['documents_per_s']} docs/s" if job["documents_per_s"] else "-"),
         ("eta", f"{job['eta_s']} s" if job["eta_s"] is not None else "-"),
@@ -280,8 +292,12 @@ def list_jobs(
         c = job["counts"]
         done = c["succeeded"] + c["failed"] + c["cancelled"]
         table.add_row(
-            job["status"], job["task"], job["model"], f"{done}/{c['total']}",
-            job["created_at"][:19], job["id"],
+            job["status"],
+            job["task"],
+            job["model"],
+            f"{done}/{c['total']}",
+            job["created_at"][:19],
+            job["id"],
         )
     out.print(table)
 
@@ -289,8 +305,12 @@ def list_jobs(
 @app.command()
 def results(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="File (default: stdout).")] = None,
-    fmt: Annotated[str | None, typer.Option("--format", help="csv | jsonl (default: from -o).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="File (default: stdout).")
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="csv | jsonl (default: from -o).")
+    ] = None,
 ) -> None:
     """Download a job's results (what is done so far while it runs)."""
     if fmt is None:
@@ -306,10 +326,16 @@ def results(
                 return
             tmp = output.with_name(output.name + ".part")
             written = 0
-            with Progress(
-                TextColumn("downloading"), DownloadColumn(), TransferSpeedColumn(),
-                console=err, transient=True,
-            ) as progress, tmp.open("wb") as f:
+            with (
+                Progress(
+                    TextColumn("downloading"),
+                    DownloadColumn(),
+                    TransferSpeedColumn(),
+                    console=err,
+                    transient=True,
+                ) as progress,
+                tmp.open("wb") as f,
+            ):
                 bar = progress.add_task("results", total=None)
                 for piece in client.results(job_id, fmt):
                     f.write(piece)

@@ -81,7 +81,7 @@ def stream_results(engine: Engine, job_id: uuid.UUID, fmt: Format) -> Iterator[b
         cur = conn.cursor()
         buf: list[bytes] = []
         size = 0
-        with cur.copy(QUERIES[fmt], {"job": job_id}) as copy:  # type: ignore[attr-defined]
+        with cur.copy(QUERIES[fmt], {"job": job_id}) as copy:
             for data in copy:
                 buf.append(bytes(data))
                 size += len(data)

@@ -116,7 +116,7 @@ def read_rows(binary: IO[bytes], opts: IngestOptions) -> tuple[list[str], str, I
         if name in seen:
             raise InvalidFileError(f"duplicate column name {name!r} in the header", line=1)
         seen.add(name)
-    return header, delimiter, reader  # type: ignore[return-value]
+    return header, delimiter, reader
 
 
 def ingest_csv(

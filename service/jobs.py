@@ -9,8 +9,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import IO, Any
+from typing import IO, Any, cast
 
+import psycopg
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -59,7 +60,9 @@ def parse_labels(raw: str | None) -> list[str] | None:
                 f"labels: invalid JSON list ({exc.msg})", field="labels"
             ) from exc
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise InvalidParameterError("labels: a JSON list of strings is expected", field="labels")
+            raise InvalidParameterError(
+                "labels: a JSON list of strings is expected", field="labels"
+            )
         items = value
     else:
         items = raw.split(",")
@@ -77,7 +80,7 @@ def template_fields(prompt: str) -> frozenset[str]:
     except ValueError as exc:
         raise InvalidParameterError(f"prompt: invalid template ({exc})", field="prompt") from exc
     for name in names:
-        if not name or "." in name or "[" in name:
+        if not name or name.isdigit() or "." in name or "[" in name:
             raise InvalidParameterError(
                 f"prompt: template field {{{name}}} must name a column, e.g. {{text}}",
                 field="prompt",
@@ -99,9 +102,7 @@ def validate(req: JobRequest, settings: Settings) -> None:
     if req.task == "classify" and req.labels is not None and len(req.labels) < 2:
         raise InvalidParameterError("classify needs at least two labels", field="labels")
     if req.prompt is not None and req.task != "generate" and "{text}" not in req.prompt:
-        raise InvalidParameterError(
-            f"prompt for {req.task} must contain {{text}}", field="prompt"
-        )
+        raise InvalidParameterError(f"prompt for {req.task} must contain {{text}}", field="prompt")
     if req.max_tokens is not None and not 1 <= req.max_tokens <= 1_000_000:
         raise InvalidParameterError("max_tokens must be between 1 and 1000000", field="max_tokens")
     if req.temperature is not None and not 0.0 <= req.temperature <= 10.0:
@@ -134,9 +135,7 @@ def _params(req: JobRequest) -> dict[str, Any]:
 def find_idempotent(session: Session, tenant_id: uuid.UUID, key: str | None) -> Job | None:
     if not key:
         return None
-    return session.scalar(
-        select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)
-    )
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
 
 
 def create_job(
@@ -178,7 +177,8 @@ def create_job(
             )
             session.add(job)
             session.flush()  # the documents' foreign key needs the job row
-            raw = session.connection().connection.dbapi_connection
+            # The psycopg connection under the session's transaction, for COPY.
+            raw = cast("psycopg.Connection[Any]", session.connection().connection.dbapi_connection)
             opts = IngestOptions(
                 text_column=req.text_column,
                 id_column=req.id_column,
@@ -187,11 +187,14 @@ def create_job(
                 max_rows=settings.max_rows_per_job,
                 max_document_bytes=settings.max_document_bytes,
             )
-            result = ingest_csv(raw, job_id, upload, opts)  # type: ignore[arg-type]
+            result = ingest_csv(raw, job_id, upload, opts)
             chunks = _chunk_rows(job_id, result.rows, chunk_size)
-            with raw.cursor() as cur, cur.copy(  # type: ignore[union-attr]
-                "COPY chunks (id, job_id, seq, start_idx, end_idx, state) FROM STDIN"
-            ) as cp:
+            with (
+                raw.cursor() as cur,
+                cur.copy(
+                    "COPY chunks (id, job_id, seq, start_idx, end_idx, state) FROM STDIN"
+                ) as cp,
+            ):
                 for chunk_id, seq, start, end in chunks:
                     cp.write_row((chunk_id, job_id, seq, start, end, "queued"))
             job.total = result.rows

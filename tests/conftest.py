@@ -1,0 +1,117 @@
+"""Shared fixtures: a fresh PostgreSQL database per run (dropped afterwards) and a Redis db.
+
+Real services only. If PostgreSQL or Redis is down the suite fails at once and says how to start
+them, rather than skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import redis as redis_lib
+
+from service.settings import Settings, get_settings
+
+PG_ADMIN = os.environ.get("DOCQUEUE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_BASE = os.environ.get("DOCQUEUE_TEST_REDIS", "redis://127.0.0.1:6379")
+REDIS_DB = int(os.environ.get("DOCQUEUE_TEST_REDIS_DB", "15"))
+
+START_HINT = (
+    "start them with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start; "
+    'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no'
+)
+
+
+def _create_database() -> tuple[str, str]:
+    name = f"docqueue_test_{secrets.token_hex(4)}"
+    try:
+        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.exit(f"PostgreSQL is not reachable ({exc}); {START_HINT}", returncode=3)
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    return name, f"{base}/{name}"
+
+
+def drop_database(name: str) -> None:
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A migrated, empty database for this test run."""
+    from service.migrate import upgrade
+
+    name, url = _create_database()
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        from service.db import get_engine
+
+        get_engine.cache_clear()
+        drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    url = f"{REDIS_BASE}/{REDIS_DB}"
+    client = redis_lib.Redis.from_url(url, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis_lib.ConnectionError as exc:
+        pytest.exit(f"Redis is not reachable ({exc}); {START_HINT}", returncode=3)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_url: str) -> Iterator[Settings]:
+    """Settings for the test run, also exported as DOCQUEUE_* for code that reads the env."""
+    env = {"DOCQUEUE_DATABASE_URL": database_url, "DOCQUEUE_REDIS_URL": redis_url}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    get_settings.cache_clear()
+    yield get_settings()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    get_settings.cache_clear()
+
+
+@pytest.fixture()
+def redis_client(redis_url: str) -> Iterator[redis_lib.Redis]:
+    client = redis_lib.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture()
+def api_key(settings: Settings) -> str:
+    """A key for a fresh tenant, so tests never see each other's jobs."""
+    from service.auth import create_key
+    from service.db import session_scope
+
+    with session_scope(settings.database_url) as session:
+        return create_key(session, f"tenant-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture()
+def model_name() -> str:
+    """A model name unique to the test, so its queue in Redis is the test's own."""
+    return f"test-model-{uuid.uuid4().hex[:8]}"
+
+
+def auth(key: str) -> dict[str, Any]:
+    return {"Authorization": f"Bearer {key}"}

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.settings import Settings
+
+
+def docqueue_bin() -> str:
+    """The installed console script next to this interpreter (falls back to PATH)."""
+    candidate = Path(sys.executable).with_name("docqueue")
+    return str(candidate) if candidate.exists() else shutil.which("docqueue") or "docqueue"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def api_server(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `docqueue api` process on a free port, against the test database and Redis."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("api") / "api.log"
+    env = {
+        **os.environ,
+        "DOCQUEUE_DATABASE_URL": settings.database_url,
+        "DOCQUEUE_REDIS_URL": settings.redis_url,
+    }
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [docqueue_bin(), "api", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"docqueue api did not start:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,175 @@
+"""GET /v1/jobs/{id}/results: input order, both formats, formula neutralisation, partial."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from service.settings import Settings
+from tests.conftest import auth
+from tests.helpers import pg, submit
+
+
+def _write_results(url: str, job_id: str, rows: list[dict[str, Any]]) -> None:
+    """Stands in for the worker (next issue), writing result rows as it will."""
+    with pg(url) as conn:
+        for r in rows:
+            conn.execute(
+                "INSERT INTO results (job_id, idx, output, label, confidence, finish_reason, "
+                "prompt_tokens, completion_tokens, truncated, error) VALUES "
+                "(%(job)s, %(idx)s, %(output)s, %(label)s, %(confidence)s, %(finish_reason)s, "
+                "%(prompt_tokens)s, %(completion_tokens)s, %(truncated)s, %(error)s)",
+                {
+                    "job": uuid.UUID(job_id),
+                    "label": None,
+                    "confidence": None,
+                    "finish_reason": "stop",
+                    "prompt_tokens": 10,
+                    "completion_tokens": 5,
+                    "truncated": False,
+                    "error": None,
+                    **r,
+                },
+            )
+
+
+def _job_with_results(client: TestClient, key: str, settings: Settings, model: str) -> str:
+    body = (
+        "id,text\n"
+        "=1+1,formula id\n"
+        "plain,multi-line output\n"
+        "p3,unicode\n"
+        "p4,failed row\n"
+        "p5,not done yet\n"
+    )
+    job_id: str = submit(client, key, body, model=model, id_column="id").json()["id"]
+    _write_results(
+        settings.database_url,
+        job_id,
+        # Written out of order on purpose: the export must sort by input order.
+        [
+            {"idx": 3, "output": "Zürich — 東京", "label": "pos", "confidence": 0.75},
+            {"idx": 1, "output": '=HYPERLINK("http://evil")', "truncated": True},
+            {"idx": 2, "output": 'line 1\nline 2, "quoted"'},
+            {
+                "idx": 4,
+                "output": None,
+                "error": "-empty text",
+                "completion_tokens": 0,
+                "finish_reason": None,
+            },
+        ],
+    )
+    return job_id
+
+
+def test_csv_in_input_order_with_formulas_neutralised(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    job_id = _job_with_results(client, api_key, settings, model_name)
+    resp = client.get(f"/v1/jobs/{job_id}/results?format=csv", headers=auth(api_key))
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/csv")
+    assert f'filename="{job_id}.csv"' in resp.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(resp.text)))
+    assert list(rows[0]) == [
+        "id",
+        "output",
+        "label",
+        "confidence",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "truncated",
+        "error",
+    ]
+    assert [r["id"] for r in rows] == ["'=1+1", "plain", "p3", "p4"]  # p5 is not done
+    assert rows[0]["output"] == '\'=HYPERLINK("http://evil")'
+    assert rows[0]["truncated"] == "true"
+    assert rows[1]["output"] == 'line 1\nline 2, "quoted"'
+    assert rows[1]["truncated"] == "false"
+    assert rows[2] == {
+        "id": "p3",
+        "output": "Zürich — 東京",
+        "label": "pos",
+        "confidence": "0.75",
+        "finish_reason": "stop",
+        "prompt_tokens": "10",
+        "completion_tokens": "5",
+        "truncated": "false",
+        "error": "",
+    }
+    assert rows[3]["error"] == "'-empty text"
+    assert rows[3]["output"] == ""
+
+
+def test_jsonl_keeps_values_exact(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    job_id = _job_with_results(client, api_key, settings, model_name)
+    resp = client.get(f"/v1/jobs/{job_id}/results?format=jsonl", headers=auth(api_key))
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("application/x-ndjson")
+    lines = resp.text.splitlines()
+    objs = [json.loads(line) for line in lines]
+    assert [o["id"] for o in objs] == ["=1+1", "plain", "p3", "p4"]
+    assert objs[0]["output"] == '=HYPERLINK("http://evil")'  # no CSV quoting in JSON
+    assert objs[0]["truncated"] is True
+    assert objs[1]["output"] == 'line 1\nline 2, "quoted"'
+    assert objs[2]["confidence"] == 0.75 and objs[2]["label"] == "pos"
+    assert objs[3]["output"] is None and objs[3]["error"] == "-empty text"
+    assert set(objs[0]) == {
+        "id",
+        "output",
+        "label",
+        "confidence",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "truncated",
+        "error",
+    }
+
+
+def test_default_ids_are_row_numbers_and_large_exports_stream(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    n = 5000
+    body = "text\n" + "".join(f"document {i}\n" for i in range(n))
+    job_id = submit(client, api_key, body, model=model_name).json()["id"]
+    with pg(settings.database_url) as conn:
+        conn.execute(
+            "INSERT INTO results (job_id, idx, output) "
+            "SELECT job_id, idx, 'summary of ' || text || repeat('.', 100) FROM documents "
+            "WHERE job_id = %s",
+            (uuid.UUID(job_id),),
+        )
+    chunks = []
+    with client.stream(
+        "GET", f"/v1/jobs/{job_id}/results?format=jsonl", headers=auth(api_key)
+    ) as resp:
+        for piece in resp.iter_bytes():
+            chunks.append(piece)
+    objs = [json.loads(line) for line in b"".join(chunks).splitlines()]
+    assert [o["id"] for o in objs] == [str(i) for i in range(1, n + 1)]
+    assert objs[-1]["output"].startswith(f"summary of document {n - 1}.")
+
+
+def test_empty_results_while_queued_and_bad_format(
+    client: TestClient, api_key: str, model_name: str
+) -> None:
+    job_id = submit(client, api_key, "text\na\n", model=model_name).json()["id"]
+    resp = client.get(f"/v1/jobs/{job_id}/results", headers=auth(api_key))
+    assert resp.status_code == 200
+    assert resp.headers["x-job-status"] == "queued"
+    assert resp.text.splitlines() == [
+        "id,output,label,confidence,finish_reason,prompt_tokens,completion_tokens,truncated,error"
+    ]
+    assert client.get(f"/v1/jobs/{job_id}/results?format=jsonl", headers=auth(api_key)).text == ""
+    bad = client.get(f"/v1/jobs/{job_id}/results?format=xml", headers=auth(api_key))
+    assert bad.status_code == 422 and "format" in bad.json()["error"]["message"]
