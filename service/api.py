@@ -135,6 +135,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         chunk_size: Annotated[int | None, Form()] = None,
         priority: Annotated[int, Form()] = 0,
         delimiter: Annotated[str | None, Form()] = None,
+        summary_words: Annotated[int | None, Form(description="summarize: length")] = None,
+        language: Annotated[str | None, Form(description="summarize: output language")] = None,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     ) -> JSONResponse:
         """Submit a CSV of documents; answers 202 with the queued job."""
@@ -153,12 +155,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             delimiter=delimiter or None,
             idempotency_key=idempotency_key or None,
             source_name=file.filename,
+            extra_params={
+                k: v
+                for k, v in (("summary_words", summary_words), ("language", language))
+                if v is not None
+            },
         )
         job, created = jobs.create_job(who.tenant_id, req, file.file, settings)
         headers = {"Location": f"/v1/jobs/{job.id}"}
         if not created:
             headers["Idempotent-Replayed"] = "true"
-        return JSONResponse(status_code=202, content=jobs.job_view(job), headers=headers)
+        with tx() as session:
+            served = {w.model for w in jobs.live_workers(session, settings)}
+        view = jobs.with_serving(jobs.job_view(job), served)
+        return JSONResponse(status_code=202, content=view, headers=headers)
 
     @app.get("/v1/jobs", tags=["jobs"])
     def list_jobs(
@@ -176,10 +186,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         before = _decode_token(page_token) if page_token else None
         with tx() as session:
             rows = jobs.list_jobs(session, who.tenant_id, status=status, limit=limit, before=before)
+            served = {w.model for w in jobs.live_workers(session, settings)}
         token = _encode_token(rows[-1].created_at, rows[-1].id) if len(rows) == limit else None
         return {
             "object": "list",
-            "data": [jobs.job_view(j) for j in rows],
+            "data": [jobs.with_serving(jobs.job_view(j), served) for j in rows],
             "next_page_token": token,
         }
 
@@ -187,7 +198,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def get_job(job_id: str, who: Auth) -> dict[str, Any]:
         """Status, counts, percent, tokens and, while running, documents/s and ETA."""
         with tx() as session:
-            return jobs.job_view(jobs.get_job(session, who.tenant_id, job_id))
+            job = jobs.get_job(session, who.tenant_id, job_id)
+            served = {w.model for w in jobs.live_workers(session, settings)}
+        return jobs.with_serving(jobs.job_view(job), served)
+
+    @app.get("/v1/models", tags=["models"])
+    def list_models(who: Auth) -> dict[str, Any]:
+        """Models served by live workers (recent heartbeat), with those workers."""
+        with tx() as session:
+            workers = jobs.live_workers(session, settings)
+        models: dict[str, dict[str, Any]] = {}
+        for w in workers:
+            entry = models.setdefault(w.model, {"id": w.model, "queue": w.queue, "workers": []})
+            entry["workers"].append(
+                {
+                    "name": w.name,
+                    "device": w.device,
+                    "ready": w.engine_ready,
+                    "started_at": w.started_at.isoformat(),
+                    "last_heartbeat_at": w.last_heartbeat_at.isoformat(),
+                }
+            )
+        return {"object": "list", "data": list(models.values())}
 
     @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"])
     def cancel_job(job_id: str, who: Auth) -> dict[str, Any]:

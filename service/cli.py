@@ -100,6 +100,48 @@ def api(
     )
 
 
+@app.command()
+def worker(
+    model: Annotated[
+        str | None, typer.Option(help="Model this worker serves (default: settings).")
+    ] = None,
+    gpus: Annotated[
+        str, typer.Option(help="all | none | a list like 0,1 (one worker per GPU).")
+    ] = "all",
+    tensor_parallel: Annotated[int, typer.Option(help="GPUs per worker.")] = 1,
+    concurrency: Annotated[int | None, typer.Option(help="Chunks in flight per engine.")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan, start nothing.")
+    ] = False,
+) -> None:
+    """Start one Celery worker per GPU (or one CPU worker), each running the model's engine."""
+    import logging
+
+    from workers import launcher
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    s = get_settings()
+    model = model or s.default_model
+    try:
+        specs = launcher.plan(gpus, tensor_parallel)
+    except ValueError as exc:
+        _fail(str(exc))
+    conc = concurrency or s.worker_concurrency
+    if dry_run:
+        plan = [
+            {
+                "hostname": spec.hostname,
+                "CUDA_VISIBLE_DEVICES": spec.devices,
+                "command": launcher.command(spec, model, conc, loglevel),
+            }
+            for spec in specs
+        ]
+        out.print_json(json.dumps(plan))
+        return
+    raise typer.Exit(launcher.supervise(specs, model, conc, tensor_parallel, loglevel))
+
+
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
     """Apply migrations up to REVISION (default: head)."""
@@ -150,6 +192,8 @@ def submit(
         str | None, typer.Option(help="',' ';' or 'tab' (default: sniffed).")
     ] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Same key, same job.")] = None,
+    summary_words: Annotated[int | None, typer.Option(help="summarize: summary length.")] = None,
+    language: Annotated[str | None, typer.Option(help="summarize: output language.")] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the job with a progress bar.")
     ] = False,
@@ -170,6 +214,8 @@ def submit(
         "chunk_size": chunk_size,
         "priority": priority,
         "delimiter": delimiter,
+        "summary_words": summary_words,
+        "language": language,
     }
     with _client() as client:
         size = file.stat().st_size
@@ -193,6 +239,8 @@ def submit(
         if as_json:
             out.print_json(json.dumps(job))
         else:
+            if job.get("warning"):
+                err.print(f"[yellow]warning:[/] {job['warning']}", highlight=False)
             counts = job["counts"]
             out.print(
                 f"job [bold]{job['id']}[/] {job['status']}: {counts['total']} documents "
@@ -345,6 +393,18 @@ def results(
         except ApiError as exc:
             _fail(exc.message)
     err.print(f"wrote {written} bytes to {output}")
+
+
+@app.command()
+def models() -> None:
+    """Models served by live workers, and those workers."""
+    with _client() as client:
+        page = _run(client.models)
+    table = Table("model", "worker", "device", "last heartbeat")
+    for m in page["data"]:
+        for w in m["workers"]:
+            table.add_row(m["id"], w["name"], w["device"], w["last_heartbeat_at"][:19])
+    out.print(table)
 
 
 @app.command()

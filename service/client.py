@@ -99,6 +99,9 @@ class Client:
             params["status"] = status
         return dict(self._request("GET", "/v1/jobs", params=params).json())
 
+    def models(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/models").json())
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
 

@@ -8,7 +8,7 @@ import string
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any, cast
 
 import psycopg
@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from service.db import get_engine
 from service.errors import ConflictError, InvalidParameterError, NotFoundError
 from service.ingest import IngestOptions, ingest_csv
-from service.models import TASKS, TERMINAL_STATUSES, Chunk, Job
+from service.models import TASKS, TERMINAL_STATUSES, Chunk, Job, Worker
 from service.queue import ChunkMessage, make_celery, queue_for_model, send_chunks
 from service.settings import Settings
 
@@ -103,6 +103,11 @@ def validate(req: JobRequest, settings: Settings) -> None:
         raise InvalidParameterError("classify needs at least two labels", field="labels")
     if req.prompt is not None and req.task != "generate" and "{text}" not in req.prompt:
         raise InvalidParameterError(f"prompt for {req.task} must contain {{text}}", field="prompt")
+    words = req.extra_params.get("summary_words")
+    if words is not None and not 1 <= int(words) <= 10_000:
+        raise InvalidParameterError(
+            "summary_words must be between 1 and 10000", field="summary_words"
+        )
     if req.max_tokens is not None and not 1 <= req.max_tokens <= 1_000_000:
         raise InvalidParameterError("max_tokens must be between 1 and 1000000", field="max_tokens")
     if req.temperature is not None and not 0.0 <= req.temperature <= 10.0:
@@ -321,6 +326,29 @@ def cancel_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID | str) 
         job.finished_at = datetime.now(UTC)
     session.flush()
     return job
+
+
+def live_workers(session: Session, settings: Settings) -> list[Worker]:
+    """Workers whose heartbeat is recent enough to count them as serving their model."""
+    horizon = 3 * max(settings.worker_heartbeat_s, settings.lease_s / 3.0)
+    return list(
+        session.scalars(
+            select(Worker)
+            .where(Worker.last_heartbeat_at > func.now() - timedelta(seconds=horizon))
+            .order_by(Worker.model, Worker.name)
+        )
+    )
+
+
+def with_serving(view: dict[str, Any], served: set[str]) -> dict[str, Any]:
+    """Adds whether a live worker serves the job's model; an unserved job waits, and says so."""
+    view["model_served"] = view["model"] in served
+    if view["status"] in ("queued", "running") and not view["model_served"]:
+        view["warning"] = (
+            f"no live worker serves model {view['model']!r}; the job waits until one starts "
+            f"(docqueue worker --model {view['model']!r})"
+        )
+    return view
 
 
 def job_view(job: Job, now: datetime | None = None) -> dict[str, Any]:

@@ -196,3 +196,22 @@ class Chunk(Base):
         UniqueConstraint("job_id", "seq", name="uq_chunks_job_seq"),
         Index("ix_chunks_state_lease", "state", "lease_expires_at"),
     )
+
+
+class Worker(Base):
+    """A live worker process: what it serves and when it last said so."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery hostname
+    model: Mapped[str] = mapped_column(String(500))
+    queue: Mapped[str] = mapped_column(String(200))
+    device: Mapped[str] = mapped_column(String(100))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+    last_heartbeat_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=_utcnow()
+    )
+    engine_ready: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+
+    __table_args__ = (Index("ix_workers_model_heartbeat", "model", "last_heartbeat_at"),)

@@ -7,7 +7,10 @@ truth and Redis merely carries work, so a lost message delays a chunk but never 
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import hashlib
+import json
 import re
 import uuid
 from collections.abc import Iterable
@@ -78,7 +81,39 @@ def make_celery(settings: Settings | None = None) -> Celery:
     return app
 
 
-def send_chunks(app: Celery, messages: Iterable[ChunkMessage]) -> int:
+#: Where kombu's Redis transport keeps delivered, not yet acknowledged messages.
+UNACKED_KEY = "unacked"
+
+
+def chunk_ids_in_broker(client: Any, queues: Iterable[str]) -> set[str]:
+    """Chunk ids that have a message waiting in ``queues`` or delivered but unacked.
+
+    The reconciler re-sends a queued chunk only when its id is in neither place, so a message
+    lost with a flushed or restarted Redis is replaced, and one still waiting is not doubled.
+    """
+    found: set[str] = set()
+
+    def take(envelope: Any) -> None:
+        try:
+            body = json.loads(base64.b64decode(envelope["body"]))
+            if envelope.get("headers", {}).get("task") == TASK_RUN_CHUNK:
+                found.add(str(body[1]["chunk_id"]))
+        except (KeyError, IndexError, TypeError, ValueError):
+            pass  # not one of ours
+
+    for queue in set(queues):
+        for raw in client.lrange(queue, 0, -1):
+            with contextlib.suppress(ValueError):
+                take(json.loads(raw))
+    for raw in client.hvals(UNACKED_KEY):
+        with contextlib.suppress(ValueError, IndexError, TypeError):
+            take(json.loads(raw)[0])
+    return found
+
+
+def send_chunks(
+    app: Celery, messages: Iterable[ChunkMessage], countdown_s: float | None = None
+) -> int:
     """Publish one message per chunk over one broker connection; returns how many were sent."""
     sent = 0
     with app.producer_or_acquire() as producer:
@@ -90,6 +125,7 @@ def send_chunks(app: Celery, messages: Iterable[ChunkMessage]) -> int:
                 routing_key=msg.queue,
                 producer=producer,
                 kwargsrepr=msg.display(),
+                countdown=countdown_s,
                 # Readable task id (job and chunk); the suffix keeps a re-sent chunk's id distinct.
                 task_id=f"{msg.job_id}:{msg.seq}:{uuid.uuid4().hex[:8]}",
             )

@@ -42,6 +42,32 @@ class Settings(BaseSettings):
     api_key: str | None = None
     http_timeout_s: float = 600.0
 
+    # Workers and leases. A chunk's lease is renewed every lease_s/3 while it runs, so a killed
+    # worker's chunk is re-run about lease_s after it died, not after the broker's timeout.
+    lease_s: int = Field(default=60, ge=2)
+    max_attempts: int = Field(default=3, ge=1)  # per chunk, counting the first
+    retry_backoff_s: float = Field(default=5.0, ge=0)  # doubled per attempt, capped at 5 minutes
+    reconcile_interval_s: float = Field(default=30.0, gt=0)
+    # A queued chunk whose message is in neither the queue nor the unacked set after this long
+    # is re-sent (its message was lost: Redis flushed, restarted without persistence ...).
+    requeue_after_s: float = Field(default=60.0, ge=0)
+    worker_heartbeat_s: float = Field(default=10.0, gt=0)
+    worker_concurrency: int = Field(default=3, ge=1)  # chunks in flight per engine
+    sub_batch_size: int = Field(default=64, ge=1)  # results are written per sub-batch
+
+    # Engines.
+    engine: str = "vllm"  # vllm | transformers | bench (zero-cost, benchmarks only)
+    max_model_len: int | None = None  # default: the model's own
+    vllm_gpu_memory_utilization: float = 0.90
+    vllm_kv_cache_gib: float = 2.0  # CPU backend only (VLLM_CPU_KVCACHE_SPACE)
+    vllm_max_num_seqs: int | None = None
+    vllm_dtype: str = "auto"
+    vllm_enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+
+    # Prompts.
+    summary_words: int = Field(default=60, gt=0)
+
     log_level: str = "INFO"
 
 

@@ -1,0 +1,37 @@
+"""The Celery app the workers run (``celery -A workers.app worker``; ``docqueue worker`` wraps it).
+
+The producer side shares the broker settings through ``service.queue.make_celery``; everything
+below only matters to consumers of long GPU work.
+"""
+
+from __future__ import annotations
+
+from service.queue import make_celery
+from service.settings import get_settings
+
+settings = get_settings()
+app = make_celery(settings)
+app.conf.update(
+    # Ack after the chunk ran, not when it was received: a worker that dies mid-chunk leaves
+    # the message unacked, so Redis can redeliver it (Postgres leases re-run it sooner).
+    task_acks_late=True,
+    # A worker killed by the OS (OOM, SIGKILL) must not ack its message either.
+    task_reject_on_worker_lost=True,
+    # Reserve one message per pool slot: a chunk is minutes of GPU work, and messages held by
+    # a busy worker are invisible to idle ones.
+    worker_prefetch_multiplier=1,
+    # Postgres holds all state; results in Redis would only cost memory.
+    task_ignore_result=True,
+    # Flower shows workers and tasks only when they send events.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    # A broker connection lost mid-chunk means the message will be redelivered; stop the
+    # running work instead of finishing it twice.
+    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # Leave Celery's own logging setup alone (docqueue configures logging).
+    worker_hijack_root_logger=False,
+    # Tasks are in this package.
+    imports=("workers.tasks",),
+    # Retries are scheduled by docqueue (Postgres attempts), never by a broker-side loop.
+    task_default_retry_delay=5,
+)

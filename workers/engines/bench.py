@@ -1,0 +1,61 @@
+"""A zero-cost engine for benchmarks of docqueue's own overhead. Never the default.
+
+It answers every prompt at once with a fixed short output, so a benchmark measures ingest,
+queueing, leasing, result writes and finalization, not the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from workers.engines.base import Batch, GenRequest, GenResult
+
+
+class _Encoded:
+    def __init__(self, ids: list[int]) -> None:
+        self.input_ids = ids
+
+
+class WhitespaceTokenizer:
+    """Just enough of a tokenizer for prompt rendering: one token per word, no chat template."""
+
+    chat_template = None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> _Encoded:
+        return _Encoded([hash(w) & 0xFFFF for w in text.split()])
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join("w" for _ in ids)
+
+
+class BenchEngine:
+    def __init__(self, model: str, max_model_len: int = 1_000_000) -> None:
+        self.model = model
+        self.max_model_len = max_model_len
+        self.device = "bench"
+        self._tok = WhitespaceTokenizer()
+
+    def tokenizer(self) -> Any:
+        return self._tok
+
+    def submit(self, requests: list[GenRequest]) -> Batch:
+        batch = Batch(len(requests))
+        for i, req in enumerate(requests):
+            label = req.choices[0] if req.choices else None
+            batch.set(
+                i,
+                GenResult(
+                    text=label or "ok",
+                    finish_reason="stop",
+                    prompt_tokens=len(req.prompt_token_ids),
+                    completion_tokens=1,
+                    confidence=1.0 if label else None,
+                ),
+            )
+        return batch
+
+    def cancel(self, batch: Batch) -> None:
+        return None
+
+    def close(self) -> None:
+        return None

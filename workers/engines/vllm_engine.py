@@ -1,0 +1,220 @@
+"""vLLM engine: one ``LLMEngine`` per worker process, driven by a dedicated thread.
+
+The driver thread is the only code that touches the engine: it adds the requests chunk tasks
+submit, steps the engine while anything is unfinished, and hands finished outputs back to the
+waiting batches. Chunk tasks (Celery pool threads) render, tokenize and write to Postgres on
+their own threads, so none of that sits on the engine's critical path, and several chunks in
+flight keep the engine's batch full across chunk boundaries — the same loop ``LLM.generate``
+runs, fed continuously instead of once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+from workers.engines.base import Batch, GenRequest, GenResult
+
+log = logging.getLogger(__name__)
+
+
+def _on_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch always comes with vllm
+        return True
+
+
+class EngineDeadError(RuntimeError):
+    """The engine stopped; every batch in flight failed with this."""
+
+
+class VllmEngine:
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        kv_cache_gib: float = 2.0,
+        max_num_seqs: int | None = None,
+        dtype: str = "auto",
+        enforce_eager: bool = False,
+        tensor_parallel_size: int = 1,
+        seed: int = 0,
+    ) -> None:
+        self.device = "cpu" if _on_cpu() else "cuda"
+        if self.device == "cpu":
+            # The CPU backend otherwise reserves gpu_memory_utilization of the node's RAM and
+            # refuses to start when less is free; a fixed KV cache size avoids that.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "dtype": dtype,
+            "seed": seed,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "tensor_parallel_size": tensor_parallel_size,
+            "enforce_eager": enforce_eager,
+            "disable_log_stats": True,
+        }
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if max_num_seqs:
+            kwargs["max_num_seqs"] = max_num_seqs
+        started = time.monotonic()
+        self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
+        self.start_s = time.monotonic() - started
+        self.model = model
+        self.max_model_len = int(self._engine.model_config.max_model_len)
+        self._tokenizer_local = threading.local()
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._drive, name="vllm-driver", daemon=True)
+        self._thread.start()
+        log.info("vllm engine for %s ready in %.1f s on %s", model, self.start_s, self.device)
+
+    # --- used by chunk tasks (any thread) -------------------------------------------------
+
+    def tokenizer(self) -> Any:
+        tok = getattr(self._tokenizer_local, "tok", None)
+        if tok is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(self.model)
+            self._tokenizer_local.tok = tok
+        return tok
+
+    def submit(self, requests: list[GenRequest]) -> Batch:
+        batch = Batch(len(requests))
+        if self._dead is not None:
+            batch.fail(EngineDeadError(f"engine is dead: {self._dead}"))
+            return batch
+        if requests:
+            batch.request_ids = [str(next(self._ids)) for _ in requests]
+            self._inbox.put(("submit", (batch, requests)))
+        return batch
+
+    def cancel(self, batch: Batch) -> None:
+        if not batch.done:
+            self._inbox.put(("abort", batch))
+
+    def close(self) -> None:
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=30)
+        shutdown = getattr(self._engine, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    # --- the driver thread ----------------------------------------------------------------
+
+    def _params(self, req: GenRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        kw: dict[str, Any] = {
+            "max_tokens": req.max_tokens,
+            "temperature": req.temperature,
+            "seed": req.seed,
+        }
+        if req.choices:
+            kw["structured_outputs"] = StructuredOutputsParams(choice=list(req.choices))
+            kw["logprobs"] = 0  # the sampled tokens' logprobs: the label's confidence
+        return SamplingParams(**kw)
+
+    def _drive(self) -> None:
+        from vllm.inputs import TokensPrompt
+
+        engine = self._engine
+        pending: dict[str, tuple[Batch, int, int]] = {}
+        try:
+            while True:
+                busy = engine.has_unfinished_requests()
+                try:
+                    cmd, arg = self._inbox.get(block=not busy, timeout=None if busy else 1.0)
+                except queue.Empty:
+                    cmd, arg = "", None
+                while cmd:
+                    if cmd == "stop":
+                        return
+                    if cmd == "submit":
+                        batch, requests = arg
+                        for i, (rid, req) in enumerate(
+                            zip(batch.request_ids, requests, strict=True)
+                        ):
+                            try:
+                                engine.add_request(
+                                    rid,
+                                    TokensPrompt(prompt_token_ids=req.prompt_token_ids),
+                                    self._params(req),
+                                )
+                            except Exception as exc:  # this prompt only: the row's error
+                                batch.set(
+                                    i,
+                                    GenResult(
+                                        error=f"engine rejected the prompt: {exc}",
+                                        prompt_tokens=len(req.prompt_token_ids),
+                                    ),
+                                )
+                            else:
+                                pending[rid] = (batch, i, len(req.prompt_token_ids))
+                    elif cmd == "abort":
+                        ids = [rid for rid in arg.request_ids if rid in pending]
+                        if ids:
+                            engine.abort_request(ids)
+                            for rid in ids:
+                                pending.pop(rid, None)
+                    try:
+                        cmd, arg = self._inbox.get_nowait()
+                    except queue.Empty:
+                        cmd = ""
+                if not engine.has_unfinished_requests():
+                    continue
+                for out in engine.step():
+                    if not out.finished:
+                        continue
+                    slot = pending.pop(out.request_id, None)
+                    if slot is not None:
+                        batch, i, n_prompt = slot
+                        batch.set(i, _convert(out, n_prompt))
+        except BaseException as exc:  # the engine died: fail what is in flight, loudly
+            log.exception("vllm engine driver stopped")
+            self._dead = exc
+            for batch, _, _ in pending.values():
+                batch.fail(EngineDeadError(str(exc)))
+            while True:
+                try:
+                    cmd, arg = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd == "submit":
+                    arg[0].fail(EngineDeadError(str(exc)))
+
+
+def _convert(out: Any, n_prompt: int) -> GenResult:
+    comp = out.outputs[0]
+    confidence = None
+    if comp.logprobs is not None and comp.cumulative_logprob is not None:
+        confidence = max(0.0, min(1.0, math.exp(comp.cumulative_logprob)))
+    return GenResult(
+        text=comp.text,
+        finish_reason=comp.finish_reason,
+        prompt_tokens=len(out.prompt_token_ids) if out.prompt_token_ids is not None else n_prompt,
+        completion_tokens=len(comp.token_ids),
+        confidence=confidence,
+    )

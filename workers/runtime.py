@@ -1,0 +1,145 @@
+"""Per-process worker state: the engine, the leases this process holds, its heartbeat.
+
+Built once at worker start (Celery's ``worker_init``, in the main thread: vLLM spawns its
+engine process and installs signal handlers there) and kept warm across jobs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine as DbEngine
+
+from service.db import get_engine
+from service.queue import queue_for_model
+from service.settings import Settings, get_settings
+from service.work import heartbeat, register_worker, renew_leases, unregister_worker
+from workers.engines import Engine, build_engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    model: str
+    name: str
+    engine: Engine
+    db: DbEngine
+    leases: set[uuid.UUID] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def queue(self) -> str:
+        return queue_for_model(self.model)
+
+    def hold(self, chunk_id: uuid.UUID) -> None:
+        with self.lock:
+            self.leases.add(chunk_id)
+
+    def drop(self, chunk_id: uuid.UUID) -> None:
+        with self.lock:
+            self.leases.discard(chunk_id)
+
+    def beat_once(self) -> None:
+        """Renews this process's leases and its registration."""
+        with self.lock:
+            held = list(self.leases)
+        with self.db.begin() as conn:
+            renew_leases(conn, held, self.name, self.settings.lease_s)
+            heartbeat(conn, self.name, ready=True)
+
+    def _beat_loop(self) -> None:
+        interval = min(self.settings.lease_s / 3.0, self.settings.worker_heartbeat_s)
+        while not self.stop.wait(interval):
+            try:
+                self.beat_once()
+            except Exception:  # database briefly away: leases have 2/3 of lease_s to spare
+                log.warning("lease renewal failed; retrying", exc_info=True)
+
+    def start(self) -> None:
+        with self.db.begin() as conn:
+            register_worker(
+                conn,
+                self.name,
+                self.model,
+                self.queue,
+                device_label(self.engine.device),
+                os.getpid(),
+                True,
+            )
+        threading.Thread(target=self._beat_loop, name="docqueue-heartbeat", daemon=True).start()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        try:
+            with self.db.begin() as conn:
+                unregister_worker(conn, self.name)
+        except Exception:
+            log.warning("could not unregister worker %s", self.name, exc_info=True)
+        self.engine.close()
+
+
+_runtime: Runtime | None = None
+
+
+def device_label(engine_device: str) -> str:
+    """What the worker runs on, with the GPUs it was pinned to (shown in /v1/models)."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{engine_device} (CUDA_VISIBLE_DEVICES={cvd})" if cvd else engine_device
+
+
+def current() -> Runtime:
+    if _runtime is None:
+        raise RuntimeError(
+            "no engine in this process: chunk tasks run only in `docqueue worker` processes"
+        )
+    return _runtime
+
+
+def worker_model(settings: Settings) -> str:
+    model = os.environ.get("DOCQUEUE_WORKER_MODEL") or settings.default_model
+    return model
+
+
+def start(hostname: str | None = None, settings: Settings | None = None) -> Runtime:
+    """Builds the engine and registers the worker. Idempotent per process."""
+    global _runtime
+    if _runtime is not None:
+        return _runtime
+    settings = settings or get_settings()
+    model = worker_model(settings)
+    engine = build_engine(
+        settings.engine,
+        model,
+        max_model_len=settings.max_model_len,
+        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        kv_cache_gib=settings.vllm_kv_cache_gib,
+        max_num_seqs=settings.vllm_max_num_seqs,
+        dtype=settings.vllm_dtype,
+        enforce_eager=settings.vllm_enforce_eager,
+        tensor_parallel_size=settings.tensor_parallel_size,
+    )
+    name = hostname or f"worker@{socket.gethostname()}"
+    _runtime = Runtime(
+        settings=settings,
+        model=model,
+        name=name,
+        engine=engine,
+        db=get_engine(settings.database_url),
+    )
+    _runtime.start()
+    return _runtime
+
+
+def stop() -> None:
+    global _runtime
+    if _runtime is not None:
+        _runtime.shutdown()
+        _runtime = None
