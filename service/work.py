@@ -103,10 +103,11 @@ def claim_chunk(conn: Connection, chunk_id: uuid.UUID, worker: str, lease_s: flo
             params=dict(row.params or {}),
             job_status="running",
         )
-        return Claim(lease, "leased")
+        return Claim(lease, "leased", row.job_id)
     state = conn.execute(
         text(
-            "SELECT c.state, j.status FROM chunks c JOIN jobs j ON j.id = c.job_id WHERE c.id = :id"
+            "SELECT c.state, c.job_id, j.status FROM chunks c JOIN jobs j ON j.id = c.job_id "
+            "WHERE c.id = :id"
         ),
         {"id": chunk_id},
     ).first()

@@ -1,0 +1,67 @@
+"""GPU pinning plans, with a fake `nvidia-smi` on PATH (no GPU on CI hosts)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from workers import launcher
+
+
+def fake_nvidia_smi(tmp_path: Path, gpus: int) -> str:
+    """A stand-in for nvidia-smi that lists ``gpus`` devices; returns a PATH using it."""
+    script = tmp_path / "nvidia-smi"
+    lines = "\n".join(f"GPU {i}: NVIDIA H100 80GB HBM3 (UUID: GPU-{i:04d})" for i in range(gpus))
+    script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{lines}\nEOF\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return f"{tmp_path}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_all_gpus_one_worker_each(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, 4))
+    specs = launcher.plan("all")
+    assert [(s.hostname, s.devices) for s in specs] == [
+        ("gpu0@%h", "0"),
+        ("gpu1@%h", "1"),
+        ("gpu2@%h", "2"),
+        ("gpu3@%h", "3"),
+    ]
+    env = launcher.child_env(specs[2], "m", 1)
+    assert env["CUDA_VISIBLE_DEVICES"] == "2" and env["DOCQUEUE_WORKER_MODEL"] == "m"
+
+
+def test_tensor_parallel_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, 4))
+    specs = launcher.plan("all", tensor_parallel=2)
+    assert [(s.hostname, s.devices) for s in specs] == [("gpu0-1@%h", "0,1"), ("gpu2-3@%h", "2,3")]
+    assert [(s.hostname, s.devices) for s in launcher.plan("0,1", 2)] == [("gpu0-1@%h", "0,1")]
+    with pytest.raises(ValueError, match="does not divide"):
+        launcher.plan("0,1,2", 2)
+
+
+def test_explicit_list_and_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert [(s.hostname, s.devices) for s in launcher.plan("1,3")] == [
+        ("gpu1@%h", "1"),
+        ("gpu3@%h", "3"),
+    ]
+    assert [(s.hostname, s.devices) for s in launcher.plan("none")] == [("cpu@%h", None)]
+    # No nvidia-smi at all: `all` means one CPU worker.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert [(s.hostname, s.devices) for s in launcher.plan("all")] == [("cpu@%h", None)]
+    with pytest.raises(ValueError, match="not a GPU index"):
+        launcher.plan("0,x")
+
+
+def test_worker_command_uses_safe_celery_options() -> None:
+    cmd = launcher.command(launcher.WorkerSpec("gpu0@%h", "0"), "org/model", 3, "info")
+    joined = " ".join(cmd)
+    assert "-A workers.app worker" in joined
+    assert "--pool threads --concurrency 3" in joined
+    assert "--prefetch-multiplier 1" in joined and "--task-events" in joined
+    assert "--hostname gpu0@%h" in joined
+    from service.queue import queue_for_model
+
+    assert f"--queues {queue_for_model('org/model')}" in joined
