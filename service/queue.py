@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import re
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -81,15 +82,21 @@ def make_celery(settings: Settings | None = None) -> Celery:
     return app
 
 
-#: Where kombu's Redis transport keeps delivered, not yet acknowledged messages.
+#: Where kombu's Redis transport keeps delivered, not yet acknowledged messages, and when
+#: each was delivered.
 UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
 
 
-def chunk_ids_in_broker(client: Any, queues: Iterable[str]) -> set[str]:
+def chunk_ids_in_broker(
+    client: Any, queues: Iterable[str], unacked_max_age_s: float | None = None
+) -> set[str]:
     """Chunk ids that have a message waiting in ``queues`` or delivered but unacked.
 
     The reconciler re-sends a queued chunk only when its id is in neither place, so a message
     lost with a flushed or restarted Redis is replaced, and one still waiting is not doubled.
+    With ``unacked_max_age_s``, only recent deliveries count: a worker claims its chunk within
+    milliseconds of delivery, so an old delivery of a still-queued chunk went to a dead worker.
     """
     found: set[str] = set()
 
@@ -105,7 +112,12 @@ def chunk_ids_in_broker(client: Any, queues: Iterable[str]) -> set[str]:
         for raw in client.lrange(queue, 0, -1):
             with contextlib.suppress(ValueError):
                 take(json.loads(raw))
-    for raw in client.hvals(UNACKED_KEY):
+    if unacked_max_age_s is None:
+        unacked = client.hvals(UNACKED_KEY)
+    else:
+        tags = client.zrangebyscore(UNACKED_INDEX_KEY, time.time() - unacked_max_age_s, "+inf")
+        unacked = [raw for raw in client.hmget(UNACKED_KEY, tags) if raw] if tags else []
+    for raw in unacked:
         with contextlib.suppress(ValueError, IndexError, TypeError):
             take(json.loads(raw)[0])
     return found

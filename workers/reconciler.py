@@ -92,7 +92,9 @@ def reconcile(db: Engine, app: Celery, settings: Settings) -> Report:
             if any(c.enqueued_at is not None for c in candidates):
                 client = redis_lib.Redis.from_url(settings.redis_url)
                 try:
-                    in_broker = chunk_ids_in_broker(client, {c.queue for c in candidates})
+                    in_broker = chunk_ids_in_broker(
+                        client, {c.queue for c in candidates}, settings.requeue_after_s
+                    )
                 finally:
                     client.close()
             to_send = [
