@@ -359,8 +359,15 @@ def results(
     fmt: Annotated[
         str | None, typer.Option("--format", help="csv | jsonl (default: from -o).")
     ] = None,
+    table: Annotated[
+        bool, typer.Option("--table", help="Print the results as a table instead.")
+    ] = False,
+    limit: Annotated[int, typer.Option(help="With --table: at most this many rows.")] = 50,
 ) -> None:
     """Download a job's results (what is done so far while it runs)."""
+    if table:
+        _results_table(job_id, limit)
+        return
     if fmt is None:
         fmt = "jsonl" if output is not None and output.suffix in (".jsonl", ".ndjson") else "csv"
     if fmt not in ("csv", "jsonl"):
@@ -393,6 +400,24 @@ def results(
         except ApiError as exc:
             _fail(exc.message)
     err.print(f"wrote {written} bytes to {output}")
+
+
+def _results_table(job_id: str, limit: int) -> None:
+    with _client() as client:
+        try:
+            body = b"".join(client.results(job_id, "jsonl"))
+        except ApiError as exc:
+            _fail(exc.message)
+    rows = [json.loads(line) for line in body.splitlines()]
+    table = Table("id", "output", "label", "confidence", "error", show_lines=True)
+    for r in rows[:limit]:
+        conf = f"{r['confidence']:.2f}" if r["confidence"] is not None else ""
+        table.add_row(
+            r["id"], (r["output"] or "").strip(), r["label"] or "", conf, r["error"] or ""
+        )
+    out.print(table)
+    if len(rows) > limit:
+        err.print(f"(first {limit} of {len(rows)} rows)")
 
 
 @app.command()

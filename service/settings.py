@@ -62,7 +62,9 @@ class Settings(BaseSettings):
     vllm_kv_cache_gib: float = 2.0  # CPU backend only (VLLM_CPU_KVCACHE_SPACE)
     vllm_max_num_seqs: int | None = None
     vllm_dtype: str = "auto"
-    vllm_enforce_eager: bool = False
+    # None: eager on CPU hosts (vLLM-CPU recompiles on every start, 60-100 s more), compiled
+    # (CUDA graphs) on GPUs.
+    vllm_enforce_eager: bool | None = None
     tensor_parallel_size: int = 1
 
     # Prompts.

@@ -99,9 +99,15 @@ def supervise(
     tensor_parallel: int,
     loglevel: str,
     restart_delay_s: float = 5.0,
+    stop_timeout_s: float = 300.0,
 ) -> int:
-    """Starts every worker and keeps them running until SIGTERM/SIGINT."""
+    """Starts every worker and keeps them running until SIGTERM/SIGINT.
+
+    Children get the signal for a warm shutdown (running chunks finish); any still alive after
+    ``stop_timeout_s`` are killed, and their chunks are re-run elsewhere when leases expire.
+    """
     stopping = False
+    stop_deadline = 0.0
     procs: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(i: int) -> None:
@@ -117,7 +123,9 @@ def supervise(
         )
 
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, stop_deadline
+        if not stopping:
+            stop_deadline = time.monotonic() + stop_timeout_s
         stopping = True
         for p in procs.values():
             if p.poll() is None:
@@ -131,8 +139,13 @@ def supervise(
     while True:
         time.sleep(0.5)
         if stopping:
-            if all(p.poll() is not None for p in procs.values()):
+            alive = [p for p in procs.values() if p.poll() is None]
+            if not alive:
                 return 0
+            if time.monotonic() > stop_deadline:
+                for p in alive:
+                    log.warning("pid %d did not stop in %.0f s; killing it", p.pid, stop_timeout_s)
+                    p.kill()
             continue
         for i, p in list(procs.items()):
             code = p.poll()

