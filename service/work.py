@@ -68,6 +68,15 @@ class RowResult:
 
 def claim_chunk(conn: Connection, chunk_id: uuid.UUID, worker: str, lease_s: float) -> Claim:
     """Leases a queued chunk, or one whose lease expired (its worker died). Never a live one."""
+    # Lock order everywhere: the job row, then its chunks (cancel does the same), so a claim
+    # racing a cancel waits instead of deadlocking.
+    conn.execute(
+        text(
+            "SELECT 1 FROM jobs WHERE id = (SELECT job_id FROM chunks WHERE id = :id) "
+            "FOR NO KEY UPDATE"
+        ),
+        {"id": chunk_id},
+    )
     row = conn.execute(
         text(
             """
@@ -221,6 +230,7 @@ def close_chunk(
     cancelled (``cancelled``); ``done`` needs no rows. Then finalizes the job if this was its
     last open chunk. Returns the job's new terminal status, if it got one."""
     assert state in CHUNK_FINISHED
+    conn.execute(text("SELECT 1 FROM jobs WHERE id = :j FOR NO KEY UPDATE"), {"j": job_id})
     chunk = conn.execute(
         text(
             "UPDATE chunks SET state = :state, lease_expires_at = NULL, error = :err, "

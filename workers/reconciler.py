@@ -47,15 +47,26 @@ def reconcile(db: Engine, app: Celery, settings: Settings) -> Report:
             return report
         expired = conn.execute(
             text(
-                """
-                SELECT c.id, c.job_id, c.attempts, c.error, c.worker, j.status
-                FROM chunks c JOIN jobs j ON j.id = c.job_id
-                WHERE c.state = 'leased' AND c.lease_expires_at < now()
-                FOR UPDATE OF c SKIP LOCKED
-                """
+                "SELECT id, job_id FROM chunks "
+                "WHERE state = 'leased' AND lease_expires_at < now() ORDER BY job_id"
             )
         ).all()
-        for c in expired:
+        for chunk_id, job_id in expired:
+            # Job row first, then the chunk: the same lock order as claims and cancels.
+            conn.execute(text("SELECT 1 FROM jobs WHERE id = :j FOR NO KEY UPDATE"), {"j": job_id})
+            c = conn.execute(
+                text(
+                    """
+                    SELECT c.id, c.job_id, c.attempts, c.error, c.worker, j.status
+                    FROM chunks c JOIN jobs j ON j.id = c.job_id
+                    WHERE c.id = :id AND c.state = 'leased' AND c.lease_expires_at < now()
+                    FOR UPDATE OF c SKIP LOCKED
+                    """
+                ),
+                {"id": chunk_id},
+            ).first()
+            if c is None:  # renewed or taken over meanwhile
+                continue
             if c.status in ("cancelling", "cancelled"):
                 close_chunk(conn, c.id, c.job_id, "cancelled")
                 report.cancelled += 1
