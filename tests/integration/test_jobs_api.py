@@ -227,3 +227,32 @@ def test_readyz_reports_an_unreachable_redis(settings: Settings) -> None:
     assert resp.status_code == 503
     assert resp.json()["postgres"] == "ok"
     assert resp.json()["redis"].startswith("error")
+
+
+def test_models_and_unserved_job_warning(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    job = submit(client, api_key, CSV, model=model_name).json()
+    assert job["model_served"] is False
+    assert f"no live worker serves model '{model_name}'" in job["warning"]
+    from service.db import get_engine
+    from service.work import heartbeat, register_worker
+
+    name = f"gpu0@{uuid.uuid4().hex[:6]}"
+    with get_engine(settings.database_url).begin() as conn:
+        register_worker(conn, name, model_name, "q", "cuda (CUDA_VISIBLE_DEVICES=0)", 1, True)
+        heartbeat(conn, name, ready=True)
+    models = client.get("/v1/models", headers=auth(api_key)).json()["data"]
+    entry = next(m for m in models if m["id"] == model_name)
+    assert entry["workers"][0]["name"] == name
+    assert entry["workers"][0]["device"] == "cuda (CUDA_VISIBLE_DEVICES=0)"
+    got = client.get(f"/v1/jobs/{job['id']}", headers=auth(api_key)).json()
+    assert got["model_served"] is True and "warning" not in got
+    # A worker that stopped heartbeating no longer counts.
+    with pg(settings.database_url) as conn:
+        conn.execute(
+            "UPDATE workers SET last_heartbeat_at = now() - interval '1 hour' WHERE name = %s",
+            (name,),
+        )
+    models = client.get("/v1/models", headers=auth(api_key)).json()["data"]
+    assert model_name not in [m["id"] for m in models]

@@ -1,0 +1,61 @@
+"""Prompt rendering and truncation with the tiny model's real tokenizer and chat template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from service.work import Doc
+from tests.models import tiny_model
+from workers.prompts import RowError, instruction, render
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model())
+
+
+def doc(text: str, **extra: str) -> Doc:
+    return Doc(idx=7, external_id="ext-7", text=text, extra=extra or None)
+
+
+def test_instructions_per_task() -> None:
+    d = doc("The text.", lang="fr")
+    assert "at most 60 words" in instruction("summarize", {"summary_words": 60}, d, d.text)
+    assert ", in German" in instruction("summarize", {"language": "German"}, d, d.text)
+    cls = instruction("classify", {"labels": ["pos", "neg"]}, d, d.text)
+    assert "exactly one of: pos, neg" in cls and cls.endswith("The text.")
+    gen = instruction("generate", {"prompt": "[{id}/{lang}] {text}"}, d, d.text)
+    assert gen == "[ext-7/fr] The text."
+    assert instruction("generate", {}, d, d.text) == "The text."
+
+
+def test_render_uses_the_chat_template(tokenizer: Any) -> None:
+    r = render(tokenizer, "generate", {}, doc("hello there"), budget_tokens=500)
+    text = tokenizer.decode(r.token_ids)
+    assert "<|im_start|>user" in text and "hello there" in text
+    assert text.rstrip().endswith("<|im_start|>assistant")
+    assert r.truncated is False
+
+
+def test_long_documents_are_truncated_to_fit(tokenizer: Any) -> None:
+    long = " ".join(f"word{i}" for i in range(3000))
+    for budget in (100, 500, 1500):
+        r = render(tokenizer, "summarize", {"summary_words": 50}, doc(long), budget)
+        assert r.truncated is True
+        assert budget - 40 <= len(r.token_ids) <= budget
+        decoded = tokenizer.decode(r.token_ids)
+        assert "word0 word1" in decoded and "word2999" not in decoded
+        assert "Summarize the following text" in decoded  # the instruction survives
+
+
+def test_row_errors(tokenizer: Any) -> None:
+    with pytest.raises(RowError, match="empty text"):
+        render(tokenizer, "generate", {}, doc("  \n "), 100)
+    with pytest.raises(RowError, match="no value in this row"):
+        render(tokenizer, "generate", {"prompt": "{missing} {text}"}, doc("x"), 100)
+    with pytest.raises(RowError, match="max_model_len - max_tokens"):
+        render(tokenizer, "summarize", {}, doc("some text " * 50), 5)
