@@ -108,7 +108,8 @@ def chunk_ids_in_broker(
         except (KeyError, IndexError, TypeError, ValueError):
             pass  # not one of ours
 
-    for queue in set(queues):
+    wanted = set(queues)
+    for queue in wanted:
         for raw in client.lrange(queue, 0, -1):
             with contextlib.suppress(ValueError):
                 take(json.loads(raw))
@@ -119,7 +120,9 @@ def chunk_ids_in_broker(
         unacked = [raw for raw in client.hmget(UNACKED_KEY, tags) if raw] if tags else []
     for raw in unacked:
         with contextlib.suppress(ValueError, IndexError, TypeError):
-            take(json.loads(raw)[0])
+            envelope, _exchange, routing_key = json.loads(raw)
+            if routing_key in wanted:
+                take(envelope)
     return found
 
 

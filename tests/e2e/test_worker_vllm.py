@@ -268,3 +268,60 @@ def test_sigkill_mid_job_loses_and_duplicates_nothing(
         ).fetchone()
     assert attempts is not None and attempts[0] >= 2  # some chunk really was run twice
     assert uuid.UUID(job["id"])
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            ppid = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:")), "")
+            if ppid == str(pid):
+                kids.append(int(entry.name))
+    return kids
+
+
+def test_engine_death_is_transient_the_chunk_retries_elsewhere(
+    settings: Settings, api_server: str, worker: Any, model: str, key: str
+) -> None:
+    """The engine process dies mid-job (as a GPU fault would kill it): the chunks in flight are
+    given back and retried, the worker restarts itself with a fresh engine, the job completes
+    with every row exactly once."""
+    n = 1500
+    body = "id,text\n" + "".join(f"e{i},engine death document {i}\n" for i in range(n))
+    job = _post(
+        api_server,
+        key,
+        body,
+        task="generate",
+        model=model,
+        id_column="id",
+        max_tokens=48,
+        chunk_size=100,
+    )
+    wait_job(api_server, key, job["id"], until=lambda j: j["counts"]["succeeded"] >= 100)
+    with pg(settings.database_url) as conn:
+        row = conn.execute("SELECT pid FROM workers WHERE model = %s", (model,)).fetchone()
+    assert row is not None
+    cores = [p for p in _children(row[0]) if b"EngineCore" in _cmdline(p)]
+    assert cores, "no engine-core process under the worker"
+    os.kill(cores[0], signal.SIGKILL)
+    final = wait_job(api_server, key, job["id"], timeout_s=300)
+    assert final["status"] == "completed", final
+    assert final["counts"] == {"total": n, "succeeded": n, "failed": 0, "cancelled": 0}
+    assert [r["id"] for r in _results(api_server, key, job["id"])] == [f"e{i}" for i in range(n)]
+    with pg(settings.database_url) as conn:
+        retried = conn.execute(
+            "SELECT count(*) FROM chunks WHERE job_id = %s AND attempts >= 2", (job["id"],)
+        ).fetchone()
+    assert retried is not None and retried[0] >= 1  # the chunks in flight really ran again

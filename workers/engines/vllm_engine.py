@@ -86,6 +86,7 @@ class VllmEngine:
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._drive, name="vllm-driver", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._watch, name="vllm-watchdog", daemon=True).start()
         log.info("vllm engine for %s ready in %.1f s on %s", model, self.start_s, self.device)
 
     # --- used by chunk tasks (any thread) -------------------------------------------------
@@ -128,6 +129,28 @@ class VllmEngine:
         return self._dead is None and self._thread.is_alive()
 
     # --- the driver thread ----------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Unblocks the driver when the engine-core process dies.
+
+        vLLM's client notices the death (its monitor thread sets ``engine_dead``) but a
+        synchronous ``step()`` already waiting for outputs would wait forever; feeding the
+        error into the queue it waits on makes the driver fail the batches in flight, so the
+        chunk tasks give their chunks back instead of hanging with live leases.
+        """
+        core = getattr(self._engine, "engine_core", None)
+        resources = getattr(core, "resources", None)
+        outputs = getattr(core, "outputs_queue", None)
+        if resources is None or outputs is None:
+            return
+        while self._thread.is_alive():
+            if getattr(resources, "engine_dead", False):
+                from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
+
+                log.error("vllm engine-core process died")
+                outputs.put_nowait(VllmDead())
+                return
+            time.sleep(0.5)
 
     def _params(self, req: GenRequest) -> Any:
         from vllm import SamplingParams
