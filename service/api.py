@@ -11,7 +11,17 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import redis
-from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
+from fastapi import (
+    BackgroundTasks,
+    Depends,
+    FastAPI,
+    File,
+    Form,
+    Header,
+    Query,
+    Request,
+    UploadFile,
+)
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import text
@@ -122,6 +132,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/jobs", status_code=202, tags=["jobs"])
     def submit_job(
         who: Auth,
+        background: BackgroundTasks,
         file: Annotated[UploadFile, File(description="CSV of documents, UTF-8, with a header")],
         task: Annotated[str, Form(description="generate | summarize | classify")],
         model: Annotated[str | None, Form()] = None,
@@ -162,6 +173,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             },
         )
         job, created = jobs.create_job(who.tenant_id, req, file.file, settings)
+        if created:
+            # Messages go out after the response: the client does not wait on Redis, and a
+            # crash in between leaves enqueued_at NULL for the reconciler to send.
+            background.add_task(jobs.enqueue_job, job.id, settings)
         headers = {"Location": f"/v1/jobs/{job.id}"}
         if not created:
             headers["Idempotent-Replayed"] = "true"

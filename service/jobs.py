@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import IO, Any, cast
 
 import psycopg
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -215,7 +215,6 @@ def create_job(
                 return existing, False
         raise
 
-    enqueue_job_chunks(job, [(cid, seq) for cid, seq, _, _ in chunks], settings)
     return job, True
 
 
@@ -225,6 +224,20 @@ def _chunk_rows(job_id: uuid.UUID, rows: int, size: int) -> list[tuple[uuid.UUID
         (uuid.uuid4(), seq, start, min(start + size, rows + 1))
         for seq, start in enumerate(range(1, rows + 1, size))
     ]
+
+
+def enqueue_job(job_id: uuid.UUID, settings: Settings) -> int:
+    """Sends the messages of a job's chunks that have not been sent yet (after the commit)."""
+    with Session(get_engine(settings.database_url), expire_on_commit=False) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return 0
+        pending = session.execute(
+            select(Chunk.id, Chunk.seq)
+            .where(Chunk.job_id == job_id, Chunk.state == "queued", Chunk.enqueued_at.is_(None))
+            .order_by(Chunk.seq)
+        ).all()
+    return enqueue_job_chunks(job, [(cid, seq) for cid, seq in pending], settings)
 
 
 def enqueue_job_chunks(
@@ -254,11 +267,11 @@ def enqueue_job_chunks(
         return 0
     finally:
         app.close()
-    with Session(get_engine(settings.database_url)) as session, session.begin():
-        session.execute(
-            update(Chunk)
-            .where(Chunk.id.in_([cid for cid, _ in chunks]))
-            .values(enqueued_at=func.now())
+    with get_engine(settings.database_url).begin() as conn:
+        # = ANY(array): one parameter however many chunks (IN (...) stops at 65,535).
+        conn.execute(
+            text("UPDATE chunks SET enqueued_at = now() WHERE id = ANY(:ids)"),
+            {"ids": [cid for cid, _ in chunks]},
         )
     return sent
 

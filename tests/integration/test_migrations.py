@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, inspect
 
 from service.models import Base
+from service.settings import Settings
 from tests.conftest import _create_database, drop_database
 
 
@@ -44,3 +46,23 @@ def test_compare_detects_a_difference() -> None:
     finally:
         engine.dispose()
         drop_database(name)
+
+
+def test_deleting_a_job_deletes_its_documents_and_results(
+    client: TestClient, api_key: str, settings: Settings
+) -> None:
+    """Documents carry no per-row foreign key (ingest speed); a trigger keeps the cascade."""
+    from tests.helpers import count_rows, pg, submit
+
+    job_id = submit(client, api_key, "text\na\nb\n", model="cascade-test").json()["id"]
+    with pg(settings.database_url) as conn:
+        conn.execute(
+            "INSERT INTO results (job_id, idx, output) SELECT job_id, idx, 'x' FROM documents "
+            "WHERE job_id = %s",
+            (job_id,),
+        )
+        assert count_rows(settings.database_url, "results", job_id) == 2
+        conn.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
+    assert count_rows(settings.database_url, "documents", job_id) == 0
+    assert count_rows(settings.database_url, "results", job_id) == 0
+    assert count_rows(settings.database_url, "chunks", job_id) == 0
