@@ -16,9 +16,6 @@ CLASSIFY = (
     "Classify the following text as exactly one of: {labels}. "
     "Reply with the label only.\n\nText: {text}"
 )
-#: Tokens kept free between the prompt and the context limit, for the template's own tokens
-#: that re-tokenization at the truncation boundary can add.
-_MARGIN_TOKENS = 8
 
 
 class RowError(Exception):
@@ -67,29 +64,63 @@ def _encode(tokenizer: Any, user: str) -> list[int]:
 def render(
     tokenizer: Any, task: str, params: dict[str, Any], doc: Doc, budget_tokens: int
 ) -> Rendered:
-    """Token ids for one document, its text cut (by tokens) until the prompt fits the budget."""
+    """Token ids for one document. A prompt over the budget keeps the longest prefix of the
+    document's tokens that fits (the instruction and template stay whole), so a truncated
+    document loses as little as possible and the cut is reproducible outside docqueue:
+    ``decode(tokens[:k])`` through the chat template, with the largest such ``k``."""
     if not doc.text.strip():
         raise RowError("empty text: nothing to process")
     try:
         ids = _encode(tokenizer, instruction(task, params, doc, doc.text))
         if len(ids) <= budget_tokens:
             return Rendered(ids, truncated=False)
-        text_ids = tokenizer(doc.text, add_special_tokens=False).input_ids
-        overhead = max(len(ids) - len(text_ids), 0)
-        keep = budget_tokens - overhead - _MARGIN_TOKENS
-        for _ in range(4):
-            if keep <= 0:
-                break
-            cut = tokenizer.decode(text_ids[:keep], skip_special_tokens=True)
-            ids = _encode(tokenizer, instruction(task, params, doc, cut))
-            if len(ids) <= budget_tokens:
-                return Rendered(ids, truncated=True)
-            keep -= max(len(ids) - budget_tokens, 1) + _MARGIN_TOKENS
+        text_ids = list(tokenizer(doc.text, add_special_tokens=False).input_ids)
+        best = _longest_prefix(tokenizer, task, params, doc, text_ids, len(ids), budget_tokens)
     except RowError:
         raise
     except Exception as exc:  # a tokenizer that chokes on this text
         raise RowError(f"could not tokenize the document: {exc}") from exc
-    raise RowError(
-        f"the prompt template alone needs more than {budget_tokens} tokens "
-        "(max_model_len - max_tokens); shorten the prompt or lower max_tokens"
-    )
+    if best is None:
+        raise RowError(
+            f"the prompt template alone needs more than {budget_tokens} tokens "
+            "(max_model_len - max_tokens); shorten the prompt or lower max_tokens"
+        )
+    return Rendered(best, truncated=True)
+
+
+def _longest_prefix(
+    tokenizer: Any,
+    task: str,
+    params: dict[str, Any],
+    doc: Doc,
+    text_ids: list[int],
+    full_len: int,
+    budget: int,
+) -> list[int] | None:
+    """The prompt for the largest ``k`` whose ``text_ids[:k]`` prompt fits ``budget``.
+
+    Keeps a bracket ``fit < k < miss`` and guesses from each try's excess or slack, so the
+    usual case costs two or three encodes; after a few guesses it bisects, so a tokenizer that
+    re-merges tokens at the cut cannot make it loop.
+    """
+
+    def prompt(k: int) -> list[int]:
+        cut = tokenizer.decode(text_ids[:k], skip_special_tokens=True)
+        return _encode(tokenizer, instruction(task, params, doc, cut))
+
+    fit, miss = 0, len(text_ids)  # k = len(text_ids) is the whole document: it did not fit
+    best: list[int] | None = None
+    k = budget - max(full_len - len(text_ids), 0)
+    for tries in range(64):
+        if miss - fit <= 1:
+            break
+        k = min(max(k, fit + 1), miss - 1) if tries < 6 else (fit + miss) // 2
+        ids = prompt(k)
+        slack = budget - len(ids)
+        if slack >= 0:
+            fit, best = k, ids
+            k += max(slack, 1)
+        else:
+            miss = k
+            k += slack
+    return best

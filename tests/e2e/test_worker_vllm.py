@@ -188,31 +188,21 @@ def test_cancel_mid_job_keeps_partial_results(
     assert len({r["id"] for r in rows}) == len(rows)
 
 
-def test_fidelity_with_raw_vllm_chat(
-    settings: Settings, api_server: str, worker: Any, model: str, key: str, tmp_path: Path
-) -> None:
-    """Greedy outputs through docqueue equal raw `LLM.chat` outputs, byte for byte."""
-    texts = [f"Tell me about item {i}, which is {'very ' * (i % 5)}special." for i in range(40)]
-    buf = io.StringIO()
-    csv.writer(buf).writerows([["text"], *[[t] for t in texts]])
-    job = _post(
-        api_server,
-        key,
-        buf.getvalue(),
-        task="generate",
-        model=model,
-        max_tokens=24,
-        temperature=0,
-        chunk_size=16,
-    )
-    assert wait_job(api_server, key, job["id"])["status"] == "completed"
-    ours = [r["output"] for r in _results(api_server, key, job["id"])]
-    spec = {
-        "model": model,
-        "messages": [[{"role": "user", "content": t}] for t in texts],
-        "max_tokens": 24,
-        "temperature": 0.0,
-    }
+def _fidelity_texts(n: int) -> list[str]:
+    """Short, medium, non-ASCII and (every 20th) documents far over the tiny model's
+    2,048-token context, so truncation is part of what must match."""
+    words = ["alpha", "Brücke", "delta", "naïve", "42", "x-ray", "café", "zeta", "ω", "end."]
+    out = []
+    for i in range(n):
+        if i % 20 == 7:
+            out.append(" ".join(f"{words[(i + k) % 10]}{k % 13}" for k in range(1500 + 7 * i)))
+        else:
+            out.append(f"Doc {i}: " + " ".join(words[(i * k) % 10] for k in range(3 + i % 40)))
+    return out
+
+
+def _raw_vllm(settings: Settings, tmp_path: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Raw ``LLM.chat`` in its own process (tests/e2e/raw_vllm.py): the reference."""
     src, dst = tmp_path / "in.json", tmp_path / "out.json"
     src.write_text(json.dumps(spec))
     done = subprocess.run(
@@ -220,14 +210,67 @@ def test_fidelity_with_raw_vllm_chat(
         env=worker_env(settings),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         cwd=Path(__file__).resolve().parents[2],
     )
     (tmp_path / "raw_vllm.log").write_text(done.stdout + done.stderr)
     causes = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line]
     assert done.returncode == 0, "\n".join(causes[:20]) + done.stderr[-2000:]
-    raw = json.loads(dst.read_text())
-    assert ours == raw
+    return list(json.loads(dst.read_text()))
+
+
+def test_fidelity_with_raw_vllm_chat(
+    settings: Settings, api_server: str, worker: Any, model: str, key: str, tmp_path: Path
+) -> None:
+    """500 documents through docqueue equal raw `LLM.chat`, byte for byte: greedy, including
+    the documents that had to be truncated (raw vLLM gets the longest prefix that fits, cut by
+    bisection with its own tokenizer); and a seeded sampled job repeats exactly, matches raw
+    vLLM with the same seed, and differs under another seed."""
+    texts = _fidelity_texts(500)
+    max_tokens = 16
+    buf = io.StringIO()
+    csv.writer(buf).writerows([["text"], *[[t] for t in texts]])
+    body = buf.getvalue()
+
+    def run(**params: Any) -> list[dict[str, Any]]:
+        job = _post(
+            api_server, key, body, task="generate", model=model, max_tokens=max_tokens, **params
+        )
+        done = wait_job(api_server, key, job["id"], timeout_s=300)
+        assert done["status"] == "completed" and done["counts"]["succeeded"] == len(texts), done
+        return _results(api_server, key, job["id"])
+
+    greedy = run(temperature=0, chunk_size=64)
+    seeded = run(temperature=1.0, seed=1234, chunk_size=100)
+    again = run(temperature=1.0, seed=1234, chunk_size=37)  # other chunking, other batches
+    other = run(temperature=1.0, seed=99, chunk_size=100)
+
+    budget = 2048 - max_tokens  # the tiny model's context minus the output
+    runs = [
+        {"texts": texts, "max_tokens": max_tokens, "temperature": 0.0, "budget_tokens": budget},
+        {
+            "texts": texts,
+            "max_tokens": max_tokens,
+            "temperature": 1.0,
+            "seed": 1234,
+            "budget_tokens": budget,
+        },
+    ]
+    ref_greedy, ref_seeded = _raw_vllm(settings, tmp_path, {"model": model, "runs": runs})
+
+    assert sum(ref_greedy["truncated"]) == 25
+    assert [r["truncated"] for r in greedy] == ref_greedy["truncated"]
+    mismatched = [
+        i
+        for i, (r, ref) in enumerate(zip(greedy, ref_greedy["outputs"], strict=True))
+        if r["output"] != ref
+    ]
+    assert not mismatched, f"{len(mismatched)} rows differ from raw vLLM, first {mismatched[:10]}"
+
+    assert [r["output"] for r in seeded] == [r["output"] for r in again]
+    assert [r["output"] for r in seeded] == ref_seeded["outputs"]
+    differs = sum(a["output"] != b["output"] for a, b in zip(seeded, other, strict=True))
+    assert differs > 400, f"another seed changed only {differs} of 500 outputs"
 
 
 def test_sigkill_mid_job_loses_and_duplicates_nothing(

@@ -46,10 +46,35 @@ def test_long_documents_are_truncated_to_fit(tokenizer: Any) -> None:
     for budget in (100, 500, 1500):
         r = render(tokenizer, "summarize", {"summary_words": 50}, doc(long), budget)
         assert r.truncated is True
-        assert budget - 40 <= len(r.token_ids) <= budget
+        assert budget - 4 <= len(r.token_ids) <= budget
         decoded = tokenizer.decode(r.token_ids)
         assert "word0 word1" in decoded and "word2999" not in decoded
         assert "Summarize the following text" in decoded  # the instruction survives
+
+
+def test_truncation_keeps_the_longest_prefix_that_fits(tokenizer: Any) -> None:
+    """The cut is the largest k whose prompt of ``decode(tokens[:k])`` fits, found here by
+    trying every k from the top: what a user reproducing a truncated row would compute."""
+    text = " ".join(f"Zeile {i}: café {i * 37 % 101}, naïve—résumé." for i in range(60))
+    text_ids = tokenizer(text, add_special_tokens=False).input_ids
+    params = {"summary_words": 20}
+
+    def prompt_len(k: int) -> int:
+        cut = tokenizer.decode(text_ids[:k], skip_special_tokens=True)
+        user = instruction("summarize", params, doc(cut), cut)
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+        return len(tokenizer(rendered, add_special_tokens=False).input_ids)
+
+    for budget in (60, 97, 150, 333):
+        k = next(k for k in range(len(text_ids) - 1, 0, -1) if prompt_len(k) <= budget)
+        cut = tokenizer.decode(text_ids[:k], skip_special_tokens=True)
+        r = render(tokenizer, "summarize", params, doc(text), budget)
+        assert r.truncated is True
+        assert tokenizer.decode(r.token_ids) == tokenizer.decode(
+            render(tokenizer, "summarize", params, doc(cut), budget).token_ids
+        ), budget
 
 
 def test_row_errors(tokenizer: Any) -> None:

@@ -57,6 +57,7 @@ class VllmEngine:
             # refuses to start when less is free; a fixed KV cache size avoids that.
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{kv_cache_gib:g}")
         from vllm.engine.arg_utils import EngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.llm_engine import LLMEngine
 
         kwargs: dict[str, Any] = {
@@ -76,7 +77,21 @@ class VllmEngine:
         if max_num_seqs:
             kwargs["max_num_seqs"] = max_num_seqs
         started = time.monotonic()
-        self._engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
+        # Offline batch inference is what `LLM` does: take its batch defaults (CPU: 256
+        # sequences and 4,096 batched tokens a step; big GPUs: 1,024 and 16,384), not those of
+        # a bare engine (128 and 2,048), which halve the batch and cost 10-20 % throughput.
+        args = EngineArgs(**kwargs)
+        if self.device == "cpu":
+            # vLLM-CPU kills its engine ("CPU Generator does not use offset") when a seeded
+            # request's prefill is split across steps: torch's CPU generators cannot rewind.
+            # Without chunked prefill no prompt is split; a step then must hold the longest one.
+            probe = args.create_engine_config(UsageContext.LLM_CLASS)
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(
+                probe.model_config.max_model_len, probe.scheduler_config.max_num_batched_tokens
+            )
+            args = EngineArgs(**kwargs)
+        self._engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
         self.start_s = time.monotonic() - started
         self.model = model
         self.max_model_len = int(self._engine.model_config.max_model_len)
