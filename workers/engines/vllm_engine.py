@@ -37,6 +37,52 @@ class EngineDeadError(RuntimeError):
     """The engine stopped; every batch in flight failed with this."""
 
 
+def engine_kwargs(
+    model: str,
+    *,
+    device: str,
+    max_model_len: int | None = None,
+    gpu_memory_utilization: float = 0.9,
+    max_num_seqs: int | None = None,
+    dtype: str = "auto",
+    enforce_eager: bool | None = None,
+    tensor_parallel_size: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The vLLM engine arguments a docqueue worker runs with. Benchmarks and the fidelity test
+    build their raw ``LLM(**engine_kwargs(...))`` from the same function, so "raw vLLM" there
+    means the very engine configuration docqueue uses."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "dtype": dtype,
+        "seed": seed,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "tensor_parallel_size": tensor_parallel_size,
+        "enforce_eager": device == "cpu" if enforce_eager is None else enforce_eager,
+        "disable_log_stats": True,
+        # Logprobs after the structured-output mask: a label's confidence is then its
+        # probability among the allowed continuations, not among the whole vocabulary.
+        "logprobs_mode": "processed_logprobs",
+    }
+    if max_model_len:
+        kwargs["max_model_len"] = max_model_len
+    if max_num_seqs:
+        kwargs["max_num_seqs"] = max_num_seqs
+    if device == "cpu":
+        # vLLM-CPU kills its engine ("CPU Generator does not use offset") when a seeded
+        # request's prefill is split across steps: torch's CPU generators cannot rewind.
+        # Without chunked prefill no prompt is split; a step then must hold the longest one.
+        probe = EngineArgs(**kwargs).create_engine_config(UsageContext.LLM_CLASS)
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(
+            probe.model_config.max_model_len, probe.scheduler_config.max_num_batched_tokens
+        )
+    return kwargs
+
+
 class VllmEngine:
     def __init__(
         self,
@@ -60,37 +106,23 @@ class VllmEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        kwargs: dict[str, Any] = {
-            "model": model,
-            "dtype": dtype,
-            "seed": seed,
-            "gpu_memory_utilization": gpu_memory_utilization,
-            "tensor_parallel_size": tensor_parallel_size,
-            "enforce_eager": self.device == "cpu" if enforce_eager is None else enforce_eager,
-            "disable_log_stats": True,
-            # Logprobs after the structured-output mask: a label's confidence is then its
-            # probability among the allowed continuations, not among the whole vocabulary.
-            "logprobs_mode": "processed_logprobs",
-        }
-        if max_model_len:
-            kwargs["max_model_len"] = max_model_len
-        if max_num_seqs:
-            kwargs["max_num_seqs"] = max_num_seqs
         started = time.monotonic()
+        args = EngineArgs(
+            **engine_kwargs(
+                model,
+                device=self.device,
+                max_model_len=max_model_len,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_num_seqs=max_num_seqs,
+                dtype=dtype,
+                enforce_eager=enforce_eager,
+                tensor_parallel_size=tensor_parallel_size,
+                seed=seed,
+            )
+        )
         # Offline batch inference is what `LLM` does: take its batch defaults (CPU: 256
         # sequences and 4,096 batched tokens a step; big GPUs: 1,024 and 16,384), not those of
-        # a bare engine (128 and 2,048), which halve the batch and cost 10-20 % throughput.
-        args = EngineArgs(**kwargs)
-        if self.device == "cpu":
-            # vLLM-CPU kills its engine ("CPU Generator does not use offset") when a seeded
-            # request's prefill is split across steps: torch's CPU generators cannot rewind.
-            # Without chunked prefill no prompt is split; a step then must hold the longest one.
-            probe = args.create_engine_config(UsageContext.LLM_CLASS)
-            kwargs["enable_chunked_prefill"] = False
-            kwargs["max_num_batched_tokens"] = max(
-                probe.model_config.max_model_len, probe.scheduler_config.max_num_batched_tokens
-            )
-            args = EngineArgs(**kwargs)
+        # a bare engine (128 and 2,048), which halve the batch.
         self._engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
         self.start_s = time.monotonic() - started
         self.model = model
