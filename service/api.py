@@ -28,11 +28,12 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from service import export, jobs
+from service import collections_api, export, jobs, metrics, retention
 from service.auth import Principal, authenticate
 from service.db import get_engine
 from service.errors import DocqueueError, InvalidParameterError, PayloadTooLargeError
 from service.models import JOB_STATUSES
+from service.queue import parse_priority
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -144,13 +145,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         temperature: Annotated[float | None, Form()] = None,
         seed: Annotated[int | None, Form()] = None,
         chunk_size: Annotated[int | None, Form()] = None,
-        priority: Annotated[int, Form()] = 0,
+        priority: Annotated[str | None, Form(description="interactive (default) | bulk")] = None,
         delimiter: Annotated[str | None, Form()] = None,
         summary_words: Annotated[int | None, Form(description="summarize: length")] = None,
         language: Annotated[str | None, Form(description="summarize: output language")] = None,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
     ) -> JSONResponse:
         """Submit a CSV of documents; answers 202 with the queued job."""
+        try:
+            prio = parse_priority(priority)
+        except ValueError as exc:
+            raise InvalidParameterError(str(exc), field="priority") from None
         req = jobs.JobRequest(
             task=task.strip().lower(),
             model=(model or settings.default_model).strip(),
@@ -162,7 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             temperature=temperature,
             seed=seed,
             chunk_size=chunk_size,
-            priority=priority,
+            priority=prio,
             delimiter=delimiter or None,
             idempotency_key=idempotency_key or None,
             source_name=file.filename,
@@ -252,6 +257,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Results in input order, streamed; while the job runs, the rows done so far."""
         with tx() as session:
             job = jobs.get_job(session, who.tenant_id, job_id)
+        if job.results_expired_at is not None:  # purged by retention: 410, the job stays
+            raise retention.expired_error(job.id, job.results_expired_at, settings.retention_days)
         return StreamingResponse(
             export.stream_results(engine, job.id, format),
             media_type=export.MEDIA_TYPES[format],
@@ -261,6 +268,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             },
         )
 
+    metrics.install(app, settings, engine)  # GET /metrics (Prometheus)
+    app.include_router(collections_api.router(settings, engine, principal))  # + schedules
     return app
 
 

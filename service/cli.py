@@ -22,7 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from service import __version__
+from service import __version__, cli_collections
 from service.client import ApiError, Client
 from service.settings import get_settings
 
@@ -36,6 +36,9 @@ db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_he
 keys_app = typer.Typer(help="API keys (stored hashed; shown once).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+app.add_typer(cli_collections.collections_app, name="collections")
+app.add_typer(cli_collections.schedules_app, name="schedules")
+app.command()(cli_collections.beat)
 
 out = Console()
 err = Console(stderr=True)
@@ -55,6 +58,12 @@ def main(
     ] = False,
 ) -> None:
     """docqueue: submit CSVs of documents, follow the jobs, download the results."""
+    from service import logs
+
+    try:
+        logs.configure()  # one format for every command (DOCQUEUE_LOG_FORMAT, DOCQUEUE_LOG_LEVEL)
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        _fail(f"invalid settings: {exc}")
 
 
 def _client() -> Client:
@@ -89,6 +98,8 @@ def api(
     """Serve the HTTP API (OpenAPI docs at /docs)."""
     import uvicorn
 
+    from service.logs import uvicorn_log_config
+
     s = get_settings()
     uvicorn.run(
         "service.api:create_app",
@@ -97,6 +108,7 @@ def api(
         port=port or s.api_port,
         workers=workers,
         log_level=log_level,
+        log_config=uvicorn_log_config(),  # applied in every server process
     )
 
 
@@ -111,28 +123,31 @@ def worker(
     tensor_parallel: Annotated[int, typer.Option(help="GPUs per worker.")] = 1,
     concurrency: Annotated[int | None, typer.Option(help="Chunks in flight per engine.")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus /metrics; the i-th GPU process on PORT+i."),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan, start nothing.")
     ] = False,
 ) -> None:
     """Start one Celery worker per GPU (or one CPU worker), each running the model's engine."""
-    import logging
-
     from workers import launcher
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     s = get_settings()
     model = model or s.default_model
     try:
         specs = launcher.plan(gpus, tensor_parallel)
     except ValueError as exc:
         _fail(str(exc))
+    specs = launcher.with_metrics_ports(specs, metrics_port or s.worker_metrics_port)
     conc = concurrency or s.worker_concurrency
     if dry_run:
         plan = [
             {
                 "hostname": spec.hostname,
                 "CUDA_VISIBLE_DEVICES": spec.devices,
+                "metrics_port": spec.env.get("DOCQUEUE_WORKER_METRICS_PORT"),
                 "command": launcher.command(spec, model, conc, loglevel),
             }
             for spec in specs
@@ -140,6 +155,38 @@ def worker(
         out.print_json(json.dumps(plan))
         return
     raise typer.Exit(launcher.supervise(specs, model, conc, tensor_parallel, loglevel))
+
+
+@app.command()
+def flower(
+    port: Annotated[int | None, typer.Option(help="Port (default: 5555).")] = None,
+    address: Annotated[str | None, typer.Option(help="Bind address (default: 127.0.0.1).")] = None,
+    persistent: Annotated[
+        bool | None,
+        typer.Option(
+            "--persistent/--no-persistent",
+            help="Keep task history across restarts (DOCQUEUE_FLOWER_DB_PATH).",
+        ),
+    ] = None,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Run without basic auth (trusted networks only).")
+    ] = False,
+) -> None:
+    """Start Flower on docqueue's broker: workers by GPU hostname, chunk tasks by job and chunk.
+
+    Needs DOCQUEUE_FLOWER_BASIC_AUTH=user:password unless --no-auth is given.
+    """
+    from service import flower as flower_mod
+
+    try:
+        opts = flower_mod.options(
+            get_settings(), port=port, address=address, persistent=persistent, no_auth=no_auth
+        )
+    except flower_mod.FlowerConfigError as exc:
+        _fail(str(exc), code=2)
+    if no_auth:
+        err.print("[yellow]warning:[/] Flower runs without authentication", highlight=False)
+    raise typer.Exit(flower_mod.run(opts))
 
 
 @db_app.command("upgrade")
@@ -187,7 +234,7 @@ def submit(
     temperature: Annotated[float | None, typer.Option()] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     chunk_size: Annotated[int | None, typer.Option(help="Documents per chunk.")] = None,
-    priority: Annotated[int, typer.Option()] = 0,
+    priority: Annotated[str, typer.Option(help="interactive | bulk")] = "interactive",
     delimiter: Annotated[
         str | None, typer.Option(help="',' ';' or 'tab' (default: sniffed).")
     ] = None,

@@ -105,6 +105,42 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
 
+    # Collections and schedules.
+
+    def put_documents(
+        self, name: str, path: Path, fields: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        data = {k: str(v) for k, v in (fields or {}).items() if v is not None}
+        with path.open("rb") as f:
+            resp = self._request(
+                "PUT",
+                f"/v1/collections/{name}/documents",
+                data=data,
+                files={"file": (path.name, f, "text/csv")},
+            )
+        return dict(resp.json())
+
+    def collections(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/collections").json())
+
+    def collection(self, name: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/collections/{name}").json())
+
+    def delete_collection(self, name: str) -> dict[str, Any]:
+        return dict(self._request("DELETE", f"/v1/collections/{name}").json())
+
+    def create_schedule(self, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._request("POST", "/v1/schedules", json=body).json())
+
+    def schedules(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/schedules").json())
+
+    def delete_schedule(self, schedule_id: str) -> dict[str, Any]:
+        return dict(self._request("DELETE", f"/v1/schedules/{schedule_id}").json())
+
+    def run_schedule(self, schedule_id: str) -> dict[str, Any]:
+        return dict(self._request("POST", f"/v1/schedules/{schedule_id}/run").json())
+
     def results(self, job_id: str, fmt: str = "csv") -> Iterator[bytes]:
         """Streams the results; the caller writes them wherever it likes."""
         try:

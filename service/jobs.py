@@ -20,8 +20,9 @@ from service.db import get_engine
 from service.errors import ConflictError, InvalidParameterError, NotFoundError
 from service.ingest import IngestOptions, ingest_csv
 from service.models import TASKS, TERMINAL_STATUSES, Chunk, Job, Worker
-from service.queue import ChunkMessage, make_celery, queue_for_model, send_chunks
+from service.queue import ChunkMessage, make_celery, priority_class, queue_for_model, send_chunks
 from service.settings import Settings
+from service.work import apply_to_collection
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def create_job(
             return existing, False
 
     job_id = uuid.uuid4()
-    queue = queue_for_model(req.model)
+    queue = queue_for_model(req.model, req.priority)  # interactive or bulk queue, per job
     try:
         with Session(engine, expire_on_commit=False) as session, session.begin():
             job = Job(
@@ -337,6 +338,8 @@ def cancel_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID | str) 
     else:
         job.status = "cancelled"
         job.finished_at = datetime.now(UTC)
+        session.flush()
+        apply_to_collection(session.connection(), job.id)  # results so far, if scheduled
     session.flush()
     return job
 
@@ -386,6 +389,8 @@ def job_view(job: Job, now: datetime | None = None) -> dict[str, Any]:
         "queue": job.queue,
         "params": job.params,
         "priority": job.priority,
+        "priority_class": priority_class(job.priority),
+        "collection_id": str(job.collection_id) if job.collection_id else None,
         "source_name": job.source_name,
         "idempotency_key": job.idempotency_key,
         "chunk_size": job.chunk_size,
@@ -404,6 +409,8 @@ def job_view(job: Job, now: datetime | None = None) -> dict[str, Any]:
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
         "error": job.error,
+        # Set once retention purged the job's documents and results (counts stay).
+        "results_expired_at": _iso(job.results_expired_at),
     }
 
 

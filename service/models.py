@@ -29,6 +29,9 @@ from sqlalchemy import (
 from sqlalchemy import (
     text as sa_text,
 )
+from sqlalchemy import (
+    true as sa_true,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -113,6 +116,12 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
+    # A scheduled job's collection: its results flow back there when the job ends.
+    collection_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("collections.id", ondelete="SET NULL")
+    )
+    # Retention purged the documents and results; the row and its counts stay.
+    results_expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
         CheckConstraint(_in("status", JOB_STATUSES), name="status"),
@@ -216,3 +225,72 @@ class Worker(Base):
     engine_ready: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
     __table_args__ = (Index("ix_workers_model_heartbeat", "model", "last_heartbeat_at"),)
+
+
+class Collection(Base):
+    """Documents kept between jobs, per tenant, for scheduled work (nightly summaries)."""
+
+    __tablename__ = "collections"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_collections_tenant_name"),)
+
+
+class CollectionDocument(Base):
+    """A kept document and its latest summary. ``summary_hash`` is the content hash of the text
+    that was summarized: a document is pending while it differs from ``content_hash``."""
+
+    __tablename__ = "collection_documents"
+
+    collection_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("collections.id", ondelete="CASCADE"), primary_key=True
+    )
+    external_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+    extra: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+    content_hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of the UTF-8 text
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+    summary: Mapped[str | None] = mapped_column(Text)
+    summary_model: Mapped[str | None] = mapped_column(String(500))
+    summarized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    summary_hash: Mapped[str | None] = mapped_column(String(64))
+    summary_job_id: Mapped[uuid.UUID | None] = mapped_column()  # no key: jobs may be deleted
+
+
+class Schedule(Base):
+    """A cron schedule that runs a task over a collection's new and changed documents."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    collection_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("collections.id", ondelete="CASCADE")
+    )
+    task: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(500))
+    params: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    priority: Mapped[int] = mapped_column(Integer, default=-10, server_default="-10")  # bulk
+    cron: Mapped[str] = mapped_column(String(200))
+    timezone: Mapped[str] = mapped_column(String(64))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=sa_true())
+    # All instants in UTC; the cron is evaluated in ``timezone``.
+    next_run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_job_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL")
+    )
+    last_run_outcome: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+
+    __table_args__ = (
+        CheckConstraint(_in("task", TASKS), name="task"),
+        Index("ix_schedules_due", "enabled", "next_run_at"),
+        Index("ix_schedules_tenant", "tenant_id"),
+    )

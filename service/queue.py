@@ -28,9 +28,46 @@ TASK_RUN_CHUNK = "docqueue.run_chunk"
 #: Prefix of every per-model queue.
 QUEUE_PREFIX = "dq"
 
+#: Readable job priorities and the ``jobs.priority`` value each is stored as (higher first, as
+#: the reconciler re-sends). Interactive is the default; scheduled jobs are bulk. A legacy
+#: integer priority below 0 counts as bulk, any other as interactive.
+PRIORITIES = {"interactive": 0, "bulk": -10}
+#: Suffix of a model's bulk queue; the interactive queue keeps the plain per-model name, so
+#: messages and jobs from before priorities existed stay on the queue workers consume first.
+BULK_SUFFIX = ".bulk"
+#: The operations queue: beat's periodic tasks, consumed only by `docqueue beat`'s own worker
+#: (GPU workers consume their model queues only).
+OPS_QUEUE = f"{QUEUE_PREFIX}.ops"
+TASK_SCHEDULES_TICK = "docqueue.schedules_tick"
+TASK_RECONCILE = "docqueue.reconcile"
+TASK_RETENTION = "docqueue.retention"
 
-def queue_for_model(model: str) -> str:
-    """One queue per model, named so that a person reading Redis or Flower recognises it.
+
+def priority_class(priority: int) -> str:
+    """``interactive`` or ``bulk`` for a stored ``jobs.priority``."""
+    return "bulk" if priority < 0 else "interactive"
+
+
+def parse_priority(raw: str | int | None) -> int:
+    """``interactive``, ``bulk`` or a legacy integer; ValueError names the accepted values."""
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return PRIORITIES["interactive"]
+    if isinstance(raw, int):
+        return raw
+    value = raw.strip().lower()
+    if value in PRIORITIES:
+        return PRIORITIES[value]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(
+            f"unknown priority {raw!r}; expected one of: {', '.join(PRIORITIES)}"
+        ) from None
+
+
+def queue_for_model(model: str, priority: int = 0) -> str:
+    """Two queues per model (interactive, bulk), named so that a person reading Redis or Flower
+    recognises them.
 
     A model may be a hub id or a local path; the readable part is its last path component and
     a short hash of the whole string keeps two models with the same basename apart.
@@ -38,7 +75,14 @@ def queue_for_model(model: str) -> str:
     base = model.rstrip("/").rsplit("/", 1)[-1].lower() or "model"
     slug = re.sub(r"[^a-z0-9_.-]+", "-", base).strip("-.")[:48] or "model"
     digest = hashlib.sha256(model.encode()).hexdigest()[:8]
-    return f"{QUEUE_PREFIX}.{slug}.{digest}"
+    name = f"{QUEUE_PREFIX}.{slug}.{digest}"
+    return name + BULK_SUFFIX if priority_class(priority) == "bulk" else name
+
+
+def queues_for_model(model: str) -> list[str]:
+    """What a worker consumes, in the order it takes work: interactive before bulk (the broker
+    polls them in this fixed order, see ``queue_order_strategy`` in make_celery)."""
+    return [queue_for_model(model, PRIORITIES[name]) for name in ("interactive", "bulk")]
 
 
 @dataclass(frozen=True)
@@ -76,7 +120,13 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_default_queue=f"{QUEUE_PREFIX}.default",
         task_create_missing_queues=True,
         # Producers and workers must agree on this, or a message could be redelivered early.
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
+        broker_transport_options={
+            "visibility_timeout": settings.broker_visibility_timeout_s,
+            # kombu's Redis transport BRPOPs a worker's queues in the order given (-Q
+            # interactive,bulk) instead of rotating them round robin: an interactive chunk is
+            # always taken before the next bulk one (bulk waits; nothing is pre-empted).
+            "queue_order_strategy": "priority",
+        },
         broker_connection_retry_on_startup=True,
     )
     return app

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -71,6 +73,35 @@ class Settings(BaseSettings):
     summary_words: int = Field(default=60, gt=0)
 
     log_level: str = "INFO"
+
+    # Operations: Flower, metrics, logs.
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, for collectors
+    # "user:password" (several: comma-separated). `docqueue flower` refuses to start without it
+    # unless --no-auth is given: Flower can revoke tasks and shows every job's arguments.
+    flower_basic_auth: SecretStr | None = None
+    flower_port: int = 5555
+    flower_address: str = "127.0.0.1"
+    flower_persistent: bool = False  # keep Flower's task history across restarts
+    flower_db_path: Path = Path.home() / ".cache" / "docqueue" / "flower.db"
+    flower_max_tasks: int = Field(default=10_000, gt=0)  # tasks Flower keeps (memory bound)
+    flower_state_save_interval_s: float = Field(default=60.0, ge=0)  # 0: save at exit only
+    # Base port of the workers' Prometheus endpoints: the launcher gives its i-th Celery process
+    # port + i (one process per GPU). None: no worker metrics endpoint.
+    worker_metrics_port: int | None = Field(default=None, gt=0, lt=65536)
+    worker_metrics_address: str = "0.0.0.0"  # Prometheus scrapes workers from other hosts
+
+    # Collections, schedules, retention.
+    schedule_tick_s: float = Field(default=30.0, gt=0)  # how often beat looks for due schedules
+    # Results (and documents) of jobs finished longer ago than this are purged; the job row and
+    # its counts stay, marked results_expired_at.
+    retention_days: float = Field(default=30.0, gt=0)
+    retention_interval_s: float = Field(default=3600.0, gt=0)  # how often beat purges
+    retention_batch_rows: int = Field(default=10_000, gt=0)  # rows deleted per transaction
+    retention_max_pass_s: float = Field(default=300.0, gt=0)  # a pass stops here; next resumes
+    # Workers also run the reconciler in-process (at start and every reconcile_interval_s);
+    # with `docqueue beat` running it is a beat task too, and this can be turned off.
+    reconcile_in_workers: bool = True
+    beat_concurrency: int = Field(default=2, ge=1)  # ops tasks in flight in `docqueue beat`
 
 
 @lru_cache(maxsize=1)

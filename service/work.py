@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, text
 
@@ -145,12 +145,22 @@ def pending_documents(conn: Connection, lease: Lease) -> list[Doc]:
     return [Doc(r.idx, r.external_id, r.text, r.extra) for r in rows]
 
 
-def write_results(conn: Connection, job_id: uuid.UUID, results: Sequence[RowResult]) -> str:
+class Written(NamedTuple):
+    """What one ``write_results`` did: the job's status (callers notice a cancel) and the rows
+    it inserted (a redelivered chunk's rows that already had results count nothing)."""
+
+    status: str
+    succeeded: int = 0
+    failed: int = 0
+    completion_tokens: int = 0
+
+
+def write_results(conn: Connection, job_id: uuid.UUID, results: Sequence[RowResult]) -> Written:
     """Inserts results (a row that already has one is skipped) and moves the job's counters by
-    exactly the rows inserted. Returns the job's status, so callers notice a cancel."""
+    exactly the rows inserted."""
     if not results:
         status = conn.execute(text("SELECT status FROM jobs WHERE id = :j"), {"j": job_id})
-        return str(status.scalar_one())
+        return Written(str(status.scalar_one()))
     cols: dict[str, list[Any]] = {
         "idx": [r.idx for r in results],
         "output": [r.output for r in results],
@@ -179,20 +189,27 @@ def write_results(conn: Connection, job_id: uuid.UUID, results: Sequence[RowResu
                 CAST(:latency_ms AS float8[]))
               ON CONFLICT (job_id, idx) DO NOTHING
               RETURNING error IS NULL AS ok, prompt_tokens, completion_tokens
+            ), n AS (
+              SELECT count(*) FILTER (WHERE ok) AS ok, count(*) FILTER (WHERE NOT ok) AS bad,
+                     coalesce(sum(prompt_tokens), 0) AS pt,
+                     coalesce(sum(completion_tokens), 0) AS ct
+              FROM ins
             )
             UPDATE jobs SET
-              succeeded = succeeded + (SELECT count(*) FROM ins WHERE ok),
-              failed = failed + (SELECT count(*) FROM ins WHERE NOT ok),
-              prompt_tokens = prompt_tokens + (SELECT coalesce(sum(prompt_tokens), 0) FROM ins),
-              completion_tokens = completion_tokens
-                + (SELECT coalesce(sum(completion_tokens), 0) FROM ins)
+              succeeded = succeeded + n.ok,
+              failed = failed + n.bad,
+              prompt_tokens = prompt_tokens + n.pt,
+              completion_tokens = completion_tokens + n.ct
+            FROM n
             WHERE id = :j
-            RETURNING status
+            RETURNING status, n.ok, n.bad, n.ct
             """
         ),
         {"j": job_id, **cols},
     ).first()
-    return str(row.status) if row is not None else "missing"
+    if row is None:
+        return Written("missing")
+    return Written(str(row.status), int(row.ok), int(row.bad), int(row.ct))
 
 
 def renew_leases(
@@ -295,7 +312,38 @@ def finalize_job(conn: Connection, job_id: uuid.UUID) -> str | None:
         ),
         {"s": status, "e": error, "j": job_id},
     )
+    apply_to_collection(conn, job_id)
     return status
+
+
+def apply_to_collection(conn: Connection, job_id: uuid.UUID) -> int:
+    """A scheduled job's successful results become its collection's latest summaries, in the
+    transaction that ends the job. Only documents whose text is still the one summarized (same
+    content hash) are updated: a document changed meanwhile stays pending for the next run.
+    Any other job: a no-op. Returns the documents updated."""
+    collection = conn.execute(
+        text("SELECT collection_id FROM jobs WHERE id = :j"), {"j": job_id}
+    ).scalar()
+    if collection is None:
+        return 0
+    res = conn.execute(
+        text(
+            """
+            UPDATE collection_documents cd SET
+              summary = coalesce(r.label, r.output), summary_model = j.model,
+              summarized_at = now(), summary_hash = cd.content_hash, summary_job_id = j.id
+            FROM jobs j
+            JOIN documents d ON d.job_id = j.id
+            JOIN results r ON r.job_id = d.job_id AND r.idx = d.idx
+            WHERE j.id = :j AND j.collection_id IS NOT NULL
+              AND cd.collection_id = j.collection_id AND cd.external_id = d.external_id
+              AND r.error IS NULL
+              AND cd.content_hash = encode(sha256(convert_to(d.text, 'UTF8')), 'hex')
+            """
+        ),
+        {"j": job_id},
+    )
+    return int(res.rowcount or 0)
 
 
 def register_worker(

@@ -6,6 +6,7 @@ below only matters to consumers of long GPU work.
 
 from __future__ import annotations
 
+from service import logs
 from service.queue import make_celery
 from service.settings import get_settings
 
@@ -35,3 +36,6 @@ app.conf.update(
     # Retries are scheduled by docqueue (Postgres attempts), never by a broker-side loop.
     task_default_retry_delay=5,
 )
+
+# docqueue's logging (service/logs.py) in worker processes, with each task's job and chunk ids.
+logs.connect_celery()

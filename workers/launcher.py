@@ -14,9 +14,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from service.queue import queue_for_model
+from service.queue import queues_for_model
 
 log = logging.getLogger("docqueue.worker")
 
@@ -69,11 +69,23 @@ def plan(gpus: str, tensor_parallel: int = 1) -> list[WorkerSpec]:
     return specs
 
 
+def with_metrics_ports(specs: list[WorkerSpec], base_port: int | None) -> list[WorkerSpec]:
+    """The i-th worker process serves Prometheus metrics on ``base_port + i``: one registry per
+    process, so no figure is shared or double counted (see workers.metrics)."""
+    if base_port is None:
+        return specs
+    return [
+        replace(spec, env={**spec.env, "DOCQUEUE_WORKER_METRICS_PORT": str(base_port + i)})
+        for i, spec in enumerate(specs)
+    ]
+
+
 def command(spec: WorkerSpec, model: str, concurrency: int, loglevel: str) -> list[str]:
     return [
         sys.executable, "-m", "celery", "-A", "workers.app", "worker",
         "--pool", "threads", "--concurrency", str(concurrency),
-        "--queues", queue_for_model(model),
+        # Interactive first, then bulk: the broker polls them in this order (service.queue).
+        "--queues", ",".join(queues_for_model(model)),
         "--hostname", spec.hostname,
         "--prefetch-multiplier", "1",
         "--task-events",

@@ -4,8 +4,9 @@
   attempts, or cancelled if its job is being cancelled.
 - A queued chunk whose message is gone from Redis (flushed, restarted without persistence, or
   never sent because Redis was down at submit time) is sent again.
-Runs at worker start and every ``reconcile_interval_s`` in each worker; a Postgres advisory lock
-lets only one process act at a time. Duplicate messages are harmless (leases, unique results).
+Runs at worker start and every ``reconcile_interval_s`` in each worker, and as a beat task in
+``docqueue beat`` (workers/beat.py); a Postgres advisory lock lets only one process act at a
+time. Duplicate messages are harmless (leases, unique results).
 """
 
 from __future__ import annotations
@@ -129,7 +130,12 @@ def reconcile(db: Engine, app: Celery, settings: Settings) -> Report:
 def run_periodically(
     db: Engine, app: Celery, settings: Settings, stop: threading.Event
 ) -> threading.Thread:
+    """The in-worker loop; with ``reconcile_in_workers`` off it does nothing, and the beat task
+    (``docqueue.reconcile`` in workers/beat.py) is the only periodic reconciler."""
+
     def loop() -> None:
+        if not settings.reconcile_in_workers:
+            return
         while not stop.wait(settings.reconcile_interval_s):
             try:
                 reconcile(db, app, settings)

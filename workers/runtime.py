@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine as DbEngine
 
+from service import logs
 from service.db import get_engine
 from service.queue import queue_for_model
 from service.settings import Settings, get_settings
 from service.work import heartbeat, register_worker, renew_leases, unregister_worker
+from workers import metrics as worker_metrics
 from workers.engines import Engine, build_engine
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,11 @@ def start(hostname: str | None = None, settings: Settings | None = None) -> Runt
         return _runtime
     settings = settings or get_settings()
     model = worker_model(settings)
+    name = hostname or f"worker@{socket.gethostname()}"
+    logs.set_worker(name)
+    # Metrics first: the endpoint shows engine_ready 0 during the engine's slow start.
+    worker_metrics.serve(settings.worker_metrics_port, settings.worker_metrics_address)
+    worker_metrics.engine_ready(model, False)
     engine = build_engine(
         settings.engine,
         model,
@@ -126,7 +133,6 @@ def start(hostname: str | None = None, settings: Settings | None = None) -> Runt
         enforce_eager=settings.vllm_enforce_eager,
         tensor_parallel_size=settings.tensor_parallel_size,
     )
-    name = hostname or f"worker@{socket.gethostname()}"
     _runtime = Runtime(
         settings=settings,
         model=model,
@@ -135,11 +141,14 @@ def start(hostname: str | None = None, settings: Settings | None = None) -> Runt
         db=get_engine(settings.database_url),
     )
     _runtime.start()
+    worker_metrics.engine_ready(model, True)
+    worker_metrics.worker_info(name, model, device_label(engine.device))
     return _runtime
 
 
 def stop() -> None:
     global _runtime
     if _runtime is not None:
+        worker_metrics.engine_ready(_runtime.model, False)
         _runtime.shutdown()
         _runtime = None

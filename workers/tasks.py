@@ -32,6 +32,7 @@ from service.work import (
     release_chunk,
     write_results,
 )
+from workers import metrics as worker_metrics
 from workers import runtime
 from workers.app import app
 from workers.engines import Batch, GenRequest
@@ -142,8 +143,9 @@ def _run(rt: runtime.Runtime, lease: Lease, docs: list[Doc]) -> str:
             raise group.batch.failure
         results = _row_results(group, lease.attempts, gen["choices"])
         with rt.db.begin() as conn:
-            status = write_results(conn, lease.job_id, results)
-        if status in ("cancelling", "cancelled") and n + 1 < len(groups):
+            written = write_results(conn, lease.job_id, results)
+        worker_metrics.count_written(rt.model, lease.task, written)
+        if written.status in ("cancelling", "cancelled") and n + 1 < len(groups):
             return _cancel_rest(rt, lease, groups[n + 1 :])
     with rt.db.begin() as conn:
         close_chunk(conn, lease.chunk_id, lease.job_id, "done")
@@ -221,7 +223,8 @@ def run_chunk(self: Task, chunk_id: str) -> str:
     rt = runtime.current()
     cid = uuid.UUID(chunk_id)
     try:
-        outcome = process_chunk(rt, cid)
+        with worker_metrics.observe_chunk(rt.model) as seen:  # duration, chunks in flight
+            outcome = seen.outcome = process_chunk(rt, cid)
     except _TRANSIENT as exc:
         reason = f"{type(exc).__name__}: {exc}".strip()[:500]
         log.warning("chunk %s: transient failure, retrying: %s", chunk_id, reason)
