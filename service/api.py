@@ -156,6 +156,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             prio = parse_priority(priority)
         except ValueError as exc:
             raise InvalidParameterError(str(exc), field="priority") from None
+        if idempotency_key and idempotency_key.startswith(jobs.RESERVED_KEY_PREFIX):
+            # Scheduled runs own these keys; a client's job must never stand in for one.
+            raise InvalidParameterError(
+                f"Idempotency-Key must not start with {jobs.RESERVED_KEY_PREFIX!r} "
+                "(reserved for scheduled runs)",
+                field="Idempotency-Key",
+            )
         req = jobs.JobRequest(
             task=task.strip().lower(),
             model=(model or settings.default_model).strip(),

@@ -304,9 +304,12 @@ def create_collection_job(
             SELECT :j, row_number() OVER (ORDER BY external_id), external_id, text, extra
             FROM collection_documents
             WHERE collection_id = :c AND summary_hash IS DISTINCT FROM content_hash
+            ORDER BY external_id
+            LIMIT :n
             """
             ),
-            {"j": job_id, "c": schedule.collection_id},
+            # At most max_rows_per_job, like any job; the rest stay pending for the next run.
+            {"j": job_id, "c": schedule.collection_id, "n": settings.max_rows_per_job},
         )
         .rowcount
     )

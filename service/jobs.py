@@ -16,6 +16,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service import logs
 from service.db import get_engine
 from service.errors import ConflictError, InvalidParameterError, NotFoundError
 from service.ingest import IngestOptions, ingest_csv
@@ -87,6 +88,10 @@ def template_fields(prompt: str) -> frozenset[str]:
                 field="prompt",
             )
     return frozenset(names)
+
+
+#: Idempotency keys of scheduled runs (service.schedules); clients may not use the prefix.
+RESERVED_KEY_PREFIX = "schedule:"
 
 
 def validate(req: JobRequest, settings: Settings) -> None:
@@ -216,6 +221,14 @@ def create_job(
                 return existing, False
         raise
 
+    with logs.log_context(job_id=job.id):
+        log.info(
+            "job created: %d documents in %d chunks on %s (%s)",
+            job.total,
+            job.n_chunks,
+            job.queue,
+            job.task,
+        )
     return job, True
 
 
@@ -249,6 +262,13 @@ def enqueue_job_chunks(
     If Redis is unreachable the job stays queued with ``enqueued_at`` NULL: Postgres holds the
     work and the reconciler sends the messages later. The submission itself still succeeds.
     """
+    with logs.log_context(job_id=job.id):
+        return _enqueue_job_chunks(job, chunks, settings)
+
+
+def _enqueue_job_chunks(
+    job: Job, chunks: Sequence[tuple[uuid.UUID, int]], settings: Settings
+) -> int:
     app = make_celery(settings)
     messages = (
         ChunkMessage(

@@ -14,6 +14,8 @@ drop as a counter reset. Workers serve their own throughput figures (``workers.m
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -196,6 +198,14 @@ def install(app: FastAPI, settings: Settings, db: Engine) -> None:
     horizon = 3 * max(settings.worker_heartbeat_s, settings.lease_s / 3.0)
     registry.register(StoreCollector(db, settings.redis_url, horizon))
 
+    lock = threading.Lock()
+    cached: list[Any] = [float("-inf"), b""]  # (monotonic time made, body)
+
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        with lock:  # one query set at a time; concurrent scrapes share its answer
+            if time.monotonic() - cached[0] >= settings.metrics_cache_s:
+                cached[1] = generate_latest(registry)
+                cached[0] = time.monotonic()
+            body = cached[1]
+        return Response(body, media_type=CONTENT_TYPE_LATEST)

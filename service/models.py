@@ -130,6 +130,13 @@ class Job(Base):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_status", "status"),
+        # Deleting a collection sets its jobs' collection_id NULL: find them without a scan.
+        Index(
+            "ix_jobs_collection",
+            "collection_id",
+            postgresql_where=sa_text("collection_id IS NOT NULL"),
+            sqlite_where=sa_text("collection_id IS NOT NULL"),
+        ),
     )
 
 
@@ -291,6 +298,9 @@ class Schedule(Base):
 
     __table_args__ = (
         CheckConstraint(_in("task", TASKS), name="task"),
+        # A collection keeps one latest result per document and one pending state, so one
+        # schedule per collection: two would share (and race for) the same pending documents.
+        UniqueConstraint("collection_id", name="uq_schedules_collection"),
         Index("ix_schedules_due", "enabled", "next_run_at"),
         Index("ix_schedules_tenant", "tenant_id"),
     )

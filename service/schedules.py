@@ -20,10 +20,11 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service import jobs
-from service.errors import InvalidParameterError, NotFoundError
+from service import jobs, logs
+from service.errors import ConflictError, InvalidParameterError, NotFoundError
 from service.models import TERMINAL_STATUSES, Collection, Job, Schedule
 from service.queue import parse_priority, priority_class
 from service.settings import Settings
@@ -199,7 +200,7 @@ def run_minute(instant: datetime) -> str:
 
 
 def idempotency_key(schedule_id: uuid.UUID, scheduled_for: datetime) -> str:
-    return f"schedule:{schedule_id}:{run_minute(scheduled_for)}"
+    return f"{jobs.RESERVED_KEY_PREFIX}{schedule_id}:{run_minute(scheduled_for)}"
 
 
 # --- schedules --------------------------------------------------------------------------------
@@ -293,6 +294,13 @@ def create_schedule(
     )
     if coll is None:
         raise NotFoundError(f"collection {collection!r} not found", field="collection")
+    taken = session.scalar(select(Schedule.id).where(Schedule.collection_id == coll.id))
+    if taken is not None:  # uq_schedules_collection also guards a concurrent create
+        raise ConflictError(
+            f"collection {collection!r} already has schedule {taken}: a collection keeps one "
+            "result per document, so it takes one schedule; remove that one first",
+            field="collection",
+        )
     schedule = Schedule(
         tenant_id=tenant_id,
         collection_id=coll.id,
@@ -305,7 +313,15 @@ def create_schedule(
         next_run_at=next_run(parsed, tz, now or datetime.now(UTC)),
     )
     session.add(schedule)
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.flush()
+    except IntegrityError as exc:
+        if "uq_schedules_collection" not in str(exc.orig):
+            raise
+        raise ConflictError(
+            f"collection {collection!r} already has a schedule", field="collection"
+        ) from None
     return schedule
 
 
@@ -365,7 +381,7 @@ class RunResult:
 
     schedule_id: uuid.UUID
     scheduled_for: datetime
-    outcome: str  # created | existing | empty | busy
+    outcome: str  # created | existing | empty | busy | failed
     job: Job | None = None
     documents: int = 0
 
@@ -442,15 +458,16 @@ def tick(engine: Engine, settings: Settings, now: datetime | None = None) -> lis
         if result is None:
             continue
         results.append(result)
-        if result.created and result.job is not None:
-            jobs.enqueue_job(result.job.id, settings)
-        log.info(
-            "schedule %s run for %s: %s (%d documents)",
-            sid,
-            run_minute(result.scheduled_for),
-            result.outcome,
-            result.documents,
-        )
+        with logs.log_context(job_id=result.job.id if result.job is not None else None):
+            if result.created and result.job is not None:
+                jobs.enqueue_job(result.job.id, settings)
+            log.info(
+                "schedule %s run for %s: %s (%d documents)",
+                sid,
+                run_minute(result.scheduled_for),
+                result.outcome,
+                result.documents,
+            )
     return results
 
 
@@ -472,6 +489,15 @@ def _tick_one(
             schedule.enabled = False
             schedule.last_run_outcome = f"disabled: {exc.message}"[:200]
             return None
-        result = _run_locked(session, schedule, scheduled_for, settings)
+        try:
+            with session.begin_nested():  # a failed run leaves nothing half-written
+                result = _run_locked(session, schedule, scheduled_for, settings)
+        except InvalidParameterError as exc:
+            # Parameters valid when stored but not now (a limit was lowered, a model renamed):
+            # say so on the schedule and wait for its next time, never retry every tick.
+            log.warning("schedule %s: run for %s failed: %s", sid, scheduled_for, exc.message)
+            schedule.last_run_at = scheduled_for
+            schedule.last_run_outcome = f"failed: {exc.message}"[:200]
+            result = RunResult(schedule.id, scheduled_for, "failed")
         schedule.next_run_at = next_run(cron, tz, max(now, scheduled_for))
         return result

@@ -81,13 +81,16 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = None
     flower_port: int = 5555
     flower_address: str = "127.0.0.1"
-    flower_persistent: bool = False  # keep Flower's task history across restarts
+    flower_persistent: bool = True  # keep Flower's task history across restarts (bounded)
     flower_db_path: Path = Path.home() / ".cache" / "docqueue" / "flower.db"
     flower_max_tasks: int = Field(default=10_000, gt=0)  # tasks Flower keeps (memory bound)
     flower_state_save_interval_s: float = Field(default=60.0, ge=0)  # 0: save at exit only
     # Base port of the workers' Prometheus endpoints: the launcher gives its i-th Celery process
     # port + i (one process per GPU). None: no worker metrics endpoint.
     worker_metrics_port: int | None = Field(default=None, gt=0, lt=65536)
+    # The API's /metrics aggregates over every job row: answer scrapes within this many seconds
+    # of the last one from memory, so several scrapers (or API processes) cost one query set.
+    metrics_cache_s: float = Field(default=5.0, ge=0)
     worker_metrics_address: str = "0.0.0.0"  # Prometheus scrapes workers from other hosts
 
     # Collections, schedules, retention.

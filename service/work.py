@@ -326,6 +326,9 @@ def apply_to_collection(conn: Connection, job_id: uuid.UUID) -> int:
     ).scalar()
     if collection is None:
         return 0
+    # The collection row first, as uploads (service.collections.upsert_documents) take it
+    # before the document rows: both then touch documents in one order, never a deadlock.
+    conn.execute(text("SELECT 1 FROM collections WHERE id = :c FOR UPDATE"), {"c": collection})
     res = conn.execute(
         text(
             """

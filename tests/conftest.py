@@ -77,7 +77,11 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def settings(database_url: str, redis_url: str) -> Iterator[Settings]:
     """Settings for the test run, also exported as DOCQUEUE_* for code that reads the env."""
-    env = {"DOCQUEUE_DATABASE_URL": database_url, "DOCQUEUE_REDIS_URL": redis_url}
+    env = {
+        "DOCQUEUE_DATABASE_URL": database_url,
+        "DOCQUEUE_REDIS_URL": redis_url,
+        "DOCQUEUE_METRICS_CACHE_S": "0",  # tests read /metrics right after each change
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     get_settings.cache_clear()

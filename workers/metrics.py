@@ -125,11 +125,18 @@ _served_port: int | None = None
 
 
 def serve(port: int | None, address: str = "0.0.0.0") -> int | None:
-    """Starts this process's /metrics endpoint (once per process); None: metrics stay off."""
+    """Starts this process's /metrics endpoint (once per process); None: metrics stay off.
+
+    A taken port costs the metrics, not the worker: a GPU must not sit idle (and the launcher
+    restart it forever) because another process on the host holds the port."""
     global _served_port
     if port is None or _served_port is not None:
         return _served_port
-    start_http_server(port, addr=address, registry=REGISTRY)
+    try:
+        start_http_server(port, addr=address, registry=REGISTRY)
+    except OSError as exc:
+        log.error("worker metrics off: cannot serve on %s:%d: %s", address, port, exc)
+        return None
     _served_port = port
     log.info("worker metrics on http://%s:%d/metrics", address, port)
     return port

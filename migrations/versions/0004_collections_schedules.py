@@ -69,6 +69,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["last_job_id"], ["jobs.id"], name=op.f("fk_schedules_last_job_id_jobs"), ondelete="SET NULL"),
         sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"], name=op.f("fk_schedules_tenant_id_tenants"), ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_schedules")),
+        sa.UniqueConstraint("collection_id", name="uq_schedules_collection"),
     )
     op.create_index("ix_schedules_due", "schedules", ["enabled", "next_run_at"], unique=False)
     op.create_index("ix_schedules_tenant", "schedules", ["tenant_id"], unique=False)
@@ -78,9 +79,15 @@ def upgrade() -> None:
         op.f("fk_jobs_collection_id_collections"), "jobs", "collections",
         ["collection_id"], ["id"], ondelete="SET NULL",
     )
+    op.create_index(
+        "ix_jobs_collection", "jobs", ["collection_id"], unique=False,
+        postgresql_where=sa.text("collection_id IS NOT NULL"),
+        sqlite_where=sa.text("collection_id IS NOT NULL"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_jobs_collection", table_name="jobs")
     op.drop_constraint(op.f("fk_jobs_collection_id_collections"), "jobs", type_="foreignkey")
     op.drop_column("jobs", "results_expired_at")
     op.drop_column("jobs", "collection_id")

@@ -178,3 +178,32 @@ def test_chunk_task_logs_json_with_ids_and_moves_worker_metrics(
     ) == value(
         after, "docqueue_worker_documents_total", model=m, task="generate", outcome="succeeded"
     )
+
+
+def test_api_side_job_logs_carry_the_job_id(
+    client: TestClient, api_key: str, model_name: str, json_log_lines: io.StringIO
+) -> None:
+    """Not only chunk tasks: the API's own lines about a job (created, chunks enqueued) name it."""
+    job = submit(client, api_key, "text\na\nb\nc\n", model=model_name, chunk_size=2).json()
+    records = [json.loads(line) for line in json_log_lines.getvalue().splitlines() if line]
+    created = [r for r in records if r["message"].startswith("job created")]
+    assert len(created) == 1, records
+    assert created[0]["job_id"] == job["id"]
+    assert "3 documents in 2 chunks" in created[0]["message"]
+    assert all(r["job_id"] in (None, job["id"]) for r in records)
+
+
+def test_metrics_answers_from_memory_within_metrics_cache_s(
+    settings: Settings, api_key: str, model_name: str
+) -> None:
+    """Several scrapers within metrics_cache_s cost one query set: the same body comes back."""
+    from service.api import create_app
+
+    cached = settings.model_copy(update={"metrics_cache_s": 3600.0})
+    with TestClient(create_app(cached)) as c:
+        first = c.get("/metrics").text
+        submit(c, api_key, "text\na\n", model=model_name)
+        assert c.get("/metrics").text == first
+    fresh = settings.model_copy(update={"metrics_cache_s": 0.0})
+    with TestClient(create_app(fresh)) as c:
+        assert c.get("/metrics").text != first  # the job is counted once the cache is off

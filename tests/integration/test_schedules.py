@@ -351,3 +351,74 @@ def test_priority_form_accepts_names_and_legacy_integers(
     assert default["queue"] == queue_for_model(model_name)
     bad = submit(client, api_key, "text\na\n", model=model_name, priority="urgent")
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "priority"
+
+
+def test_a_collection_takes_one_schedule(client: TestClient, api_key: str, model_name: str) -> None:
+    """Two schedules would share (and race for) the collection's one pending state."""
+    put(client, api_key, "single", "id,text\n1,a\n")
+    first = add_schedule(client, api_key, collection="single", model=model_name).json()
+    resp = add_schedule(client, api_key, collection="single", model=model_name, cron="0 3 * * *")
+    assert resp.status_code == 409, resp.text
+    err = resp.json()["error"]
+    assert err["field"] == "collection" and first["id"] in err["message"]
+    assert client.delete(f"/v1/schedules/{first['id']}", headers=auth(api_key)).status_code == 200
+    again = add_schedule(client, api_key, collection="single", model=model_name, cron="0 3 * * *")
+    assert again.status_code == 201, again.text
+
+
+def test_clients_cannot_take_a_scheduled_runs_idempotency_key(
+    client: TestClient, api_key: str, model_name: str
+) -> None:
+    resp = client.post(
+        "/v1/jobs",
+        headers={**auth(api_key), "Idempotency-Key": "schedule:abc:2026-11-23T02:00Z"},
+        data={"task": "summarize", "model": model_name},
+        files={"file": ("d.csv", b"text\nhello\n", "text/csv")},
+    )
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["field"] == "Idempotency-Key"
+
+
+def test_a_run_whose_params_no_longer_validate_fails_once_and_waits_for_its_next_time(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    put(client, api_key, "strict", "id,text\ns1,a\n")
+    sid = add_schedule(
+        client, api_key, collection="strict", model=model_name, params={"chunk_size": 50}
+    ).json()["id"]
+    due = make_due(settings, sid, minutes_ago=1)
+    tighter = settings.model_copy(update={"max_chunk_size": 10})  # an operator lowered a limit
+    (run,) = [
+        r
+        for r in schedules.tick(get_engine(settings.database_url), tighter)
+        if str(r.schedule_id) == sid
+    ]
+    assert run.outcome == "failed" and run.job is None
+    s = client.get(f"/v1/schedules/{sid}", headers=auth(api_key)).json()
+    assert s["last_run_outcome"].startswith("failed: chunk_size must be between 1 and 10")
+    assert datetime.fromisoformat(s["next_run_at"]) > datetime.now(UTC) > due  # not every tick
+    assert s["enabled"] is True  # a later run may succeed once the limit is back
+    with pg(settings.database_url) as conn:
+        n = conn.execute(
+            "SELECT count(*) FROM jobs WHERE idempotency_key LIKE %s", (f"schedule:{sid}:%",)
+        ).fetchone()
+    assert n is not None and n[0] == 0
+    assert tick(settings, sid) == []  # no longer due
+
+
+def test_a_run_takes_at_most_max_rows_per_job_and_leaves_the_rest_pending(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    put(client, api_key, "big", "id,text\n" + "".join(f"b{i},text {i}\n" for i in range(5)))
+    sid = add_schedule(client, api_key, collection="big", model=model_name).json()["id"]
+    capped = settings.model_copy(update={"max_rows_per_job": 3})
+    engine = get_engine(settings.database_url)
+    make_due(settings, sid, minutes_ago=2)
+    (first,) = [r for r in schedules.tick(engine, capped) if str(r.schedule_id) == sid]
+    assert first.job is not None and first.documents == 3
+    assert job_documents(settings, str(first.job.id)) == ["b0", "b1", "b2"]
+    finish_job(settings, str(first.job.id))
+    make_due(settings, sid, minutes_ago=1)
+    (second,) = [r for r in schedules.tick(engine, capped) if str(r.schedule_id) == sid]
+    assert second.job is not None
+    assert job_documents(settings, str(second.job.id)) == ["b3", "b4"]

@@ -43,8 +43,11 @@ def test_flower_options_keep_credentials_off_the_command_line(tmp_path: Path) ->
     assert "--persistent=True" in args and f"--db={tmp_path / 'f.db'}" in args
     assert not any("s3cret" in a for a in args)
     assert flower.env(opts) == {"FLOWER_BASIC_AUTH": "ops:s3cret"}
-    defaults = flower.argv(flower.options(s))
-    assert "--port=5555" in defaults and not any(a.startswith("--persistent") for a in defaults)
+    defaults = flower.argv(flower.options(s))  # persistent unless told otherwise
+    assert "--port=5555" in defaults and "--persistent=True" in defaults
+    assert "--max_tasks=500" in defaults
+    transient = flower.argv(flower.options(s, persistent=False))
+    assert not any(a.startswith(("--persistent", "--db")) for a in transient)
 
 
 @pytest.fixture()
