@@ -170,3 +170,48 @@ def test_example_env_names_real_settings() -> None:
     ]
     assert not unknown
     assert env["DOCQUEUE_LOG_FORMAT"] in ("text", "json")
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR:-default}`` (defaults may nest), enough for this file's values."""
+    out, i = "", 0
+    while i < len(value):
+        if value.startswith("${", i):
+            depth, j = 1, i + 2
+            while depth:
+                depth += {"{": 1, "}": -1}.get(value[j], 0)
+                j += 1
+            body = value[i + 2 : j - 1]
+            name, _, default = body.partition(":-")
+            out += env.get(name) or _interpolate(default, env)
+            i = j
+        else:
+            out += value[i]
+            i += 1
+    return out
+
+
+def test_urls_default_to_this_file_and_a_remote_worker_can_point_elsewhere(
+    compose: dict[str, Any],
+) -> None:
+    env = compose["x-docqueue"]["environment"]
+    local = {
+        k: _interpolate(v, {"REDIS_PASSWORD": "r3d", "POSTGRES_PASSWORD": "pg"})
+        for k, v in env.items()
+    }
+    assert (
+        local["DOCQUEUE_DATABASE_URL"] == "postgresql+psycopg://postgres:pg@postgres:5432/docqueue"
+    )
+    assert local["DOCQUEUE_REDIS_URL"] == "redis://:r3d@redis:6379/0"  # Redis asks for it
+    remote_env = {
+        "DOCQUEUE_DATABASE_URL": "postgresql+psycopg://postgres:pg@10.0.0.5:5432/docqueue",
+        "DOCQUEUE_REDIS_URL": "redis://:r3d@10.0.0.5:6379/0",
+    }
+    remote = {k: _interpolate(v, remote_env) for k, v in env.items()}
+    assert remote == remote_env
+    redis = _services(compose)["redis"]["command"]
+    assert _interpolate(redis[redis.index("--requirepass") + 1], {"REDIS_PASSWORD": "r3d"}) == "r3d"
+    for name, port in (("postgres", "5432"), ("redis", "6379")):
+        (binding,) = _services(compose)[name]["ports"]
+        assert _interpolate(binding, {}) == f"127.0.0.1:{port}:{port}"  # loopback by default
+        assert _interpolate(binding, {"DOCQUEUE_BIND_ADDRESS": "10.0.0.5"}).startswith("10.0.0.5:")
