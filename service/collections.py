@@ -13,7 +13,7 @@ import base64
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import IO, Any, cast
 
 import psycopg
@@ -230,6 +230,34 @@ def list_documents(
         "data": [document_view(d) for d in docs],
         "next_page_token": token,
     }
+
+
+def get_document(
+    session: Session, tenant_id: uuid.UUID, name: str, external_id: str
+) -> CollectionDocument:
+    coll = get_collection(session, tenant_id, name)
+    doc = session.get(CollectionDocument, (coll.id, external_id))
+    if doc is None:
+        raise NotFoundError(f"document {external_id!r} not found in collection {name!r}")
+    return doc
+
+
+def delete_document(session: Session, tenant_id: uuid.UUID, name: str, external_id: str) -> None:
+    """Removes one document (gone upstream): later runs no longer cover it. A job that already
+    copied it keeps its copy and result; the write-back then finds no document and skips it."""
+    coll = get_collection(session, tenant_id, name)
+    session.refresh(coll, with_for_update=True)  # the upload / write-back lock order
+    gone = session.scalar(
+        delete(CollectionDocument)
+        .where(
+            CollectionDocument.collection_id == coll.id,
+            CollectionDocument.external_id == external_id,
+        )
+        .returning(CollectionDocument.external_id)
+    )
+    if gone is None:
+        raise NotFoundError(f"document {external_id!r} not found in collection {name!r}")
+    coll.updated_at = datetime.now(UTC)
 
 
 def document_view(d: CollectionDocument) -> dict[str, Any]:

@@ -97,6 +97,20 @@ def router(settings: Settings, engine: Engine, principal: Callable[..., Principa
                 session, who.tenant_id, name, limit=limit, page_token=page_token, status=status
             )
 
+    @api.get("/collections/{name}/documents/{external_id:path}", tags=["collections"])
+    def get_document(name: str, external_id: str, who: Auth) -> dict[str, Any]:
+        """One document with its text and latest summary (``:path``: ids may contain "/")."""
+        with tx() as session:
+            doc = collections.get_document(session, who.tenant_id, name, external_id)
+            return {"object": "document", **collections.document_view(doc)}
+
+    @api.delete("/collections/{name}/documents/{external_id:path}", tags=["collections"])
+    def delete_document(name: str, external_id: str, who: Auth) -> dict[str, Any]:
+        """Removes one document (deleted upstream); later scheduled runs no longer cover it."""
+        with tx() as session:
+            collections.delete_document(session, who.tenant_id, name, external_id)
+        return {"object": "document", "collection": name, "id": external_id, "deleted": True}
+
     @api.delete("/collections/{name}", tags=["collections"])
     def delete_collection(name: str, who: Auth) -> dict[str, Any]:
         """Deletes the collection, its documents and its schedules (jobs made from it stay)."""

@@ -110,6 +110,8 @@ def test_another_tenants_collection_is_404_everywhere(
     assert client.get("/v1/collections/private", headers=h).status_code == 404
     assert client.get("/v1/collections/private/documents", headers=h).status_code == 404
     assert client.delete("/v1/collections/private", headers=h).status_code == 404
+    assert client.get("/v1/collections/private/documents/1", headers=h).status_code == 404
+    assert client.delete("/v1/collections/private/documents/1", headers=h).status_code == 404
     assert client.get("/v1/collections", headers=h).json()["data"] == []
     # The same name for the other tenant is its own, separate collection.
     assert put(client, other, "private", "id,text\n9,mine\n").json()["counts"]["documents"] == 1
@@ -156,3 +158,23 @@ def test_custom_columns_and_delimiter(client: TestClient, api_key: str) -> None:
     assert resp.status_code == 200, resp.text
     docs = client.get("/v1/collections/semi/documents", headers=auth(api_key)).json()["data"]
     assert [(d["id"], d["text"]) for d in docs] == [("k1", "first"), ("k2", "second")]
+
+
+def test_get_and_delete_one_document(client: TestClient, api_key: str) -> None:
+    put(client, api_key, "single-docs", "id,text,topic\na/1,first,x\nb,second,y\n")
+    h = auth(api_key)
+    doc = client.get("/v1/collections/single-docs/documents/a%2F1", headers=h)
+    assert doc.status_code == 200, doc.text
+    body = doc.json()
+    assert body["id"] == "a/1" and body["text"] == "first" and body["extra"] == {"topic": "x"}
+    assert body["status"] == "pending" and body["content_hash"] == sha("first")
+
+    gone = client.delete("/v1/collections/single-docs/documents/a%2F1", headers=h)
+    assert gone.status_code == 200 and gone.json()["deleted"] is True
+    assert client.get("/v1/collections/single-docs/documents/a%2F1", headers=h).status_code == 404
+    again = client.delete("/v1/collections/single-docs/documents/a%2F1", headers=h)
+    assert again.status_code == 404 and "a/1" in again.json()["error"]["message"]
+    coll = client.get("/v1/collections/single-docs", headers=h).json()
+    assert coll["counts"]["documents"] == 1
+    missing = client.get("/v1/collections/nope/documents/b", headers=h)
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]

@@ -422,3 +422,16 @@ def test_a_run_takes_at_most_max_rows_per_job_and_leaves_the_rest_pending(
     (second,) = [r for r in schedules.tick(engine, capped) if str(r.schedule_id) == sid]
     assert second.job is not None
     assert job_documents(settings, str(second.job.id)) == ["b3", "b4"]
+
+
+def test_a_deleted_document_is_not_covered_by_the_next_run(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    put(client, api_key, "pruned", "id,text\np1,a\np2,b\np3,c\n")
+    sid = add_schedule(client, api_key, collection="pruned", model=model_name).json()["id"]
+    h = auth(api_key)
+    assert client.delete("/v1/collections/pruned/documents/p2", headers=h).status_code == 200
+    make_due(settings, sid, minutes_ago=1)
+    (run,) = tick(settings, sid)
+    assert run.job is not None
+    assert job_documents(settings, str(run.job.id)) == ["p1", "p3"]
