@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import secrets
 import sys
 import tempfile
 import time
@@ -146,16 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     ingest = _load("docqueue_bench_ingest", ROOT / "scripts" / "bench" / "ingest.py")
-    db_name = f"docqueue_bench_{secrets.token_hex(4)}"
-    dsn = f"postgresql://postgres@127.0.0.1:5432/{db_name}"
-    ctx = ingest.BenchContext(
-        admin_dsn="postgresql://postgres@127.0.0.1:5432/postgres",
-        db_name=db_name,
-        database_url=dsn.replace("postgresql://", "postgresql+psycopg://", 1),
-        pg_dsn=dsn,
-        redis_url="redis://127.0.0.1:6379/14",
-        tmp=Path(tempfile.gettempdir()),
-    )
+    ctx = ingest.local_context()
     ingest.create_database(ctx)
     sizes = [n for n in (args.small_rows, args.rows) if n]
     results: list[Download] = []
@@ -189,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                     finally:
                         api.stop()
     finally:
-        ingest.drop_database(ctx)
-        import redis
-
-        redis.Redis.from_url(ctx.redis_url).flushdb()
+        ingest.cleanup(ctx)
 
     print()
     print(

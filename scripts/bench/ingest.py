@@ -380,6 +380,27 @@ class BenchContext:
     key: str = ""
 
 
+def local_context() -> BenchContext:
+    """A fresh database name on the local PostgreSQL and Redis db 14: the other benchmarks'
+    setting (create_database makes it, cleanup removes it)."""
+    db_name = f"docqueue_bench_{secrets.token_hex(4)}"
+    dsn = f"postgresql://postgres@127.0.0.1:5432/{db_name}"
+    return BenchContext(
+        admin_dsn="postgresql://postgres@127.0.0.1:5432/postgres",
+        db_name=db_name,
+        database_url=dsn.replace("postgresql://", "postgresql+psycopg://", 1),
+        pg_dsn=dsn,
+        redis_url="redis://127.0.0.1:6379/14",
+        tmp=Path(tempfile.gettempdir()),
+    )
+
+
+def cleanup(ctx: BenchContext) -> None:
+    """Drops the benchmark's database and empties its Redis db."""
+    drop_database(ctx)
+    redis.Redis.from_url(ctx.redis_url).flushdb()
+
+
 def create_database(ctx: BenchContext) -> None:
     from service.auth import create_key
     from service.db import session_scope

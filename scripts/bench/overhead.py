@@ -22,7 +22,6 @@ import csv
 import importlib.util
 import io
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -248,16 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     ingest = _load("docqueue_bench_ingest", ROOT / "scripts" / "bench" / "ingest.py")
-    db_name = f"docqueue_bench_{secrets.token_hex(4)}"
-    dsn = f"postgresql://postgres@127.0.0.1:5432/{db_name}"
-    ctx = ingest.BenchContext(
-        admin_dsn="postgresql://postgres@127.0.0.1:5432/postgres",
-        db_name=db_name,
-        database_url=dsn.replace("postgresql://", "postgresql+psycopg://", 1),
-        pg_dsn=dsn,
-        redis_url="redis://127.0.0.1:6379/14",
-        tmp=Path(tempfile.gettempdir()),
-    )
+    ctx = ingest.local_context()
     ingest.create_database(ctx)
     try:
         with tempfile.TemporaryDirectory(prefix="docqueue-overhead-") as tmp:
@@ -267,10 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"naive: one Celery task per document, {args.naive_docs:,} documents ...")
             naive_s, naive_n = run_naive(ctx, documents(args.naive_docs), work)
     finally:
-        ingest.drop_database(ctx)
-        import redis
-
-        redis.Redis.from_url(ctx.redis_url).flushdb()
+        ingest.cleanup(ctx)
 
     print()
     print("zero-cost engine (docqueue: DOCQUEUE_ENGINE=bench); wall clock from submit to done")

@@ -29,7 +29,6 @@ import importlib.util
 import io
 import json
 import os
-import secrets
 import signal
 import statistics
 import subprocess
@@ -386,16 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     )()
     texts = documents(args.docs)
 
-    db_name = f"docqueue_bench_{secrets.token_hex(4)}"
-    dsn = f"postgresql://postgres@127.0.0.1:5432/{db_name}"
-    ctx = ingest.BenchContext(
-        admin_dsn="postgresql://postgres@127.0.0.1:5432/postgres",
-        db_name=db_name,
-        database_url=dsn.replace("postgresql://", "postgresql+psycopg://", 1),
-        pg_dsn=dsn,
-        redis_url="redis://127.0.0.1:6379/14",
-        tmp=Path(tempfile.gettempdir()),
-    )
+    ctx = ingest.local_context()
     ingest.create_database(ctx)
     rows: list[dict[str, Any]] = []
     try:
@@ -407,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                     {
                         "model": str(model),
                         "texts": texts,
-                        "dsn": dsn,
+                        "dsn": ctx.pg_dsn,
                         "max_tokens": args.max_tokens,
                         "vllm_defaults": args.raw_vllm_defaults,
                         "eager": False if args.compiled else None,
@@ -453,10 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                 raw.stop()
                 dq.stop()
     finally:
-        ingest.drop_database(ctx)
-        import redis
-
-        redis.Redis.from_url(ctx.redis_url).flushdb()
+        ingest.cleanup(ctx)
 
     print()
     print(
