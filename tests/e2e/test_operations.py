@@ -9,6 +9,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,49 @@ def model() -> str:
     return tiny_model()
 
 
+@dataclass
+class Flower:
+    """A running `docqueue flower`; ``restart`` stops it and starts it again on its state."""
+
+    env: dict[str, str]
+    port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [docqueue_bin(), "flower", "--port", str(self.port), "--address", "127.0.0.1"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthcheck", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"docqueue flower did not start:\n{self.log.read_text()}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_group(self.proc)  # SIGTERM: Flower saves its state on the way out
+
+
 @pytest.fixture(scope="module")
-def flower(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `docqueue flower` (basic auth, persistent state), started before the worker so
-    that it sees every task event."""
-    port = free_port()
+def flower(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flower]:
+    """A real `docqueue flower` (basic auth; persistent state, its default), started before
+    the worker so that it sees every task event."""
     tmp = tmp_path_factory.mktemp("flower")
-    log = tmp / "flower.log"
     env = {
         **os.environ,
         "DOCQUEUE_REDIS_URL": settings.redis_url,
@@ -47,37 +84,13 @@ def flower(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "DOCQUEUE_FLOWER_DB_PATH": str(tmp / "flower.db"),
         "DOCQUEUE_FLOWER_MAX_TASKS": "1000",
     }
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                docqueue_bin(),
-                "flower",
-                "--port",
-                str(port),
-                "--address",
-                "127.0.0.1",
-                "--persistent",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
+    env.pop("DOCQUEUE_FLOWER_PERSISTENT", None)
+    f = Flower(env=env, port=free_port(), log=tmp / "flower.log")
+    f.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/healthcheck", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"docqueue flower did not start:\n{log.read_text()}")
-            time.sleep(0.3)
-        yield url
+        yield f
     finally:
-        stop_group(proc)
+        f.stop()
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +98,7 @@ def worker(
     settings: Settings,
     api_server: str,
     model: str,
-    flower: str,
+    flower: Flower,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[Path, str]]:
     """One warm worker with a metrics port and JSON logs; yields (log file, metrics URL)."""
@@ -143,18 +156,23 @@ def finished_job(
     return {"job": job, "before": before, "after": _metrics(metrics_url), "worker": row[0]}
 
 
+def _chunk_tasks(url: str, job_id: str) -> list[dict[str, Any]]:
+    tasks = httpx.get(f"{url}/api/tasks", auth=AUTH, timeout=30).json()
+    return [t for t in tasks.values() if t["uuid"].startswith(f"{job_id}:")]
+
+
 def test_flower_shows_the_worker_and_the_chunk_tasks(
-    flower: str, finished_job: dict[str, Any]
+    flower: Flower, finished_job: dict[str, Any]
 ) -> None:
+    url = flower.url
     job_id, worker_name = finished_job["job"]["id"], finished_job["worker"]
     assert worker_name.startswith("cpu@")
-    workers = httpx.get(f"{flower}/api/workers", params={"refresh": "1"}, auth=AUTH, timeout=30)
+    workers = httpx.get(f"{url}/api/workers", params={"refresh": "1"}, auth=AUTH, timeout=30)
     assert workers.status_code == 200 and worker_name in workers.json()
 
     deadline = time.monotonic() + 30
     while True:  # events reach Flower asynchronously
-        tasks = httpx.get(f"{flower}/api/tasks", auth=AUTH, timeout=30).json()
-        ours = [t for t in tasks.values() if t["uuid"].startswith(f"{job_id}:")]
+        ours = _chunk_tasks(url, job_id)
         if (
             len(ours) == 3 and all(t["state"] == "SUCCESS" for t in ours)
         ) or time.monotonic() > deadline:
@@ -169,18 +187,19 @@ def test_flower_shows_the_worker_and_the_chunk_tasks(
     assert chunks == ["1/3", "2/3", "3/3"]
     # Tasks can be looked up by that readable id, and filtered by worker.
     one = ours[0]["uuid"]
-    info = httpx.get(f"{flower}/api/task/info/{one}", auth=AUTH, timeout=30)
+    info = httpx.get(f"{url}/api/task/info/{one}", auth=AUTH, timeout=30)
     assert info.status_code == 200 and info.json()["uuid"] == one
     by_worker = httpx.get(
-        f"{flower}/api/tasks", params={"workername": worker_name}, auth=AUTH, timeout=30
+        f"{url}/api/tasks", params={"workername": worker_name}, auth=AUTH, timeout=30
     )
     assert {t["uuid"] for t in ours} <= set(by_worker.json())
 
 
-def test_flower_answers_401_without_credentials(flower: str) -> None:
+def test_flower_answers_401_without_credentials(flower: Flower) -> None:
     for path in ("/api/workers", "/api/tasks", "/"):
-        assert httpx.get(f"{flower}{path}", timeout=10).status_code == 401, path
-        assert httpx.get(f"{flower}{path}", auth=(AUTH[0], "wrong"), timeout=10).status_code == 401
+        assert httpx.get(f"{flower.url}{path}", timeout=10).status_code == 401, path
+        wrong = httpx.get(f"{flower.url}{path}", auth=(AUTH[0], "wrong"), timeout=10)
+        assert wrong.status_code == 401, path
 
 
 def test_flower_refuses_to_start_without_auth_config(settings: Settings) -> None:
@@ -249,3 +268,21 @@ def test_api_metrics_over_http(api_server: str, finished_job: dict[str, Any], mo
     assert _get(samples, "docqueue_jobs", status="completed") >= 1
     assert _get(samples, "docqueue_workers", model=model) >= 1
     assert _get(samples, "docqueue_job_duration_seconds_count", task="generate") >= 1
+
+
+def test_flower_keeps_the_task_history_across_a_restart(
+    flower: Flower, finished_job: dict[str, Any]
+) -> None:
+    """Persistent by default: the chunk tasks seen before a restart are still listed after it,
+    though no event about them reaches the new process. (Last in this module: it restarts the
+    module's Flower.)"""
+    job_id = finished_job["job"]["id"]
+    deadline = time.monotonic() + 30
+    while len(_chunk_tasks(flower.url, job_id)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    flower.stop()
+    db = Path(flower.env["DOCQUEUE_FLOWER_DB_PATH"])
+    assert list(db.parent.glob(db.name + "*")), "Flower wrote no state file"
+    flower.start()
+    ours = _chunk_tasks(flower.url, job_id)
+    assert len(ours) == 3 and all(t["state"] == "SUCCESS" for t in ours), ours
