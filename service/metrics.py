@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 
 from service.models import JOB_STATUSES
+from service.queue import queues_for_model
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,13 +108,11 @@ class StoreCollector(Collector):
                     " WHERE c.state IN ('queued', 'leased') GROUP BY j.model, c.state"
                 )
             ).all()
-            queues = conn.execute(
-                text(
-                    "SELECT DISTINCT model, queue FROM jobs WHERE status = ANY(:active) "
-                    "UNION SELECT model, queue FROM workers"
-                ),
+            active = conn.execute(
+                text("SELECT DISTINCT model, queue FROM jobs WHERE status = ANY(:active)"),
                 {"active": list(ACTIVE_STATUSES)},
             ).all()
+            served = conn.execute(text("SELECT DISTINCT model FROM workers")).scalars().all()
             workers = conn.execute(
                 text(
                     "SELECT model, count(*) FILTER (WHERE engine_ready) FROM workers "
@@ -121,6 +120,11 @@ class StoreCollector(Collector):
                 ),
                 {"h": self.live_horizon_s},
             ).all()
+        # A served model's both queues (interactive and bulk) always have a series, so a
+        # dashboard sees 0 rather than a gap while no bulk job exists.
+        queues = sorted(
+            {(m, q) for m, q in active} | {(m, q) for m in served for q in queues_for_model(m)}
+        )
 
         jobs = GaugeMetricFamily("docqueue_jobs", "Jobs by status.", labels=["status"])
         for status in JOB_STATUSES:

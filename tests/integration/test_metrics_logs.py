@@ -207,3 +207,19 @@ def test_metrics_answers_from_memory_within_metrics_cache_s(
     fresh = settings.model_copy(update={"metrics_cache_s": 0.0})
     with TestClient(create_app(fresh)) as c:
         assert c.get("/metrics").text != first  # the job is counted once the cache is off
+
+
+def test_a_served_models_bulk_queue_has_a_depth_series_with_no_bulk_job(
+    client: TestClient, model_name: str, bench_runtime: None
+) -> None:
+    """Both queues of a model a worker serves are reported (0, not absent) before any job."""
+    from service.queue import queues_for_model
+
+    samples = scrape(client.get("/metrics").text)
+    interactive, bulk = queues_for_model(model_name)
+    for queue in (interactive, bulk):
+        assert (
+            "docqueue_queue_depth",
+            tuple(sorted({"model": model_name, "queue": queue}.items())),
+        ) in samples, queue
+    assert value(samples, "docqueue_queue_depth", model=model_name, queue=bulk) == 0
