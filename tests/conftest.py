@@ -6,6 +6,9 @@ them, rather than skipping.
 
 from __future__ import annotations
 
+import io
+import logging
+import logging.config
 import os
 import secrets
 import uuid
@@ -119,3 +122,22 @@ def model_name() -> str:
 
 def auth(key: str) -> dict[str, Any]:
     return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture()
+def json_log_lines() -> Iterator[io.StringIO]:
+    """docqueue's JSON logging (the real dictConfig) into a buffer; the root logger restored."""
+    from service import logs
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    buf = io.StringIO()
+    config = logs.dict_config("INFO", "json")
+    config["handlers"]["stderr"]["stream"] = buf
+    logging.config.dictConfig(config)
+    yield buf
+    for h in root.handlers[:]:
+        root.removeHandler(h)
+    for h in saved[0]:
+        root.addHandler(h)
+    root.setLevel(saved[1])

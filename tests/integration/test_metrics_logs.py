@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-import logging.config
 import uuid
 from collections.abc import Iterator
 
@@ -16,7 +14,6 @@ from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import logs
 from service.queue import queue_for_model
 from service.settings import Settings
 from tests.helpers import pg, submit
@@ -83,23 +80,6 @@ def test_api_metrics_follow_jobs(
     assert moved("docqueue_job_duration_seconds_bucket", task="summarize", le="30.0") == 0
     assert moved("docqueue_job_duration_seconds_bucket", task="summarize", le="60.0") == 1
     assert value(done, "docqueue_chunks_pending", model=model_name, state="queued") == 0
-
-
-@pytest.fixture()
-def json_log_lines(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
-    """docqueue's JSON logging (the real dictConfig) into a buffer; the root logger restored."""
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    buf = io.StringIO()
-    config = logs.dict_config("INFO", "json")
-    config["handlers"]["stderr"]["stream"] = buf
-    logging.config.dictConfig(config)
-    yield buf
-    for h in root.handlers[:]:
-        root.removeHandler(h)
-    for h in saved[0]:
-        root.addHandler(h)
-    root.setLevel(saved[1])
 
 
 @pytest.fixture()

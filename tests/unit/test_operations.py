@@ -75,24 +75,7 @@ def test_each_gpu_process_gets_its_own_metrics_port() -> None:
     assert ports == ["9100", "9101", "9102"]
 
 
-@pytest.fixture()
-def json_logs() -> Iterator[io.StringIO]:
-    """The real dictConfig, its handler pointed at a buffer; the root logger restored after."""
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    buf = io.StringIO()
-    config = logs.dict_config("INFO", "json")
-    config["handlers"]["stderr"]["stream"] = buf
-    logging.config.dictConfig(config)
-    yield buf
-    for h in root.handlers[:]:
-        root.removeHandler(h)
-    for h in saved[0]:
-        root.addHandler(h)
-    root.setLevel(saved[1])
-
-
-def test_json_lines_carry_context(json_logs: io.StringIO) -> None:
+def test_json_lines_carry_context(json_log_lines: io.StringIO) -> None:
     log = logging.getLogger("docqueue.test")
     logs.set_worker("gpu0@host")
     try:
@@ -107,7 +90,7 @@ def test_json_lines_carry_context(json_logs: io.StringIO) -> None:
             log.exception("failed")
     finally:
         logs.set_worker(None)
-    lines = [json.loads(line) for line in json_logs.getvalue().splitlines()]
+    lines = [json.loads(line) for line in json_log_lines.getvalue().splitlines()]
     assert [(r["message"], r["job_id"], r["chunk_id"]) for r in lines] == [
         ("inside chunk", "J1", "C1"),
         ("nested", "J1", "C2"),
