@@ -20,6 +20,7 @@ import os
 import random
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -393,6 +394,18 @@ def local_context() -> BenchContext:
         redis_url="redis://127.0.0.1:6379/14",
         tmp=Path(tempfile.gettempdir()),
     )
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """SIGTERM a process started with ``start_new_session`` and its children (a docqueue worker
+    and its vLLM processes), SIGKILL what is left after ``timeout_s``."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def cleanup(ctx: BenchContext) -> None:

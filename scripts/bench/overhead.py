@@ -87,7 +87,7 @@ def documents(n: int) -> list[str]:
     ]
 
 
-def run_naive(ctx: Any, texts: list[str], workdir: Path) -> tuple[float, int]:
+def run_naive(ingest: Any, ctx: Any, texts: list[str], workdir: Path) -> tuple[float, int]:
     import psycopg
 
     with psycopg.connect(ctx.pg_dsn, autocommit=True) as conn:
@@ -146,11 +146,7 @@ def run_naive(ctx: Any, texts: list[str], workdir: Path) -> tuple[float, int]:
             last = conn.execute("SELECT max(done_at) FROM naive_results").fetchone()[0]
         return last.timestamp() - started, int(done)
     finally:
-        os.killpg(worker.pid, 15)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, 9)
+        ingest.stop_group(worker, timeout_s=30)
         log.close()
 
 
@@ -222,11 +218,7 @@ def run_docqueue(
             out.append((finished - started, len(texts), cpu))
         return out
     finally:
-        os.killpg(worker.pid, 15)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, 9)
+        ingest.stop_group(worker, timeout_s=30)
         api.stop()
         log.close()
 
@@ -255,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"docqueue: {args.docs:,} documents, bench engine, chunk {args.chunk_size} ...")
             dq = run_docqueue(ingest, ctx, documents(args.docs), args.chunk_size, work, args.runs)
             print(f"naive: one Celery task per document, {args.naive_docs:,} documents ...")
-            naive_s, naive_n = run_naive(ctx, documents(args.naive_docs), work)
+            naive_s, naive_n = run_naive(ingest, ctx, documents(args.naive_docs), work)
     finally:
         ingest.cleanup(ctx)
 

@@ -258,12 +258,7 @@ class Docqueue:
         return finished - started, int(job["tokens"]["completion"]), first - started
 
     def stop(self) -> None:
-        if self.worker.poll() is None:
-            os.killpg(self.worker.pid, 15)
-            try:
-                self.worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.worker.pid, 9)
+        self.ingest.stop_group(self.worker)
         self.api.stop()
         self._log.close()
 
