@@ -340,7 +340,9 @@ def test_engine_death_is_transient_the_chunk_retries_elsewhere(
     """The engine process dies mid-job (as a GPU fault would kill it): the chunks in flight are
     given back and retried, the worker restarts itself with a fresh engine, the job completes
     with every row exactly once."""
-    n = 1500
+    # Big enough that the job is still running when the kill lands: once, 15 chunks of 100 all
+    # finished between the poll that saw 100 rows and the kill, and no chunk was retried.
+    n = 4000
     body = "id,text\n" + "".join(f"e{i},engine death document {i}\n" for i in range(n))
     job = _post(
         api_server,
@@ -355,7 +357,10 @@ def test_engine_death_is_transient_the_chunk_retries_elsewhere(
     wait_job(api_server, key, job["id"], until=lambda j: j["counts"]["succeeded"] >= 100)
     with pg(settings.database_url) as conn:
         row = conn.execute("SELECT pid FROM workers WHERE model = %s", (model,)).fetchone()
-    assert row is not None
+        leased = conn.execute(
+            "SELECT count(*) FROM chunks WHERE job_id = %s AND state = 'leased'", (job["id"],)
+        ).fetchone()
+    assert row is not None and leased is not None and leased[0] > 0, "no chunk in flight"
     cores = [p for p in _children(row[0]) if b"EngineCore" in _cmdline(p)]
     assert cores, "no engine-core process under the worker"
     os.kill(cores[0], signal.SIGKILL)
