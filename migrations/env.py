@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from service.models import Base
 from service.settings import get_settings
+from service.store.tables import Base
 
 config = context.config
 if not config.get_main_option("sqlalchemy.url"):

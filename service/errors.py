@@ -1,7 +1,17 @@
-"""One exception root. Transient errors are retried; bad input is reported, never retried."""
+"""One exception root, split three ways by what the caller should do about it.
+
+- ``BadInputError``: the caller's input is wrong; a 4xx at the API, or one row's error in a
+  job's results. Retrying the same input fails the same way.
+- ``TransientError``: a dependency is away (database, broker, engine, the API seen from the
+  CLI). The chunk task retries on this class and on nothing else; the store, the engine and the
+  client raise it by wrapping their drivers' errors.
+- ``FatalError``: neither retrying nor changing the input helps this process: a lease someone
+  else now holds, a configuration that cannot start safely.
+"""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 
@@ -21,11 +31,7 @@ class DocqueueError(Exception):
         return {"code": self.code, "message": self.message, **self.where}
 
 
-class TransientError(DocqueueError):
-    """Worth retrying later: a database or broker that is unreachable, an engine that died."""
-
-    status_code = 503
-    code = "unavailable"
+# --- bad input ---------------------------------------------------------------------------------
 
 
 class BadInputError(DocqueueError):
@@ -53,18 +59,85 @@ class PayloadTooLargeError(BadInputError):
     code = "payload_too_large"
 
 
-class AuthError(DocqueueError):
+class AuthError(BadInputError):
     status_code = 401
     code = "unauthorized"
 
 
-class NotFoundError(DocqueueError):
+class NotFoundError(BadInputError):
     """Also what another tenant's job looks like: 404, never 403."""
 
     status_code = 404
     code = "not_found"
 
 
-class ConflictError(DocqueueError):
+class ConflictError(BadInputError):
     status_code = 409
     code = "conflict"
+
+
+class ResultsExpiredError(BadInputError):
+    """The job exists but retention has purged its documents and results."""
+
+    status_code = 410
+    code = "results_expired"
+
+    @classmethod
+    def for_job(cls, job_id: object, expired_at: datetime, days: float) -> ResultsExpiredError:
+        return cls(
+            f"the results of job {job_id} expired on {expired_at.isoformat()}: results are kept "
+            f"{days:g} days after a job finishes (DOCQUEUE_RETENTION_DAYS); the job's counts "
+            "remain",
+            expired_at=expired_at.isoformat(),
+        )
+
+
+class RowError(BadInputError):
+    """This one document cannot be processed; its row gets the error and the chunk goes on."""
+
+    status_code = 422
+    code = "row_error"
+
+
+# --- transient ---------------------------------------------------------------------------------
+
+
+class TransientError(DocqueueError):
+    """Worth retrying later: a database or broker that is unreachable, an engine that died."""
+
+    status_code = 503
+    code = "unavailable"
+
+
+class StoreUnavailableError(TransientError):
+    """The database did not answer (connection refused, dropped, restarted)."""
+
+
+class EngineDeadError(TransientError):
+    """The inference engine stopped; every batch in flight failed with this. The chunk is
+    retried, and the worker process restarts with a fresh engine."""
+
+
+class ApiUnreachableError(TransientError):
+    """The CLI could not reach the docqueue API at all (as opposed to the API saying no)."""
+
+
+# --- fatal -------------------------------------------------------------------------------------
+
+
+class FatalError(DocqueueError):
+    """Neither a retry nor other input helps this process; stop and say why."""
+
+
+class LeaseLostError(FatalError):
+    """This worker's lease on a chunk was taken over (it paused longer than ``lease_s``, or the
+    lease was expired by force); its late writes are refused, and the new owner's stand."""
+
+    status_code = 409
+    code = "lease_lost"
+
+
+class ConfigError(FatalError):
+    """The configuration cannot start a component safely; the message says what to set."""
+
+    code = "config_error"

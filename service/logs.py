@@ -134,7 +134,7 @@ def configure(level: str | int | None = None, fmt: str | None = None) -> None:
 def connect_celery() -> None:
     """In Celery processes: docqueue configures logging (Celery's own setup is skipped), and
     each task's lines carry its job and chunk (task ids are ``<job id>:<chunk index>:<suffix>``,
-    see service.queue). The signals run in the task's own pool thread, around the task."""
+    see service.contract). The signals run in the task's own pool thread, around the task."""
     from celery.signals import setup_logging, task_postrun, task_prerun
 
     setup_logging.connect(_celery_setup_logging, weak=False)

@@ -10,54 +10,30 @@ import io
 import logging
 import logging.config
 import os
-import secrets
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
-import psycopg
 import pytest
 import redis as redis_lib
 
 from service.settings import Settings, get_settings
+from tests.support.databases import START_HINT, create_database, drop_database
 
-PG_ADMIN = os.environ.get("DOCQUEUE_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_BASE = os.environ.get("DOCQUEUE_TEST_REDIS", "redis://127.0.0.1:6379")
 REDIS_DB = int(os.environ.get("DOCQUEUE_TEST_REDIS_DB", "15"))
-
-START_HINT = (
-    "start them with: pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start; "
-    'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no'
-)
-
-
-def _create_database() -> tuple[str, str]:
-    name = f"docqueue_test_{secrets.token_hex(4)}"
-    try:
-        with psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.exit(f"PostgreSQL is not reachable ({exc}); {START_HINT}", returncode=3)
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    return name, f"{base}/{name}"
-
-
-def drop_database(name: str) -> None:
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A migrated, empty database for this test run."""
-    from service.migrate import upgrade
+    from service.store.migrate import upgrade
 
-    name, url = _create_database()
+    name, url = create_database()
     try:
         upgrade(url)
         yield url
     finally:
-        from service.db import get_engine
+        from service.store.engine import get_engine
 
         get_engine.cache_clear()
         drop_database(name)
@@ -107,8 +83,8 @@ def redis_client(redis_url: str) -> Iterator[redis_lib.Redis]:
 @pytest.fixture()
 def api_key(settings: Settings) -> str:
     """A key for a fresh tenant, so tests never see each other's jobs."""
-    from service.auth import create_key
-    from service.db import session_scope
+    from service.store.engine import session_scope
+    from service.store.keys import create_key
 
     with session_scope(settings.database_url) as session:
         return create_key(session, f"tenant-{uuid.uuid4().hex[:8]}")
@@ -118,10 +94,6 @@ def api_key(settings: Settings) -> str:
 def model_name() -> str:
     """A model name unique to the test, so its queue in Redis is the test's own."""
     return f"test-model-{uuid.uuid4().hex[:8]}"
-
-
-def auth(key: str) -> dict[str, Any]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 @pytest.fixture()

@@ -1,13 +1,13 @@
 """The Celery app the workers run (``celery -A workers.app worker``; ``docqueue worker`` wraps it).
 
-The producer side shares the broker settings through ``service.queue.make_celery``; everything
+The producer side shares the broker settings through ``service.contract.make_celery``; everything
 below only matters to consumers of long GPU work.
 """
 
 from __future__ import annotations
 
 from service import logs
-from service.queue import make_celery
+from service.contract import make_celery
 from service.settings import get_settings
 
 settings = get_settings()

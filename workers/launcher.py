@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 
-from service.queue import queues_for_model
+from service.contract import queues_for_model
 
 log = logging.getLogger("docqueue.worker")
 
@@ -84,7 +84,7 @@ def command(spec: WorkerSpec, model: str, concurrency: int, loglevel: str) -> li
     return [
         sys.executable, "-m", "celery", "-A", "workers.app", "worker",
         "--pool", "threads", "--concurrency", str(concurrency),
-        # Interactive first, then bulk: the broker polls them in this order (service.queue).
+        # Interactive first, then bulk: the broker polls them in this order (service.contract).
         "--queues", ",".join(queues_for_model(model)),
         "--hostname", spec.hostname,
         "--prefetch-multiplier", "1",

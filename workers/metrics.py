@@ -26,8 +26,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.errors import EngineDeadError
+
 if TYPE_CHECKING:
-    from service.work import Written
+    from service.store.chunks import Written
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +169,7 @@ def observe_chunk(model: str) -> Iterator[ChunkRun]:
         yield run
     except BaseException as exc:
         run.outcome = "error"
-        if type(exc).__name__ == "EngineDeadError":
+        if isinstance(exc, EngineDeadError):
             engine_ready(model, False)
         raise
     finally:

@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from service.work import Doc
+from service.errors import RowError
+from service.store.chunks import Doc
 
 SUMMARIZE = (
     "Summarize the following text in at most {words} words{language}. "
@@ -16,10 +17,6 @@ CLASSIFY = (
     "Classify the following text as exactly one of: {labels}. "
     "Reply with the label only.\n\nText: {text}"
 )
-
-
-class RowError(Exception):
-    """This document cannot be turned into a prompt; the row gets the error, the chunk goes on."""
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine as DbEngine
 
 from service import logs
-from service.db import get_engine
-from service.queue import queue_for_model
+from service.contract import queue_for_model
 from service.settings import Settings, get_settings
-from service.work import heartbeat, register_worker, renew_leases, unregister_worker
+from service.store.chunks import Lease, PgChunkStore
+from service.store.engine import get_engine
+from service.store.registry import heartbeat, register_worker, unregister_worker
 from workers import metrics as worker_metrics
 from workers.engines import Engine, build_engine
 
@@ -28,12 +29,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Runtime:
+    """The chunk runner's context (``workers.runner.Context``) in a worker process."""
+
     settings: Settings
     model: str
     name: str
     engine: Engine
     db: DbEngine
-    leases: set[uuid.UUID] = field(default_factory=set)
+    store: PgChunkStore
+    leases: dict[uuid.UUID, Lease] = field(default_factory=dict)
+    lost_leases: set[uuid.UUID] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -41,20 +46,45 @@ class Runtime:
     def queue(self) -> str:
         return queue_for_model(self.model)
 
-    def hold(self, chunk_id: uuid.UUID) -> None:
-        with self.lock:
-            self.leases.add(chunk_id)
+    @property
+    def sub_batch_size(self) -> int:
+        return self.settings.sub_batch_size
 
-    def drop(self, chunk_id: uuid.UUID) -> None:
+    @property
+    def default_max_tokens(self) -> int:
+        return self.settings.default_max_tokens
+
+    @property
+    def summary_words(self) -> int:
+        return self.settings.summary_words
+
+    @property
+    def retry_backoff_s(self) -> float:
+        return self.settings.retry_backoff_s
+
+    def hold(self, lease: Lease) -> None:
         with self.lock:
-            self.leases.discard(chunk_id)
+            self.leases[lease.chunk_id] = lease
+
+    def drop(self, lease: Lease) -> None:
+        with self.lock:
+            self.leases.pop(lease.chunk_id, None)
+            self.lost_leases.discard(lease.chunk_id)
+
+    def lost(self, lease: Lease) -> bool:
+        with self.lock:
+            return lease.chunk_id in self.lost_leases
 
     def beat_once(self) -> None:
-        """Renews this process's leases and its registration."""
+        """Renews this process's leases (noting those taken over) and its registration."""
         with self.lock:
-            held = list(self.leases)
+            held = list(self.leases.values())
+        lost = self.store.renew(held)
+        if lost:
+            log.warning("leases lost to other workers: %s", sorted(map(str, lost)))
+            with self.lock:
+                self.lost_leases |= lost & self.leases.keys()
         with self.db.begin() as conn:
-            renew_leases(conn, held, self.name, self.settings.lease_s)
             heartbeat(conn, self.name, ready=True)
 
     def _beat_loop(self) -> None:
@@ -133,12 +163,14 @@ def start(hostname: str | None = None, settings: Settings | None = None) -> Runt
         enforce_eager=settings.vllm_enforce_eager,
         tensor_parallel_size=settings.tensor_parallel_size,
     )
+    db = get_engine(settings.database_url)
     _runtime = Runtime(
         settings=settings,
         model=model,
         name=name,
         engine=engine,
-        db=get_engine(settings.database_url),
+        db=db,
+        store=PgChunkStore(db, lease_s=settings.lease_s, max_attempts=settings.max_attempts),
     )
     _runtime.start()
     worker_metrics.engine_ready(model, True)

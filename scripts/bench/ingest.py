@@ -415,9 +415,9 @@ def cleanup(ctx: BenchContext) -> None:
 
 
 def create_database(ctx: BenchContext) -> None:
-    from service.auth import create_key
-    from service.db import session_scope
-    from service.migrate import upgrade
+    from service.store.engine import session_scope
+    from service.store.keys import create_key
+    from service.store.migrate import upgrade
 
     with psycopg.connect(ctx.admin_dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(ctx.db_name)))
@@ -427,7 +427,7 @@ def create_database(ctx: BenchContext) -> None:
 
 
 def drop_database(ctx: BenchContext) -> None:
-    from service.db import get_engine
+    from service.store.engine import get_engine
 
     get_engine(ctx.database_url).dispose()
     with psycopg.connect(ctx.admin_dsn, autocommit=True) as conn:

@@ -137,13 +137,17 @@ def run_naive(ingest: Any, ctx: Any, texts: list[str], workdir: Path) -> tuple[f
                     process_document.apply_async((i,), producer=producer)
             deadline = time.monotonic() + 3600
             while True:
-                done = conn.execute("SELECT count(*) FROM naive_results").fetchone()[0]
+                row = conn.execute("SELECT count(*) FROM naive_results").fetchone()
+                assert row is not None
+                done = row[0]
                 if done >= len(texts) or time.monotonic() > deadline:
                     break
                 if worker.poll() is not None:
                     raise RuntimeError(f"naive worker exited; see {workdir / 'naive-worker.log'}")
                 time.sleep(0.5)
-            last = conn.execute("SELECT max(done_at) FROM naive_results").fetchone()[0]
+            row = conn.execute("SELECT max(done_at) FROM naive_results").fetchone()
+            assert row is not None
+            last = row[0]
         return last.timestamp() - started, int(done)
     finally:
         ingest.stop_group(worker, timeout_s=30)

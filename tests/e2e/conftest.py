@@ -1,30 +1,15 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from service.settings import Settings
-
-
-def docqueue_bin() -> str:
-    """The installed console script next to this interpreter (falls back to PATH)."""
-    candidate = Path(sys.executable).with_name("docqueue")
-    return str(candidate) if candidate.exists() else shutil.which("docqueue") or "docqueue"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.support.stack import docqueue_bin, free_port
 
 
 @pytest.fixture(scope="session")

@@ -5,43 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
 from service.settings import Settings
-from tests.e2e.conftest import docqueue_bin
-from tests.helpers import pg
-
-
-def cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [docqueue_bin(), *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def cli_env(settings: Settings, api_url: str, key: str | None = None) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "DOCQUEUE_DATABASE_URL": settings.database_url,
-        "DOCQUEUE_REDIS_URL": settings.redis_url,
-        "DOCQUEUE_API_URL": api_url,
-        "COLUMNS": "200",
-    }
-    if key:
-        env["DOCQUEUE_API_KEY"] = key
-    return env
-
-
-def new_key(settings: Settings, api_server: str) -> str:
-    tenant = f"cli-{uuid.uuid4().hex[:6]}"
-    done = cli("keys", "create", "--tenant", tenant, env=cli_env(settings, api_server))
-    assert done.returncode == 0, done.stderr
-    key = done.stdout.strip()
-    assert key.startswith("dq_") and "not shown again" in done.stderr
-    return key
+from tests.support.helpers import pg
+from tests.support.stack import cli, cli_env, docqueue_bin, new_key
 
 
 def test_submit_status_jobs_results_cancel(

@@ -15,9 +15,8 @@ from pathlib import Path
 import httpx
 
 from service.settings import Settings
-from tests.e2e.stack import running_worker, wait_job
-from tests.e2e.test_cli import new_key
-from tests.helpers import pg
+from tests.support.helpers import pg
+from tests.support.stack import new_key, running_worker, wait_job
 from tests.unit.test_launcher import fake_nvidia_smi
 
 

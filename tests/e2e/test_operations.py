@@ -18,11 +18,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import Settings
-from tests.e2e.conftest import docqueue_bin, free_port
-from tests.e2e.stack import running_worker, stop_group, wait_job
-from tests.e2e.test_cli import new_key
-from tests.helpers import pg
-from tests.models import tiny_model
+from tests.support.helpers import pg
+from tests.support.models import tiny_model
+from tests.support.stack import (
+    docqueue_bin,
+    free_port,
+    new_key,
+    running_worker,
+    stop_group,
+    wait_job,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -17,11 +17,18 @@ import httpx
 import pytest
 
 from service.settings import Settings
-from tests.e2e.conftest import docqueue_bin
-from tests.e2e.stack import running_worker, stop_group, wait_job, worker_env
-from tests.e2e.test_cli import cli, cli_env, new_key
-from tests.helpers import pg
-from tests.models import tiny_model
+from tests.support.helpers import pg
+from tests.support.models import tiny_model
+from tests.support.stack import (
+    cli,
+    cli_env,
+    docqueue_bin,
+    new_key,
+    running_worker,
+    stop_group,
+    wait_job,
+    worker_env,
+)
 
 pytestmark = pytest.mark.e2e
 

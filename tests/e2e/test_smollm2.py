@@ -12,10 +12,8 @@ from typing import Any
 import pytest
 
 from service.settings import Settings
-from tests.e2e.stack import running_worker, wait_job
-from tests.e2e.test_cli import new_key
-from tests.e2e.test_worker_vllm import _post, _results
-from tests.models import smollm2_model
+from tests.support.models import smollm2_model
+from tests.support.stack import job_results, new_key, post_job, running_worker, wait_job
 
 pytestmark = pytest.mark.e2e
 
@@ -49,7 +47,7 @@ def test_summaries_are_real_and_mention_key_terms(
         "n5": ["battery", "sodium", "lithium", "storage"],
         "n6": ["bank", "interest", "rate", "inflation"],
     }
-    job = _post(
+    job = post_job(
         api_server,
         key,
         news,
@@ -61,7 +59,7 @@ def test_summaries_are_real_and_mention_key_terms(
     )
     final = wait_job(api_server, key, job["id"], timeout_s=400)
     assert final["status"] == "completed", final
-    rows = {r["id"]: r for r in _results(api_server, key, job["id"])}
+    rows = {r["id"]: r for r in job_results(api_server, key, job["id"])}
     assert set(rows) == set(key_terms)
     for doc_id, terms in key_terms.items():
         summary = rows[doc_id]["output"].strip().lower()
@@ -75,7 +73,7 @@ def test_classification_returns_only_labels(
     key = new_key(settings, api_server)
     labels = ["positive", "negative", "neutral"]
     reviews = (EXAMPLES / "reviews.csv").read_text()
-    job = _post(
+    job = post_job(
         api_server,
         key,
         reviews,
@@ -86,7 +84,7 @@ def test_classification_returns_only_labels(
     )
     final = wait_job(api_server, key, job["id"], timeout_s=300)
     assert final["status"] == "completed", final
-    rows = _results(api_server, key, job["id"])
+    rows = job_results(api_server, key, job["id"])
     expected = {r["id"]: None for r in csv.DictReader(io.StringIO(reviews))}
     assert [r["id"] for r in rows] == list(expected)
     for r in rows:

@@ -20,10 +20,18 @@ import httpx
 import pytest
 
 from service.settings import Settings
-from tests.e2e.stack import running_worker, wait_job, worker_env
-from tests.e2e.test_cli import cli, cli_env, new_key
-from tests.helpers import pg
-from tests.models import tiny_model
+from tests.support.helpers import pg
+from tests.support.models import tiny_model
+from tests.support.stack import (
+    cli,
+    cli_env,
+    job_results,
+    new_key,
+    post_job,
+    running_worker,
+    wait_job,
+    worker_env,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -46,27 +54,6 @@ def worker(
 @pytest.fixture()
 def key(settings: Settings, api_server: str) -> str:
     return new_key(settings, api_server)
-
-
-def _post(api: str, key: str, body: str, **fields: Any) -> dict[str, Any]:
-    resp = httpx.post(
-        f"{api}/v1/jobs",
-        headers={"Authorization": f"Bearer {key}"},
-        data={k: str(v) for k, v in fields.items()},
-        files={"file": ("docs.csv", body.encode(), "text/csv")},
-        timeout=60,
-    )
-    assert resp.status_code == 202, resp.text
-    return dict(resp.json())
-
-
-def _results(api: str, key: str, job_id: str) -> list[dict[str, Any]]:
-    text = httpx.get(
-        f"{api}/v1/jobs/{job_id}/results?format=jsonl",
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=60,
-    ).text
-    return [json.loads(line) for line in text.splitlines()]
 
 
 def test_models_lists_the_live_worker(api_server: str, worker: Any, key: str, model: str) -> None:
@@ -129,11 +116,13 @@ def test_poison_rows_fail_alone(api_server: str, worker: Any, model: str, key: s
         f"long,{long_text}\n"
         "good-2,Another short document.\n"
     )
-    job = _post(api_server, key, body, task="generate", model=model, id_column="id", max_tokens=8)
+    job = post_job(
+        api_server, key, body, task="generate", model=model, id_column="id", max_tokens=8
+    )
     final = wait_job(api_server, key, job["id"])
     assert final["status"] == "completed"
     assert final["counts"] == {"total": 5, "succeeded": 3, "failed": 2, "cancelled": 0}
-    rows = {r["id"]: r for r in _results(api_server, key, job["id"])}
+    rows = {r["id"]: r for r in job_results(api_server, key, job["id"])}
     assert rows["empty"]["error"] == rows["blank"]["error"] == "empty text: nothing to process"
     assert rows["long"]["error"] is None and rows["long"]["truncated"] is True
     assert rows["long"]["prompt_tokens"] <= 2048 - 8
@@ -143,24 +132,24 @@ def test_poison_rows_fail_alone(api_server: str, worker: Any, model: str, key: s
 def test_a_prompt_the_engine_cannot_take_errors_its_rows_not_the_worker(
     api_server: str, worker: Any, model: str, key: str
 ) -> None:
-    job = _post(
+    job = post_job(
         api_server, key, "text\nfine\n", task="generate", model=model, max_tokens=5000
     )  # more than the model's whole context
     final = wait_job(api_server, key, job["id"])
     assert final["status"] == "failed" and final["counts"]["failed"] == 1
-    (row,) = _results(api_server, key, job["id"])
+    (row,) = job_results(api_server, key, job["id"])
     assert "max_model_len - max_tokens" in row["error"]
     # The worker is still healthy: the next job completes.
-    ok = _post(api_server, key, "text\nfine\n", task="generate", model=model, max_tokens=4)
+    ok = post_job(api_server, key, "text\nfine\n", task="generate", model=model, max_tokens=4)
     assert wait_job(api_server, key, ok["id"])["status"] == "completed"
 
 
 def test_classify_returns_only_labels(api_server: str, worker: Any, model: str, key: str) -> None:
     labels = ["positive", "negative", "neutral"]
     body = "text\n" + "".join(f"review {i}: it was fine\n" for i in range(20))
-    job = _post(api_server, key, body, task="classify", model=model, labels=",".join(labels))
+    job = post_job(api_server, key, body, task="classify", model=model, labels=",".join(labels))
     assert wait_job(api_server, key, job["id"])["status"] == "completed"
-    rows = _results(api_server, key, job["id"])
+    rows = job_results(api_server, key, job["id"])
     assert len(rows) == 20
     for r in rows:
         assert r["label"] in labels and r["output"] == r["label"]
@@ -172,7 +161,9 @@ def test_cancel_mid_job_keeps_partial_results(
 ) -> None:
     n = 3000
     body = "text\n" + "".join(f"document {i} about nothing in particular\n" for i in range(n))
-    job = _post(api_server, key, body, task="generate", model=model, max_tokens=64, chunk_size=32)
+    job = post_job(
+        api_server, key, body, task="generate", model=model, max_tokens=64, chunk_size=32
+    )
     wait_job(api_server, key, job["id"], until=lambda j: j["counts"]["succeeded"] >= 64)
     resp = httpx.post(
         f"{api_server}/v1/jobs/{job['id']}/cancel", headers={"Authorization": f"Bearer {key}"}
@@ -183,7 +174,7 @@ def test_cancel_mid_job_keeps_partial_results(
     c = final["counts"]
     assert c["succeeded"] + c["failed"] + c["cancelled"] == n
     assert 0 < c["succeeded"] < n and c["cancelled"] > 0
-    rows = _results(api_server, key, job["id"])
+    rows = job_results(api_server, key, job["id"])
     assert len(rows) == c["succeeded"] + c["failed"]
     assert len({r["id"] for r in rows}) == len(rows)
 
@@ -202,11 +193,11 @@ def _fidelity_texts(n: int) -> list[str]:
 
 
 def _raw_vllm(settings: Settings, tmp_path: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
-    """Raw ``LLM.chat`` in its own process (tests/e2e/raw_vllm.py): the reference."""
+    """Raw ``LLM.chat`` in its own process (tests/support/raw_vllm.py): the reference."""
     src, dst = tmp_path / "in.json", tmp_path / "out.json"
     src.write_text(json.dumps(spec))
     done = subprocess.run(
-        [sys.executable, "-m", "tests.e2e.raw_vllm", str(src), str(dst)],
+        [sys.executable, "-m", "tests.support.raw_vllm", str(src), str(dst)],
         env=worker_env(settings),
         capture_output=True,
         text=True,
@@ -233,12 +224,12 @@ def test_fidelity_with_raw_vllm_chat(
     body = buf.getvalue()
 
     def run(**params: Any) -> list[dict[str, Any]]:
-        job = _post(
+        job = post_job(
             api_server, key, body, task="generate", model=model, max_tokens=max_tokens, **params
         )
         done = wait_job(api_server, key, job["id"], timeout_s=300)
         assert done["status"] == "completed" and done["counts"]["succeeded"] == len(texts), done
-        return _results(api_server, key, job["id"])
+        return job_results(api_server, key, job["id"])
 
     greedy = run(temperature=0, chunk_size=64)
     seeded = run(temperature=1.0, seed=1234, chunk_size=100)
@@ -280,7 +271,7 @@ def test_sigkill_mid_job_loses_and_duplicates_nothing(
     dead worker's chunks are re-run once their leases expire (seconds, not Redis' hours)."""
     n = 2000
     body = "id,text\n" + "".join(f"k{i},kill test document {i}\n" for i in range(n))
-    job = _post(
+    job = post_job(
         api_server,
         key,
         body,
@@ -302,7 +293,7 @@ def test_sigkill_mid_job_loses_and_duplicates_nothing(
     final = wait_job(api_server, key, job["id"], timeout_s=300)
     assert final["status"] == "completed", final
     assert final["counts"] == {"total": n, "succeeded": n, "failed": 0, "cancelled": 0}
-    rows = _results(api_server, key, job["id"])
+    rows = job_results(api_server, key, job["id"])
     assert [r["id"] for r in rows] == [f"k{i}" for i in range(n)]
     assert time.monotonic() - killed_at < 240
     with pg(settings.database_url) as conn:
@@ -344,7 +335,7 @@ def test_engine_death_is_transient_the_chunk_retries_elsewhere(
     # finished between the poll that saw 100 rows and the kill, and no chunk was retried.
     n = 4000
     body = "id,text\n" + "".join(f"e{i},engine death document {i}\n" for i in range(n))
-    job = _post(
+    job = post_job(
         api_server,
         key,
         body,
@@ -367,7 +358,7 @@ def test_engine_death_is_transient_the_chunk_retries_elsewhere(
     final = wait_job(api_server, key, job["id"], timeout_s=300)
     assert final["status"] == "completed", final
     assert final["counts"] == {"total": n, "succeeded": n, "failed": 0, "cancelled": 0}
-    assert [r["id"] for r in _results(api_server, key, job["id"])] == [f"e{i}" for i in range(n)]
+    assert [r["id"] for r in job_results(api_server, key, job["id"])] == [f"e{i}" for i in range(n)]
     with pg(settings.database_url) as conn:
         retried = conn.execute(
             "SELECT count(*) FROM chunks WHERE job_id = %s AND attempts >= 2", (job["id"],)

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.settings import Settings
-from tests.helpers import submit, tenant_totals
+from tests.support.helpers import submit, tenant_totals
 
 CASES: list[tuple[str, bytes, dict[str, Any], int, list[str], dict[str, Any]]] = [
     (
@@ -206,7 +206,7 @@ def test_rejected_with_a_clear_message_and_nothing_left_behind(
 
 
 def test_missing_file_and_task_are_named(client: TestClient, api_key: str) -> None:
-    from tests.conftest import auth
+    from tests.support.helpers import auth
 
     resp = client.post("/v1/jobs", headers=auth(api_key), data={"task": "summarize"})
     assert resp.status_code == 422

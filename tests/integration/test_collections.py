@@ -9,8 +9,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from service.settings import Settings
-from tests.conftest import auth
-from tests.helpers import pg
+from tests.support.helpers import auth, pg
 
 
 def put(client: TestClient, key: str, name: str, body: str, **fields: Any) -> Any:
@@ -100,8 +99,8 @@ def test_list_get_and_delete(client: TestClient, api_key: str, settings: Setting
 def test_another_tenants_collection_is_404_everywhere(
     client: TestClient, api_key: str, settings: Settings
 ) -> None:
-    from service.auth import create_key
-    from service.db import session_scope
+    from service.store.engine import session_scope
+    from service.store.keys import create_key
 
     with session_scope(settings.database_url) as session:
         other = create_key(session, "collections-other-tenant")

@@ -7,7 +7,7 @@ import math
 from fastapi.testclient import TestClient
 
 from service.settings import Settings
-from tests.helpers import count_rows, documents, submit
+from tests.support.helpers import count_rows, documents, submit
 
 
 def test_rows_order_unicode_multiline_and_extra_columns(
@@ -108,7 +108,7 @@ def test_chunks_cover_every_document_once(
     assert resp.status_code == 202, resp.text
     job = resp.json()
     assert job["chunks"] == math.ceil(n / size)
-    from tests.helpers import pg
+    from tests.support.helpers import pg
 
     with pg(settings.database_url) as conn:
         ranges = conn.execute(

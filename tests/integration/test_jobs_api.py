@@ -7,8 +7,7 @@ import uuid
 from fastapi.testclient import TestClient
 
 from service.settings import Settings
-from tests.conftest import auth
-from tests.helpers import count_rows, pg, submit
+from tests.support.helpers import auth, count_rows, pg, submit
 
 CSV = "text\none\ntwo\nthree\n"
 
@@ -33,8 +32,8 @@ def test_keys_are_stored_hashed(settings: Settings, api_key: str) -> None:
 def test_another_tenants_job_is_404_everywhere(
     client: TestClient, api_key: str, settings: Settings, model_name: str
 ) -> None:
-    from service.auth import create_key
-    from service.db import session_scope
+    from service.store.engine import session_scope
+    from service.store.keys import create_key
 
     with session_scope(settings.database_url) as session:
         other = create_key(session, f"other-{uuid.uuid4().hex[:6]}")
@@ -77,8 +76,8 @@ def test_idempotency_key_returns_the_same_job(
 def test_idempotency_keys_are_per_tenant(
     client: TestClient, api_key: str, settings: Settings, model_name: str
 ) -> None:
-    from service.auth import create_key
-    from service.db import session_scope
+    from service.store.engine import session_scope
+    from service.store.keys import create_key
 
     with session_scope(settings.database_url) as session:
         other = create_key(session, f"other-{uuid.uuid4().hex[:6]}")
@@ -219,7 +218,7 @@ def test_health_and_ready(client: TestClient) -> None:
 
 
 def test_readyz_reports_an_unreachable_redis(settings: Settings) -> None:
-    from service.api import create_app
+    from service.api.app import create_app
 
     broken = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
     with TestClient(create_app(broken)) as c:
@@ -235,8 +234,8 @@ def test_models_and_unserved_job_warning(
     job = submit(client, api_key, CSV, model=model_name).json()
     assert job["model_served"] is False
     assert f"no live worker serves model '{model_name}'" in job["warning"]
-    from service.db import get_engine
-    from service.work import heartbeat, register_worker
+    from service.store.engine import get_engine
+    from service.store.registry import heartbeat, register_worker
 
     name = f"gpu0@{uuid.uuid4().hex[:6]}"
     with get_engine(settings.database_url).begin() as conn:

@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.queue import queue_for_model
+from service.contract import queue_for_model
 from service.settings import Settings
-from tests.helpers import pg, submit
+from tests.support.helpers import pg, submit
 
 
 def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -118,7 +118,7 @@ def test_chunk_task_logs_json_with_ids_and_moves_worker_metrics(
         ).fetchall()
     assert len(chunks) == 2
     for chunk_id, seq in chunks:
-        # The real task, with the task id the producer gives it (service.queue.send_chunks).
+        # The real task, with the task id the producer gives it (service.contract.send_chunks).
         result = run_chunk.apply(kwargs={"chunk_id": str(chunk_id)}, task_id=f"{job['id']}:{seq}:t")
         assert result.get() == "done"
 
@@ -177,7 +177,7 @@ def test_metrics_answers_from_memory_within_metrics_cache_s(
     settings: Settings, api_key: str, model_name: str
 ) -> None:
     """Several scrapers within metrics_cache_s cost one query set: the same body comes back."""
-    from service.api import create_app
+    from service.api.app import create_app
 
     cached = settings.model_copy(update={"metrics_cache_s": 3600.0})
     with TestClient(create_app(cached)) as c:
@@ -193,7 +193,7 @@ def test_a_served_models_bulk_queue_has_a_depth_series_with_no_bulk_job(
     client: TestClient, model_name: str, bench_runtime: None
 ) -> None:
     """Both queues of a model a worker serves are reported (0, not absent) before any job."""
-    from service.queue import queues_for_model
+    from service.contract import queues_for_model
 
     samples = scrape(client.get("/metrics").text)
     interactive, bulk = queues_for_model(model_name)

@@ -7,15 +7,15 @@ from alembic.migration import MigrationContext
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, inspect
 
-from service.models import Base
 from service.settings import Settings
-from tests.conftest import _create_database, drop_database
+from service.store.tables import Base
+from tests.support.databases import create_database, drop_database
 
 
 def test_upgraded_database_equals_the_models() -> None:
-    from service.migrate import upgrade
+    from service.store.migrate import upgrade
 
-    name, url = _create_database()
+    name, url = create_database()
     engine = create_engine(url)
     try:
         upgrade(url)
@@ -32,9 +32,9 @@ def test_upgraded_database_equals_the_models() -> None:
 
 def test_compare_detects_a_difference() -> None:
     """The comparison above is not vacuous: a schema missing a column is reported."""
-    from service.migrate import upgrade
+    from service.store.migrate import upgrade
 
-    name, url = _create_database()
+    name, url = create_database()
     engine = create_engine(url)
     try:
         upgrade(url)
@@ -52,7 +52,7 @@ def test_deleting_a_job_deletes_its_documents_and_results(
     client: TestClient, api_key: str, settings: Settings
 ) -> None:
     """Documents carry no per-row foreign key (ingest speed); a trigger keeps the cascade."""
-    from tests.helpers import count_rows, pg, submit
+    from tests.support.helpers import count_rows, pg, submit
 
     job_id = submit(client, api_key, "text\na\nb\n", model="cascade-test").json()["id"]
     with pg(settings.database_url) as conn:

@@ -10,12 +10,12 @@ import uuid
 import redis
 from fastapi.testclient import TestClient
 
-from service.queue import TASK_RUN_CHUNK, queue_for_model
+from service.contract import TASK_RUN_CHUNK, queue_for_model
 from service.settings import Settings
-from tests.helpers import pg, submit
+from tests.support.helpers import pg, submit
 
 
-def _messages(client: redis.Redis, queue: str) -> list[dict]:  # type: ignore[type-arg]
+def _messages(client: redis.Redis, queue: str) -> list[dict]:
     return [json.loads(raw) for raw in client.lrange(queue, 0, -1)]
 
 
@@ -23,7 +23,7 @@ def test_one_message_per_chunk_with_the_chunk_id_only(
     client: TestClient,
     api_key: str,
     settings: Settings,
-    redis_client: redis.Redis,  # type: ignore[type-arg]
+    redis_client: redis.Redis,
     model_name: str,
 ) -> None:
     secret = "CONFIDENTIAL-PAYLOAD-" + uuid.uuid4().hex
@@ -61,7 +61,7 @@ def test_one_message_per_chunk_with_the_chunk_id_only(
 def test_each_model_has_its_own_queue(
     client: TestClient,
     api_key: str,
-    redis_client: redis.Redis,  # type: ignore[type-arg]
+    redis_client: redis.Redis,
 ) -> None:
     a, b = f"org/model-a-{uuid.uuid4().hex[:6]}", f"/models/model-b-{uuid.uuid4().hex[:6]}"
     submit(client, api_key, "text\nx\n", model=a)
@@ -75,7 +75,7 @@ def test_redis_down_the_job_is_kept_and_marked_for_resend(
 ) -> None:
     """Postgres is the truth: with the broker unreachable the submission still succeeds and
     its chunks stay queued with no ``enqueued_at``, for the reconciler to send."""
-    from service.api import create_app
+    from service.api.app import create_app
 
     broken = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
     started = time.monotonic()

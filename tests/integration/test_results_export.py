@@ -11,8 +11,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from service.settings import Settings
-from tests.conftest import auth
-from tests.helpers import pg, submit
+from tests.support.helpers import auth, pg, submit
 
 # The result fields and their order, as the API promises them (written out, not imported).
 FIELDS = [

@@ -1,5 +1,5 @@
 """Schedules and retention over the real app, Postgres and Redis. The worker's part is played by
-service.work's own functions (claim, write results, close), as a chunk task would call them."""
+the chunk state machine (claim, write results, close), as a chunk runner would call it."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from service import schedules
-from service.db import get_engine
-from service.queue import queue_for_model
-from service.retention import purge_expired
+from service.collections import schedules
+from service.contract import queue_for_model
 from service.settings import Settings
-from service.work import RowResult, claim_chunk, close_chunk, pending_documents, write_results
-from tests.conftest import auth
-from tests.helpers import pg, submit
+from service.store.chunks import PgChunkStore, RowResult
+from service.store.engine import get_engine
+from service.store.states import ChunkState
 from tests.integration.test_collections import put, sha
+from tests.support.helpers import auth, pg, submit
+from workers.ops.retention import purge_expired
 
 
 def add_schedule(client: TestClient, key: str, **body: Any) -> Any:
@@ -50,19 +50,18 @@ def finish_job(settings: Settings, job_id: str, fail: set[str] | None = None) ->
                 "SELECT id FROM chunks WHERE job_id = %s ORDER BY seq", (job_id,)
             ).fetchall()
         ]
+    store = PgChunkStore(db, lease_s=30, max_attempts=3)
     for cid in chunks:
-        with db.begin() as conn:
-            claim = claim_chunk(conn, cid, "test-worker", 30)
-            assert claim.lease is not None
-            docs = pending_documents(conn, claim.lease)
-            results = [
-                RowResult(idx=d.idx, error="boom")
-                if d.external_id in (fail or set())
-                else RowResult(idx=d.idx, output=f"summary of {d.text}", completion_tokens=3)
-                for d in docs
-            ]
-            write_results(conn, claim.lease.job_id, results)
-            close_chunk(conn, cid, claim.lease.job_id, "done")
+        claim = store.claim(cid, "test-worker")
+        assert claim.lease is not None
+        results = [
+            RowResult(idx=d.idx, error="boom")
+            if d.external_id in (fail or set())
+            else RowResult(idx=d.idx, output=f"summary of {d.text}", completion_tokens=3)
+            for d in store.pending(claim.lease)
+        ]
+        store.write(claim.lease, results)
+        store.close(claim.lease, ChunkState.DONE)
 
 
 def tick(settings: Settings, schedule_id: str) -> list[schedules.RunResult]:
@@ -82,7 +81,7 @@ def test_schedule_validation_names_the_field(
     client: TestClient, api_key: str, model_name: str
 ) -> None:
     put(client, api_key, "val", "id,text\n1,a\n")
-    cases = [
+    cases: list[tuple[dict[str, Any], int, str]] = [
         ({"cron": "0 25 * * *"}, 422, "cron"),
         ({"cron": "every night"}, 422, "cron"),
         ({"timezone": "Mars/Olympus"}, 422, "timezone"),
@@ -126,8 +125,8 @@ def test_create_list_get_delete(client: TestClient, api_key: str, model_name: st
 def test_another_tenants_schedule_is_404(
     client: TestClient, api_key: str, settings: Settings, model_name: str
 ) -> None:
-    from service.auth import create_key
-    from service.db import session_scope
+    from service.store.engine import session_scope
+    from service.store.keys import create_key
 
     with session_scope(settings.database_url) as session:
         other = create_key(session, f"sched-other-{uuid.uuid4().hex[:6]}")

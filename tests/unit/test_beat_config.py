@@ -8,8 +8,8 @@ import sys
 
 
 def test_beat_schedule_routes_every_task_to_the_ops_queue() -> None:
-    from service.queue import OPS_QUEUE, TASK_RECONCILE, TASK_RETENTION, TASK_SCHEDULES_TICK
-    from workers.beat import app, command
+    from service.contract import OPS_QUEUE, TASK_RECONCILE, TASK_RETENTION, TASK_SCHEDULES_TICK
+    from workers.ops.beat import app, command
 
     entries = app.conf.beat_schedule
     assert {e["task"] for e in entries.values()} == {
@@ -20,14 +20,14 @@ def test_beat_schedule_routes_every_task_to_the_ops_queue() -> None:
     assert all(e["options"]["queue"] == OPS_QUEUE for e in entries.values())
     assert {TASK_SCHEDULES_TICK, TASK_RECONCILE, TASK_RETENTION} <= set(app.tasks)
     cmd = " ".join(command())
-    assert "-A workers.beat worker --beat" in cmd and f"--queues {OPS_QUEUE}" in cmd
+    assert "-A workers.ops.beat worker --beat" in cmd and f"--queues {OPS_QUEUE}" in cmd
     # Interactive before bulk: the broker polls a worker's queues in the order given.
     assert app.conf.broker_transport_options["queue_order_strategy"] == "priority"
 
 
 def test_beat_does_not_import_the_gpu_worker_tasks() -> None:
     code = (
-        "import sys, workers.beat; workers.beat.app.loader.import_default_modules(); "
+        "import sys, workers.ops.beat; workers.ops.beat.app.loader.import_default_modules(); "
         "print('workers.tasks' in sys.modules, 'vllm' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

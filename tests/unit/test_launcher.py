@@ -62,6 +62,6 @@ def test_worker_command_uses_safe_celery_options() -> None:
     assert "--pool threads --concurrency 3" in joined
     assert "--prefetch-multiplier 1" in joined and "--task-events" in joined
     assert "--hostname gpu0@%h" in joined
-    from service.queue import queue_for_model
+    from service.contract import queue_for_model
 
     assert f"--queues {queue_for_model('org/model')}" in joined

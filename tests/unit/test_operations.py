@@ -12,19 +12,21 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service import flower, logs
+from service import logs
 from service.cli import app as cli_app
+from service.errors import ConfigError
 from service.settings import Settings, get_settings
 from workers import launcher
+from workers.ops import flower
 
 
 def test_flower_refuses_to_start_without_credentials() -> None:
-    with pytest.raises(flower.FlowerConfigError, match="DOCQUEUE_FLOWER_BASIC_AUTH"):
+    with pytest.raises(ConfigError, match="DOCQUEUE_FLOWER_BASIC_AUTH"):
         flower.options(Settings(flower_basic_auth=None))
-    with pytest.raises(flower.FlowerConfigError):
-        flower.options(Settings(flower_basic_auth="  "))  # type: ignore[arg-type]
-    with pytest.raises(flower.FlowerConfigError, match="user:password"):
-        flower.options(Settings(flower_basic_auth="admin"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        flower.options(Settings(flower_basic_auth="  "))
+    with pytest.raises(ConfigError, match="user:password"):
+        flower.options(Settings(flower_basic_auth="admin"))
     opts = flower.options(Settings(flower_basic_auth=None), no_auth=True)
     assert opts.basic_auth is None
     assert flower.env(opts) == {"FLOWER_UNAUTHENTICATED_API": "true"}
@@ -32,13 +34,13 @@ def test_flower_refuses_to_start_without_credentials() -> None:
 
 def test_flower_options_keep_credentials_off_the_command_line(tmp_path: Path) -> None:
     s = Settings(
-        flower_basic_auth="ops:s3cret",  # type: ignore[arg-type]
+        flower_basic_auth="ops:s3cret",
         flower_db_path=tmp_path / "f.db",
         flower_max_tasks=500,
     )
     opts = flower.options(s, port=5600, address="0.0.0.0", persistent=True)
     args = flower.argv(opts)
-    assert args[:3] == ["-A", "service.flower", "flower"]
+    assert args[:3] == ["-A", "workers.ops.flower", "flower"]
     assert "--port=5600" in args and "--address=0.0.0.0" in args and "--max_tasks=500" in args
     assert "--persistent=True" in args and f"--db={tmp_path / 'f.db'}" in args
     assert not any("s3cret" in a for a in args)
@@ -116,14 +118,14 @@ def test_text_format_shows_context() -> None:
 
 
 def test_celery_task_ids_give_the_log_context() -> None:
-    """Chunk task ids are `<job>:<chunk index>:<suffix>` (service.queue.send_chunks)."""
+    """Chunk task ids are `<job>:<chunk index>:<suffix>` (service.contract.send_chunks)."""
     logs._task_prerun(task_id="J9:3:abcd", kwargs={"chunk_id": "C9"})
     try:
         record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
         logs.ContextFilter().filter(record)
-        assert (record.job_id, record.chunk_id) == ("J9", "C9")
+        assert (record.__dict__["job_id"], record.__dict__["chunk_id"]) == ("J9", "C9")
     finally:
         logs._task_postrun()
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
     logs.ContextFilter().filter(record)
-    assert (record.job_id, record.chunk_id) == (None, None)
+    assert (record.__dict__["job_id"], record.__dict__["chunk_id"]) == (None, None)

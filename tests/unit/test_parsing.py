@@ -5,8 +5,8 @@ import io
 import pytest
 
 from service.errors import BadInputError, InvalidFileError, InvalidParameterError
-from service.ingest import IngestOptions, _copy_escape, _sniff_delimiter, read_rows
-from service.jobs import parse_labels, template_fields
+from service.jobs.ingest import IngestOptions, _copy_escape, _sniff_delimiter, read_rows
+from service.jobs.validate import parse_labels, template_fields
 from service.settings import Settings
 
 

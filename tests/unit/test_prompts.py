@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 
-from service.work import Doc
-from tests.models import tiny_model
-from workers.prompts import RowError, instruction, render
+from service.errors import RowError
+from service.store.chunks import Doc
+from tests.support.models import tiny_model
+from workers.prompts import instruction, render
 
 
 @pytest.fixture(scope="module")

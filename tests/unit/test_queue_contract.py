@@ -3,7 +3,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from service.queue import TASK_RUN_CHUNK, ChunkMessage, make_celery, queue_for_model
+from service.contract import TASK_RUN_CHUNK, ChunkMessage, make_celery, queue_for_model
 from service.settings import Settings
 
 

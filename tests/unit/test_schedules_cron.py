@@ -7,16 +7,16 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from service.collections.schedules import idempotency_key, next_run, parse_cron, parse_timezone
+from service.contract import PRIORITIES, parse_priority, priority_class, queue_for_model
 from service.errors import InvalidParameterError
-from service.queue import PRIORITIES, parse_priority, priority_class, queue_for_model
-from service.schedules import idempotency_key, next_run, parse_cron, parse_timezone
 
 BERLIN = ZoneInfo("Europe/Berlin")
 NEW_YORK = ZoneInfo("America/New_York")
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
 def test_nightly_in_a_timezone_is_stored_in_utc() -> None:

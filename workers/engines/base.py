@@ -8,7 +8,7 @@ each sub-batch as it completes. Engines never touch the database.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
@@ -79,11 +79,3 @@ class Engine(Protocol):
         """Aborts the batch's unfinished requests (their results stay empty)."""
 
     def close(self) -> None: ...
-
-
-@dataclass
-class EngineStats:
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)

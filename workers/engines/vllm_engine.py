@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Any
 
+from service.errors import EngineDeadError
 from workers.engines.base import Batch, GenRequest, GenResult
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,6 @@ def _on_cpu() -> bool:
         return not torch.cuda.is_available()
     except Exception:  # pragma: no cover - torch always comes with vllm
         return True
-
-
-class EngineDeadError(RuntimeError):
-    """The engine stopped; every batch in flight failed with this."""
 
 
 def engine_kwargs(

@@ -1,0 +1,507 @@
+"""Schedules: a cron (in the schedule's own timezone) that runs a task over a collection.
+
+A due run creates one ordinary job over the collection's new and changed documents (see
+``service.collections.documents.create_collection_job``); the job's results flow back into the
+collection when it ends (the chunk state machine's finalization, ``service.store.chunks``).
+Every instant is stored in UTC.
+
+Exactly one job per run, however many beat processes or manual triggers race: the run's
+idempotency key is ``schedule:<id>:<scheduled UTC minute>`` (unique per tenant on ``jobs``), and
+the schedule row is locked while its run is decided.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import logs
+from service.contract import parse_priority, priority_class
+from service.errors import ConflictError, InvalidParameterError, NotFoundError
+from service.jobs import submit
+from service.jobs import validate as jobs
+from service.settings import Settings
+from service.store.states import TERMINAL_STATUSES
+from service.store.tables import Collection, Job, Schedule
+
+log = logging.getLogger(__name__)
+
+# --- cron -------------------------------------------------------------------------------------
+
+_MONTHS = {
+    m: i
+    for i, m in enumerate(
+        ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1
+    )
+}
+_DAYS = {d: i for i, d in enumerate(["sun", "mon", "tue", "wed", "thu", "fri", "sat"])}
+_MACROS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+# (name, lowest, highest, names)
+_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
+    ("minute", 0, 59, {}),
+    ("hour", 0, 23, {}),
+    ("day of month", 1, 31, {}),
+    ("month", 1, 12, _MONTHS),
+    ("day of week", 0, 7, _DAYS),
+)
+# Local times more than this apart cannot swap order in UTC (no zone shifts by more).
+_DST_SLACK = timedelta(hours=3)
+
+
+@dataclass(frozen=True)
+class Cron:
+    """A parsed five-field cron expression (minute hour day-of-month month day-of-week)."""
+
+    expr: str
+    minutes: tuple[int, ...]
+    hours: tuple[int, ...]
+    days: frozenset[int]
+    months: frozenset[int]
+    weekdays: frozenset[int]  # 0 = Sunday
+    any_day: bool  # day-of-month was '*'
+    any_weekday: bool  # day-of-week was '*'
+
+    def matches(self, day: date) -> bool:
+        """Classic cron: with both day fields restricted, either one matching is enough."""
+        if day.month not in self.months:
+            return False
+        dom = day.day in self.days
+        dow = (day.isoweekday() % 7) in self.weekdays
+        if self.any_day or self.any_weekday:
+            return dom and dow
+        return dom or dow
+
+
+def _cron_error(expr: str, why: str) -> InvalidParameterError:
+    return InvalidParameterError(
+        f"cron {expr!r}: {why} (five fields: minute hour day-of-month month day-of-week, "
+        "e.g. '0 2 * * *', or @daily/@hourly/@weekly/@monthly/@yearly)",
+        field="cron",
+    )
+
+
+def _parse_field(
+    expr: str, part: str, name: str, lo: int, hi: int, names: dict[str, int]
+) -> set[int]:
+    def value(token: str) -> int:
+        token = token.strip().lower()
+        if token in names:
+            return names[token]
+        if not token.isdigit():
+            raise _cron_error(expr, f"{name}: {token!r} is not a number")
+        n = int(token)
+        if not lo <= n <= hi:
+            raise _cron_error(expr, f"{name}: {n} is outside {lo}-{hi}")
+        return n
+
+    out: set[int] = set()
+    for item in part.split(","):
+        base, _, step_s = item.partition("/")
+        step = 1
+        if step_s:
+            if not step_s.isdigit() or int(step_s) < 1:
+                raise _cron_error(expr, f"{name}: step {step_s!r} must be a positive number")
+            step = int(step_s)
+        if base == "*":
+            start, end = lo, hi
+        elif "-" in base:
+            a, _, b = base.partition("-")
+            start, end = value(a), value(b)
+            if start > end:
+                raise _cron_error(expr, f"{name}: range {base!r} runs backwards")
+        else:
+            start = value(base)
+            end = hi if step_s else start
+        out.update(range(start, end + 1, step))
+    return out
+
+
+def parse_cron(expr: str) -> Cron:
+    """Parses ``expr`` or raises a 422 naming the ``cron`` field and what is wrong."""
+    text = " ".join(expr.split())
+    fields = _MACROS.get(text.lower(), text).split(" ")
+    if len(fields) != 5:
+        raise _cron_error(expr, f"expected 5 fields, got {len(fields)}")
+    sets = [
+        _parse_field(expr, part, name, lo, hi, names)
+        for part, (name, lo, hi, names) in zip(fields, _FIELDS, strict=True)
+    ]
+    weekdays = frozenset(d % 7 for d in sets[4])  # 7 is Sunday too
+    return Cron(
+        expr=text,
+        minutes=tuple(sorted(sets[0])),
+        hours=tuple(sorted(sets[1])),
+        days=frozenset(sets[2]),
+        months=frozenset(sets[3]),
+        weekdays=weekdays,
+        any_day=fields[2].startswith("*"),
+        any_weekday=fields[4].startswith("*"),
+    )
+
+
+def parse_timezone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name.strip())
+    except (ZoneInfoNotFoundError, ValueError):
+        raise InvalidParameterError(
+            f"unknown timezone {name!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'",
+            field="timezone",
+        ) from None
+
+
+def next_run(cron: Cron, tz: ZoneInfo, after: datetime) -> datetime:
+    """The first instant strictly after ``after`` at which ``cron`` fires in ``tz``, in UTC.
+
+    Wall-clock times are matched in the schedule's zone. A time skipped by a daylight-saving
+    jump runs at the same instant as the hour after it (as cron does); a time that occurs twice
+    runs once, at its first occurrence.
+    """
+    after = after.astimezone(UTC)
+    start = (after.astimezone(tz) - _DST_SLACK).replace(tzinfo=None, second=0, microsecond=0)
+    best: datetime | None = None
+    best_local: datetime | None = None
+    day = start.date()
+    for _ in range(366 * 8 + 2):  # eight years: 29 February in any leap year is reached
+        if best_local is not None and datetime.combine(day, time()) > best_local + _DST_SLACK:
+            break
+        if cron.matches(day):
+            for h in cron.hours:
+                for m in cron.minutes:
+                    local = datetime.combine(day, time(h, m))
+                    if local < start:
+                        continue
+                    if best_local is not None and local > best_local + _DST_SLACK:
+                        break
+                    instant = local.replace(tzinfo=tz).astimezone(UTC)  # fold=0: first one
+                    if instant > after and (best is None or instant < best):
+                        best, best_local = instant, local
+        day += timedelta(days=1)
+    if best is None:
+        raise _cron_error(cron.expr, "it never fires")
+    return best
+
+
+def run_minute(instant: datetime) -> str:
+    """A run's UTC minute, as it appears in the idempotency key."""
+    return instant.astimezone(UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
+def idempotency_key(schedule_id: uuid.UUID, scheduled_for: datetime) -> str:
+    return f"{jobs.RESERVED_KEY_PREFIX}{schedule_id}:{run_minute(scheduled_for)}"
+
+
+# --- schedules --------------------------------------------------------------------------------
+
+#: Job parameters a schedule may carry (the same meaning as in POST /v1/jobs).
+PARAM_KEYS = (
+    "prompt",
+    "labels",
+    "max_tokens",
+    "temperature",
+    "seed",
+    "chunk_size",
+    "summary_words",
+    "language",
+)
+
+
+def job_request(
+    task: str, model: str, params: dict[str, Any], priority: int, key: str | None = None
+) -> jobs.JobRequest:
+    """The job a schedule's run creates, validated exactly like an uploaded job's."""
+    unknown = sorted(set(params) - set(PARAM_KEYS))
+    if unknown:
+        raise InvalidParameterError(
+            f"params: unknown key {unknown[0]!r}; allowed: {', '.join(PARAM_KEYS)}",
+            field=f"params.{unknown[0]}",
+        )
+    labels = params.get("labels")
+    if isinstance(labels, list):
+        labels = jobs.parse_labels(_json_list(labels))
+    elif labels is not None:
+        labels = jobs.parse_labels(str(labels))
+
+    def num(name: str, kind: type) -> Any:
+        value = params.get(name)
+        if value is None:
+            return None
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise InvalidParameterError(
+                f"params.{name} must be a {kind.__name__}", field=f"params.{name}"
+            ) from None
+
+    extra = {k: params[k] for k in ("summary_words", "language") if params.get(k) is not None}
+    if "summary_words" in extra:
+        extra["summary_words"] = num("summary_words", int)
+    return jobs.JobRequest(
+        task=task.strip().lower(),
+        model=model.strip(),
+        prompt=params.get("prompt"),
+        labels=labels,
+        max_tokens=num("max_tokens", int),
+        temperature=num("temperature", float),
+        seed=num("seed", int),
+        chunk_size=num("chunk_size", int),
+        priority=priority,
+        idempotency_key=key,
+        extra_params=extra,
+    )
+
+
+def _json_list(items: list[Any]) -> str:
+    return json.dumps([str(i) for i in items])
+
+
+def create_schedule(
+    session: Session,
+    tenant_id: uuid.UUID,
+    *,
+    collection: str,
+    task: str,
+    model: str,
+    params: dict[str, Any],
+    cron: str,
+    timezone: str,
+    priority: str | None,
+    settings: Settings,
+    now: datetime | None = None,
+) -> Schedule:
+    parsed = parse_cron(cron)
+    tz = parse_timezone(timezone)
+    try:
+        prio = parse_priority(priority if priority is not None else "bulk")
+    except ValueError as exc:
+        raise InvalidParameterError(str(exc), field="priority") from None
+    req = job_request(task, model, params, prio)
+    jobs.validate(req, settings)
+    coll = session.scalar(
+        select(Collection).where(Collection.tenant_id == tenant_id, Collection.name == collection)
+    )
+    if coll is None:
+        raise NotFoundError(f"collection {collection!r} not found", field="collection")
+    taken = session.scalar(select(Schedule.id).where(Schedule.collection_id == coll.id))
+    if taken is not None:  # uq_schedules_collection also guards a concurrent create
+        raise ConflictError(
+            f"collection {collection!r} already has schedule {taken}: a collection keeps one "
+            "result per document, so it takes one schedule; remove that one first",
+            field="collection",
+        )
+    schedule = Schedule(
+        tenant_id=tenant_id,
+        collection_id=coll.id,
+        task=req.task,
+        model=req.model,
+        params=dict(params),
+        priority=prio,
+        cron=parsed.expr,
+        timezone=tz.key,
+        next_run_at=next_run(parsed, tz, now or datetime.now(UTC)),
+    )
+    session.add(schedule)
+    try:
+        with session.begin_nested():
+            session.flush()
+    except IntegrityError as exc:
+        if "uq_schedules_collection" not in str(exc.orig):
+            raise
+        raise ConflictError(
+            f"collection {collection!r} already has a schedule", field="collection"
+        ) from None
+    return schedule
+
+
+def get_schedule(session: Session, tenant_id: uuid.UUID, schedule_id: str) -> Schedule:
+    try:
+        sid = uuid.UUID(str(schedule_id))
+    except ValueError:
+        raise NotFoundError(f"schedule {schedule_id} not found") from None
+    found = session.scalar(
+        select(Schedule).where(Schedule.id == sid, Schedule.tenant_id == tenant_id)
+    )
+    if found is None:
+        raise NotFoundError(f"schedule {schedule_id} not found")
+    return found
+
+
+def list_schedules(session: Session, tenant_id: uuid.UUID) -> list[tuple[Schedule, str]]:
+    rows = session.execute(
+        select(Schedule, Collection.name)
+        .join(Collection, Collection.id == Schedule.collection_id)
+        .where(Schedule.tenant_id == tenant_id)
+        .order_by(Schedule.created_at, Schedule.id)
+    ).all()
+    return [(s, name) for s, name in rows]
+
+
+def schedule_view(s: Schedule, collection: str) -> dict[str, Any]:
+    return {
+        "id": str(s.id),
+        "object": "schedule",
+        "collection": collection,
+        "task": s.task,
+        "model": s.model,
+        "params": s.params,
+        "priority": priority_class(s.priority),
+        "cron": s.cron,
+        "timezone": s.timezone,
+        "enabled": s.enabled,
+        "next_run_at": _iso(s.next_run_at),
+        "last_run_at": _iso(s.last_run_at),
+        "last_job_id": str(s.last_job_id) if s.last_job_id else None,
+        "last_run_outcome": s.last_run_outcome,
+        "created_at": _iso(s.created_at),
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    """What one run of a schedule did. ``job`` is set when a job exists for the run."""
+
+    schedule_id: uuid.UUID
+    scheduled_for: datetime
+    outcome: str  # created | existing | empty | busy | failed
+    job: Job | None = None
+    documents: int = 0
+
+    @property
+    def created(self) -> bool:
+        return self.outcome == "created"
+
+
+def _run_locked(
+    session: Session, schedule: Schedule, scheduled_for: datetime, settings: Settings
+) -> RunResult:
+    """Decides and creates a run while the schedule row is locked by the caller."""
+    from service.collections.documents import create_collection_job
+
+    key = idempotency_key(schedule.id, scheduled_for)
+    existing = submit.find_idempotent(session, schedule.tenant_id, key)
+    if existing is not None:
+        return RunResult(schedule.id, scheduled_for, "existing", existing, existing.total)
+    if schedule.last_job_id is not None:
+        last = session.get(Job, schedule.last_job_id)
+        # Runs never overlap: the previous job's documents would be summarized twice.
+        if last is not None and last.status not in TERMINAL_STATUSES:
+            schedule.last_run_at = scheduled_for
+            schedule.last_run_outcome = f"skipped: job {last.id} of an earlier run is {last.status}"
+            return RunResult(schedule.id, scheduled_for, "busy", last, last.total)
+    req = job_request(schedule.task, schedule.model, schedule.params, schedule.priority, key)
+    job = create_collection_job(session, schedule, req, settings)
+    schedule.last_run_at = scheduled_for
+    if job is None:
+        schedule.last_run_outcome = "no new or changed documents; no job"
+        return RunResult(schedule.id, scheduled_for, "empty")
+    schedule.last_job_id = job.id
+    schedule.last_run_outcome = f"job {job.id}: {job.total} documents"
+    return RunResult(schedule.id, scheduled_for, "created", job, job.total)
+
+
+def run_now(
+    engine: Engine,
+    tenant_id: uuid.UUID,
+    schedule_id: str,
+    settings: Settings,
+    now: datetime | None = None,
+) -> RunResult:
+    """A manual run for the current UTC minute. Two triggers in the same minute (or one racing
+    the beat's run of that minute) give one job. The caller enqueues a created job."""
+    scheduled_for = (now or datetime.now(UTC)).replace(second=0, microsecond=0)
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        schedule = get_schedule(session, tenant_id, schedule_id)
+        session.refresh(schedule, with_for_update=True)
+        return _run_locked(session, schedule, scheduled_for, settings)
+
+
+def tick(engine: Engine, settings: Settings, now: datetime | None = None) -> list[RunResult]:
+    """Runs every due schedule once (beat calls this every ``schedule_tick_s``) and enqueues
+    the jobs created. A run missed while beat was down runs once, late; the next one is
+    computed from now. Locked rows are skipped: another beat process is running them."""
+    now = now or datetime.now(UTC)
+    with Session(engine) as session:
+        due = list(
+            session.scalars(
+                select(Schedule.id)
+                .where(Schedule.enabled.is_(True), Schedule.next_run_at <= now)
+                .order_by(Schedule.next_run_at)
+                .limit(1000)
+            )
+        )
+    results: list[RunResult] = []
+    for sid in due:
+        try:
+            result = _tick_one(engine, sid, settings, now)
+        except Exception:  # one broken schedule must not stop the others
+            log.exception("schedule %s: run failed; retried at the next tick", sid)
+            continue
+        if result is None:
+            continue
+        results.append(result)
+        with logs.log_context(job_id=result.job.id if result.job is not None else None):
+            if result.created and result.job is not None:
+                submit.enqueue_job(result.job.id, settings)
+            log.info(
+                "schedule %s run for %s: %s (%d documents)",
+                sid,
+                run_minute(result.scheduled_for),
+                result.outcome,
+                result.documents,
+            )
+    return results
+
+
+def _tick_one(
+    engine: Engine, sid: uuid.UUID, settings: Settings, now: datetime
+) -> RunResult | None:
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        schedule = session.scalar(
+            select(Schedule)
+            .where(Schedule.id == sid, Schedule.enabled.is_(True), Schedule.next_run_at <= now)
+            .with_for_update(skip_locked=True)
+        )
+        if schedule is None:  # taken by another beat, or no longer due
+            return None
+        scheduled_for = schedule.next_run_at
+        try:
+            cron, tz = parse_cron(schedule.cron), parse_timezone(schedule.timezone)
+        except InvalidParameterError as exc:  # stored before a rule changed: disable, say why
+            schedule.enabled = False
+            schedule.last_run_outcome = f"disabled: {exc.message}"[:200]
+            return None
+        try:
+            with session.begin_nested():  # a failed run leaves nothing half-written
+                result = _run_locked(session, schedule, scheduled_for, settings)
+        except InvalidParameterError as exc:
+            # Parameters valid when stored but not now (a limit was lowered, a model renamed):
+            # say so on the schedule and wait for its next time, never retry every tick.
+            log.warning("schedule %s: run for %s failed: %s", sid, scheduled_for, exc.message)
+            schedule.last_run_at = scheduled_for
+            schedule.last_run_outcome = f"failed: {exc.message}"[:200]
+            result = RunResult(schedule.id, scheduled_for, "failed")
+        schedule.next_run_at = next_run(cron, tz, max(now, scheduled_for))
+        return result

@@ -1,0 +1,171 @@
+"""Submission: ingest the upload, create the job and its chunks in one transaction, then send
+the chunk messages (after the commit)."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import IO, Any, cast
+
+import psycopg
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service import logs
+from service.contract import ChunkMessage, make_celery, queue_for_model, send_chunks
+from service.jobs.ingest import IngestOptions, ingest_csv
+from service.jobs.validate import JobRequest, job_params, template_fields, validate
+from service.settings import Settings
+from service.store.chunks import PgChunkStore
+from service.store.engine import get_engine
+from service.store.states import ChunkState, JobStatus
+from service.store.tables import Chunk, Job
+
+log = logging.getLogger(__name__)
+
+
+def find_idempotent(session: Session, tenant_id: uuid.UUID, key: str | None) -> Job | None:
+    if not key:
+        return None
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def create_job(
+    tenant_id: uuid.UUID, req: JobRequest, upload: IO[bytes], settings: Settings
+) -> tuple[Job, bool]:
+    """Ingests the upload and queues its chunks. Returns (job, created).
+
+    Everything up to the chunk rows happens in one transaction, so a rejected upload leaves
+    nothing behind. Messages go to Redis only after the commit: a worker can never receive a
+    chunk whose rows are not yet visible.
+    """
+    validate(req, settings)
+    delimiter = "\t" if req.delimiter == "tab" else req.delimiter
+    fields = template_fields(req.prompt) if req.prompt else frozenset()
+    chunk_size = req.chunk_size or settings.default_chunk_size
+    engine = get_engine(settings.database_url)
+
+    with Session(engine, expire_on_commit=False) as session:
+        existing = find_idempotent(session, tenant_id, req.idempotency_key)
+        if existing is not None:
+            return existing, False
+
+    job_id = uuid.uuid4()
+    queue = queue_for_model(req.model, req.priority)  # interactive or bulk queue, per job
+    try:
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            job = Job(
+                id=job_id,
+                tenant_id=tenant_id,
+                task=req.task,
+                model=req.model,
+                queue=queue,
+                params=job_params(req),
+                status=JobStatus.VALIDATING,
+                priority=req.priority,
+                idempotency_key=req.idempotency_key,
+                source_name=req.source_name,
+                chunk_size=chunk_size,
+            )
+            session.add(job)
+            session.flush()  # the documents' foreign key needs the job row
+            # The psycopg connection under the session's transaction, for COPY.
+            raw = cast("psycopg.Connection[Any]", session.connection().connection.dbapi_connection)
+            opts = IngestOptions(
+                text_column=req.text_column,
+                id_column=req.id_column,
+                delimiter=delimiter,
+                template_fields=fields,
+                max_rows=settings.max_rows_per_job,
+                max_document_bytes=settings.max_document_bytes,
+            )
+            result = ingest_csv(raw, job_id, upload, opts)
+            chunks = chunk_rows(job_id, result.rows, chunk_size)
+            with (
+                raw.cursor() as cur,
+                cur.copy(
+                    "COPY chunks (id, job_id, seq, start_idx, end_idx, state) FROM STDIN"
+                ) as cp,
+            ):
+                for chunk_id, seq, start, end in chunks:
+                    cp.write_row((chunk_id, job_id, seq, start, end, ChunkState.QUEUED))
+            job.total = result.rows
+            job.n_chunks = len(chunks)
+            job.status = JobStatus.QUEUED
+            job.params = {**job.params, "extra_columns": result.extra_columns}
+    except IntegrityError as exc:
+        # A concurrent request with the same idempotency key won the race: return its job.
+        if req.idempotency_key and "uq_jobs_tenant_idempotency_key" in str(exc.orig):
+            with Session(engine, expire_on_commit=False) as session:
+                existing = find_idempotent(session, tenant_id, req.idempotency_key)
+            if existing is not None:
+                return existing, False
+        raise
+
+    with logs.log_context(job_id=job.id):
+        log.info(
+            "job created: %d documents in %d chunks on %s (%s)",
+            job.total,
+            job.n_chunks,
+            job.queue,
+            job.task,
+        )
+    return job, True
+
+
+def chunk_rows(job_id: uuid.UUID, rows: int, size: int) -> list[tuple[uuid.UUID, int, int, int]]:
+    """(chunk id, seq, start idx, end idx) covering document idx 1..rows in order."""
+    return [
+        (uuid.uuid4(), seq, start, min(start + size, rows + 1))
+        for seq, start in enumerate(range(1, rows + 1, size))
+    ]
+
+
+def enqueue_job(job_id: uuid.UUID, settings: Settings) -> int:
+    """Sends the messages of a job's chunks that have not been sent yet (after the commit)."""
+    with Session(get_engine(settings.database_url), expire_on_commit=False) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return 0
+        pending = session.execute(
+            select(Chunk.id, Chunk.seq)
+            .where(
+                Chunk.job_id == job_id,
+                Chunk.state == ChunkState.QUEUED,
+                Chunk.enqueued_at.is_(None),
+            )
+            .order_by(Chunk.seq)
+        ).all()
+    return enqueue_job_chunks(job, [(cid, seq) for cid, seq in pending], settings)
+
+
+def enqueue_job_chunks(
+    job: Job, chunks: Sequence[tuple[uuid.UUID, int]], settings: Settings
+) -> int:
+    """Sends the chunk messages and stamps ``enqueued_at``.
+
+    If Redis is unreachable the job stays queued with ``enqueued_at`` NULL: Postgres holds the
+    work and the reconciler sends the messages later. The submission itself still succeeds.
+    """
+    messages = [
+        ChunkMessage(chunk_id=cid, job_id=job.id, seq=seq, n_chunks=job.n_chunks, queue=job.queue)
+        for cid, seq in chunks
+    ]
+    with logs.log_context(job_id=job.id):
+        app = make_celery(settings)
+        try:
+            sent = send_chunks(app, messages)
+        except Exception:  # broker down: the reconciler re-sends from Postgres
+            log.exception("could not enqueue chunks of job %s; they stay queued", job.id)
+            return 0
+        finally:
+            app.close()
+    store = PgChunkStore(
+        get_engine(settings.database_url),
+        lease_s=settings.lease_s,
+        max_attempts=settings.max_attempts,
+    )
+    store.mark_enqueued([m.chunk_id for m in messages])
+    return sent

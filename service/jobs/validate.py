@@ -1,0 +1,127 @@
+"""Request validation: a job submission checked once, however it arrived (form, CLI, schedule)."""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.errors import InvalidParameterError
+from service.settings import Settings
+from service.store.states import Task
+
+
+@dataclass
+class JobRequest:
+    """A validated job submission, independent of how it arrived (HTTP form, CLI, schedule)."""
+
+    task: str
+    model: str
+    text_column: str = "text"
+    id_column: str | None = None
+    prompt: str | None = None
+    labels: list[str] | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    chunk_size: int | None = None
+    priority: int = 0
+    delimiter: str | None = None
+    idempotency_key: str | None = None
+    source_name: str | None = None
+    extra_params: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_labels(raw: str | None) -> list[str] | None:
+    """Labels as a JSON list or comma-separated text; blanks dropped, order kept, duplicates out."""
+    if raw is None or not raw.strip():
+        return None
+    raw = raw.strip()
+    if raw.startswith("["):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InvalidParameterError(
+                f"labels: invalid JSON list ({exc.msg})", field="labels"
+            ) from exc
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidParameterError(
+                "labels: a JSON list of strings is expected", field="labels"
+            )
+        items = value
+    else:
+        items = raw.split(",")
+    labels = list(dict.fromkeys(item.strip() for item in items if item.strip()))
+    return labels or None
+
+
+def template_fields(prompt: str) -> frozenset[str]:
+    """Field names a ``str.format`` template uses; a malformed template is a 422.
+
+    Only plain names are allowed: ``{a.b}`` or ``{a[0]}`` would reach into Python objects.
+    """
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None}
+    except ValueError as exc:
+        raise InvalidParameterError(f"prompt: invalid template ({exc})", field="prompt") from exc
+    for name in names:
+        if not name or name.isdigit() or "." in name or "[" in name:
+            raise InvalidParameterError(
+                f"prompt: template field {{{name}}} must name a column, e.g. {{text}}",
+                field="prompt",
+            )
+    return frozenset(names)
+
+
+#: Idempotency keys of scheduled runs (service.collections.schedules); clients may not use it.
+RESERVED_KEY_PREFIX = "schedule:"
+
+
+def validate(req: JobRequest, settings: Settings) -> None:
+    if req.task not in list(Task):
+        raise InvalidParameterError(
+            f"unknown task {req.task!r}; expected one of: {', '.join(Task)}", field="task"
+        )
+    if not req.model.strip():
+        raise InvalidParameterError("model must not be empty", field="model")
+    if req.task == "classify" and not req.labels:
+        raise InvalidParameterError(
+            "classify needs labels: comma-separated (a,b,c) or a JSON list", field="labels"
+        )
+    if req.task == "classify" and req.labels is not None and len(req.labels) < 2:
+        raise InvalidParameterError("classify needs at least two labels", field="labels")
+    if req.prompt is not None and req.task != "generate" and "{text}" not in req.prompt:
+        raise InvalidParameterError(f"prompt for {req.task} must contain {{text}}", field="prompt")
+    words = req.extra_params.get("summary_words")
+    if words is not None and not 1 <= int(words) <= 10_000:
+        raise InvalidParameterError(
+            "summary_words must be between 1 and 10000", field="summary_words"
+        )
+    if req.max_tokens is not None and not 1 <= req.max_tokens <= 1_000_000:
+        raise InvalidParameterError("max_tokens must be between 1 and 1000000", field="max_tokens")
+    if req.temperature is not None and not 0.0 <= req.temperature <= 10.0:
+        raise InvalidParameterError("temperature must be between 0 and 10", field="temperature")
+    size = req.chunk_size
+    if size is not None and not 1 <= size <= settings.max_chunk_size:
+        raise InvalidParameterError(
+            f"chunk_size must be between 1 and {settings.max_chunk_size}", field="chunk_size"
+        )
+    if req.delimiter is not None and req.delimiter not in (",", ";", "\t", "tab"):
+        raise InvalidParameterError(
+            "delimiter must be ',', ';' or tab ('\\t' or 'tab')", field="delimiter"
+        )
+
+
+def job_params(req: JobRequest) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "text_column": req.text_column,
+        "id_column": req.id_column,
+        "prompt": req.prompt,
+        "labels": req.labels,
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "seed": req.seed,
+        **req.extra_params,
+    }
+    return {k: v for k, v in params.items() if v is not None}

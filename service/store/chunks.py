@@ -1,0 +1,694 @@
+"""The chunk state machine: every state change of a chunk and of its job's counters, and its SQL.
+
+Nothing else in docqueue writes ``chunks.state`` or a job's counters after submission. The
+interface (``ChunkStore``) is small on purpose: the embedded single-process mode will give it a
+second implementation on SQLite, and the chunk runner must not care which one it talks to.
+
+Leases are fenced. Each claim draws a fresh ``lease_token``; every write, renewal, release and
+close carries the token of the lease it acts under, and is refused (``LeaseLostError``) once the
+chunk belongs to someone else, so a worker that paused past ``lease_s`` can never overwrite,
+fail or close the chunk its successor now runs. Every transition locks the job row first and
+the chunk after it, so transitions of one job never interleave and never deadlock.
+
+PostgreSQL decides who owns a chunk (the lease); Redis only delivers the news that there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, NamedTuple, Protocol
+
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from service.errors import ConflictError, LeaseLostError, StoreUnavailableError
+from service.store.states import CANCEL_STATUSES, ChunkState, JobStatus
+
+log = logging.getLogger(__name__)
+
+#: Chunk-level errors are stored at most this long (a row error repeats them per row).
+ERROR_CHARS = 2000
+#: Advisory lock that lets one process at a time expire leases.
+_EXPIRE_LOCK = 0x64710001
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A worker's right to run one chunk, until ``lease_s`` passes without a renewal."""
+
+    chunk_id: uuid.UUID
+    token: uuid.UUID  # the fence: only this token's holder may write, renew, release or close
+    job_id: uuid.UUID
+    seq: int
+    start_idx: int
+    end_idx: int
+    attempts: int  # counting this one
+    task: str
+    model: str
+    params: dict[str, Any]
+
+
+class ClaimOutcome(StrEnum):
+    LEASED = "leased"
+    DONE = "done"
+    FAILED = "failed"  # finished earlier, or out of attempts now
+    CANCELLED = "cancelled"
+    JOB_CANCELLED = "job_cancelled"  # closed now because its job is being cancelled
+    BUSY = "busy"  # another worker holds a live lease
+    MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The outcome of trying to lease a chunk: a lease, or why there is none."""
+
+    lease: Lease | None
+    outcome: ClaimOutcome
+    job_id: uuid.UUID | None = None
+
+
+@dataclass(frozen=True)
+class Doc:
+    idx: int
+    external_id: str | None
+    text: str
+    extra: dict[str, Any] | None
+
+
+@dataclass
+class RowResult:
+    """One document's outcome, ready to be written."""
+
+    idx: int
+    output: str | None = None
+    label: str | None = None
+    confidence: float | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    truncated: bool = False
+    error: str | None = None
+    attempts: int = 1
+    latency_ms: float | None = None
+
+
+class Written(NamedTuple):
+    """What one ``write`` did: the job's status (the runner notices a cancel) and the rows it
+    inserted (rows that already had a result count nothing)."""
+
+    status: JobStatus
+    succeeded: int = 0
+    failed: int = 0
+    completion_tokens: int = 0
+
+
+class Released(NamedTuple):
+    """A lease given back after a transient failure: requeued (retry after a backoff) or, out
+    of attempts, closed ``failed``."""
+
+    attempts: int
+    requeued: bool
+
+
+@dataclass
+class Expired:
+    """What one ``expire`` pass did with the leases whose worker stopped renewing them."""
+
+    requeued: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    skipped: bool = False  # another process holds the pass
+
+
+class Unsent(NamedTuple):
+    """A queued chunk whose message must be (re-)sent."""
+
+    chunk_id: uuid.UUID
+    job_id: uuid.UUID
+    seq: int
+    n_chunks: int
+    queue: str
+    priority: int
+    enqueued: bool  # a message was sent once (it may still be in the broker)
+
+
+class ChunkStore(Protocol):
+    """The chunk state machine, as the chunk runner, the reconciler and the API see it."""
+
+    def claim(self, chunk_id: uuid.UUID, worker: str) -> Claim: ...
+
+    def pending(self, lease: Lease) -> list[Doc]: ...
+
+    def renew(self, leases: Iterable[Lease]) -> set[uuid.UUID]: ...
+
+    def write(self, lease: Lease, results: Sequence[RowResult]) -> Written: ...
+
+    def release(self, lease: Lease, error: str) -> Released: ...
+
+    def close(self, lease: Lease, state: ChunkState, error: str | None = None) -> None: ...
+
+    def job_status(self, job_id: uuid.UUID) -> JobStatus | None: ...
+
+    def cancel(self, job_id: uuid.UUID) -> JobStatus: ...
+
+    def expire(self) -> Expired: ...
+
+
+class PgChunkStore:
+    """The PostgreSQL implementation. Each method is one transaction; driver errors leave it as
+    ``StoreUnavailableError`` (transient: the chunk task retries on it)."""
+
+    def __init__(self, db: Engine, *, lease_s: float, max_attempts: int) -> None:
+        self.db = db
+        self.lease_s = float(lease_s)
+        self.max_attempts = max_attempts
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        try:
+            with self.db.begin() as conn:
+                yield conn
+        except (OperationalError, InterfaceError) as exc:
+            raise StoreUnavailableError(f"database unavailable: {exc.orig or exc}") from exc
+
+    # --- the lease holder's transitions ---------------------------------------------------
+
+    def claim(self, chunk_id: uuid.UUID, worker: str) -> Claim:
+        """Leases a queued chunk, or one whose lease expired (its worker died). Never a live
+        one. A claim past ``max_attempts`` closes the chunk ``failed`` instead."""
+        with self._tx() as conn:
+            job_id = _lock_job_of(conn, chunk_id)
+            if job_id is None:
+                return Claim(None, ClaimOutcome.MISSING)
+            token = uuid.uuid4()
+            row = conn.execute(
+                text(
+                    """
+                    UPDATE chunks c SET state = 'leased', worker = :worker,
+                           attempts = c.attempts + 1, lease_token = :token,
+                           lease_expires_at = now() + make_interval(secs => :lease_s),
+                           updated_at = now()
+                    FROM jobs j
+                    WHERE c.id = :id AND j.id = c.job_id AND j.status IN ('queued', 'running')
+                      AND (c.state = 'queued'
+                           OR (c.state = 'leased' AND c.lease_expires_at < now()))
+                    RETURNING c.seq, c.start_idx, c.end_idx, c.attempts,
+                              j.task, j.model, j.params, j.status
+                    """
+                ),
+                {"id": chunk_id, "worker": worker, "token": token, "lease_s": self.lease_s},
+            ).first()
+            if row is None:
+                return _why_not(conn, chunk_id, job_id)
+            if row.attempts > self.max_attempts:
+                _close(
+                    conn,
+                    chunk_id,
+                    job_id,
+                    ChunkState.FAILED,
+                    f"gave up after {self.max_attempts} attempts",
+                )
+                return Claim(None, ClaimOutcome.FAILED, job_id)
+            if row.status == JobStatus.QUEUED:
+                conn.execute(
+                    text(
+                        "UPDATE jobs SET status = 'running', "
+                        "started_at = coalesce(started_at, now()) "
+                        "WHERE id = :j AND status = 'queued'"
+                    ),
+                    {"j": job_id},
+                )
+            lease = Lease(
+                chunk_id=chunk_id,
+                token=token,
+                job_id=job_id,
+                seq=row.seq,
+                start_idx=row.start_idx,
+                end_idx=row.end_idx,
+                attempts=row.attempts,
+                task=row.task,
+                model=row.model,
+                params=dict(row.params or {}),
+            )
+            return Claim(lease, ClaimOutcome.LEASED, job_id)
+
+    def pending(self, lease: Lease) -> list[Doc]:
+        """The chunk's documents that have no result yet (a re-run never redoes finished rows)."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                text(
+                    """
+                    SELECT d.idx, d.external_id, d.text, d.extra FROM documents d
+                    WHERE d.job_id = :j AND d.idx >= :s AND d.idx < :e
+                      AND NOT EXISTS (SELECT 1 FROM results r
+                                      WHERE r.job_id = d.job_id AND r.idx = d.idx)
+                    ORDER BY d.idx
+                    """
+                ),
+                {"j": lease.job_id, "s": lease.start_idx, "e": lease.end_idx},
+            ).all()
+        return [Doc(r.idx, r.external_id, r.text, r.extra) for r in rows]
+
+    def renew(self, leases: Iterable[Lease]) -> set[uuid.UUID]:
+        """Extends the leases still held; returns the chunk ids of those that were lost."""
+        held = list(leases)
+        if not held:
+            return set()
+        with self._tx() as conn:
+            kept = conn.execute(
+                text(
+                    """
+                    UPDATE chunks c SET lease_expires_at = now() + make_interval(secs => :lease_s)
+                    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS uuid[])) AS t(id, token)
+                    WHERE c.id = t.id AND c.lease_token = t.token AND c.state = 'leased'
+                    RETURNING c.id
+                    """
+                ),
+                {
+                    "ids": [x.chunk_id for x in held],
+                    "tokens": [x.token for x in held],
+                    "lease_s": self.lease_s,
+                },
+            ).scalars()
+            kept_ids = set(kept)
+        return {x.chunk_id for x in held} - kept_ids
+
+    def write(self, lease: Lease, results: Sequence[RowResult]) -> Written:
+        """Inserts results (a row that already has one is skipped) and moves the job's counters
+        by exactly the rows inserted. Refused once the lease is lost."""
+        with self._tx() as conn:
+            status = _hold(conn, lease)
+            return _insert_results(conn, lease.job_id, results, status)
+
+    def release(self, lease: Lease, error: str) -> Released:
+        """Gives the chunk back after a transient failure: queued again for a retry (the caller
+        re-sends its message after a backoff), or closed ``failed`` when this was its last
+        attempt, or ``cancelled`` when its job is being cancelled meanwhile."""
+        with self._tx() as conn:
+            status = _hold(conn, lease)
+            if status in CANCEL_STATUSES:
+                _close(conn, lease.chunk_id, lease.job_id, ChunkState.CANCELLED)
+                return Released(lease.attempts, requeued=False)
+            if lease.attempts >= self.max_attempts:
+                reason = f"gave up after {lease.attempts} attempts; last error: {error}"
+                _close(conn, lease.chunk_id, lease.job_id, ChunkState.FAILED, reason)
+                return Released(lease.attempts, requeued=False)
+            conn.execute(
+                text(
+                    "UPDATE chunks SET state = 'queued', lease_token = NULL, "
+                    "lease_expires_at = NULL, error = :err, enqueued_at = now(), "
+                    "updated_at = now() WHERE id = :id"
+                ),
+                {"id": lease.chunk_id, "err": error[:ERROR_CHARS]},
+            )
+            return Released(lease.attempts, requeued=True)
+
+    def close(self, lease: Lease, state: ChunkState, error: str | None = None) -> None:
+        """Ends the chunk (``done``, ``failed`` or ``cancelled``) and finalizes its job if this
+        was the job's last open chunk. Refused once the lease is lost."""
+        with self._tx() as conn:
+            _hold(conn, lease)
+            _close(conn, lease.chunk_id, lease.job_id, state, error)
+
+    def job_status(self, job_id: uuid.UUID) -> JobStatus | None:
+        with self._tx() as conn:
+            value = conn.execute(text("SELECT status FROM jobs WHERE id = :j"), {"j": job_id})
+            status = value.scalar()
+        return JobStatus(status) if status is not None else None
+
+    # --- transitions made for the job as a whole ------------------------------------------
+
+    def cancel(self, job_id: uuid.UUID) -> JobStatus:
+        """Queued chunks never start; running ones finish their current step, and their worker
+        (or the lease's expiry) completes the cancel. Results so far are kept. With no chunk
+        running the job is ``cancelled`` at once, otherwise ``cancelling``."""
+        with self._tx() as conn:
+            current = conn.execute(
+                text("SELECT status FROM jobs WHERE id = :j FOR UPDATE"), {"j": job_id}
+            ).scalar()
+            if current is None:
+                raise ConflictError(f"job {job_id} does not exist")
+            status = JobStatus(current)
+            if status in CANCEL_STATUSES:
+                return status
+            if status.terminal:
+                raise ConflictError(f"job {job_id} is already {status}; nothing to cancel")
+            cancelled_docs = conn.execute(
+                text(
+                    "WITH c AS (UPDATE chunks SET state = 'cancelled', updated_at = now() "
+                    "WHERE job_id = :j AND state = 'queued' RETURNING start_idx, end_idx) "
+                    "SELECT coalesce(sum(end_idx - start_idx), 0) FROM c"
+                ),
+                {"j": job_id},
+            ).scalar_one()
+            running = conn.execute(
+                text("SELECT count(*) FROM chunks WHERE job_id = :j AND state = 'leased'"),
+                {"j": job_id},
+            ).scalar_one()
+            new = JobStatus.CANCELLING if running else JobStatus.CANCELLED
+            conn.execute(
+                text(
+                    "UPDATE jobs SET cancelled = cancelled + :n, status = :s, "
+                    "finished_at = CASE WHEN :ended THEN now() END WHERE id = :j"
+                ),
+                {
+                    "n": int(cancelled_docs),
+                    "s": new,
+                    "ended": new == JobStatus.CANCELLED,
+                    "j": job_id,
+                },
+            )
+            if new == JobStatus.CANCELLED:
+                _apply_to_collection(conn, job_id)  # results so far, if scheduled
+            return new
+
+    def expire(self) -> Expired:
+        """Leases whose worker stopped renewing them: the chunk is queued again, or ``failed``
+        once it used up its attempts, or ``cancelled`` if its job is being cancelled. One
+        process at a time (an advisory lock); a second one skips the pass."""
+        report = Expired()
+        with self._tx() as conn:
+            locked = conn.execute(
+                text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _EXPIRE_LOCK}
+            ).scalar()
+            if not locked:
+                report.skipped = True
+                return report
+            expired = conn.execute(
+                text(
+                    "SELECT id, job_id FROM chunks "
+                    "WHERE state = 'leased' AND lease_expires_at < now() ORDER BY job_id"
+                )
+            ).all()
+            for chunk_id, job_id in expired:
+                conn.execute(
+                    text("SELECT 1 FROM jobs WHERE id = :j FOR NO KEY UPDATE"), {"j": job_id}
+                )
+                c = conn.execute(
+                    text(
+                        """
+                        SELECT c.attempts, c.error, c.worker, j.status
+                        FROM chunks c JOIN jobs j ON j.id = c.job_id
+                        WHERE c.id = :id AND c.state = 'leased' AND c.lease_expires_at < now()
+                        FOR UPDATE OF c SKIP LOCKED
+                        """
+                    ),
+                    {"id": chunk_id},
+                ).first()
+                if c is None:  # renewed or taken over meanwhile
+                    continue
+                if c.status in CANCEL_STATUSES:
+                    _close(conn, chunk_id, job_id, ChunkState.CANCELLED)
+                    report.cancelled += 1
+                elif c.attempts >= self.max_attempts:
+                    reason = (
+                        f"gave up after {c.attempts} attempts (worker {c.worker} lost the lease)"
+                    )
+                    if c.error:
+                        reason += f"; last error: {c.error}"
+                    _close(conn, chunk_id, job_id, ChunkState.FAILED, reason)
+                    report.failed += 1
+                else:
+                    conn.execute(
+                        text(
+                            "UPDATE chunks SET state = 'queued', lease_token = NULL, "
+                            "lease_expires_at = NULL, enqueued_at = NULL, updated_at = now() "
+                            "WHERE id = :id"
+                        ),
+                        {"id": chunk_id},
+                    )
+                    report.requeued += 1
+        return report
+
+    # --- messages -------------------------------------------------------------------------
+
+    def unsent(self, requeue_after_s: float) -> list[Unsent]:
+        """Queued chunks of open jobs whose message was never sent, or was sent longer ago than
+        ``requeue_after_s`` (it may have been lost), in the order workers should take them."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                text(
+                    """
+                    SELECT c.id, c.job_id, c.seq, j.n_chunks, j.queue, j.priority,
+                           c.enqueued_at IS NOT NULL AS enqueued
+                    FROM chunks c JOIN jobs j ON j.id = c.job_id
+                    WHERE c.state = 'queued' AND j.status IN ('queued', 'running')
+                      AND (c.enqueued_at IS NULL
+                           OR c.enqueued_at < now() - make_interval(secs => :after))
+                    ORDER BY j.priority DESC, j.created_at, c.seq
+                    """
+                ),
+                {"after": float(requeue_after_s)},
+            ).all()
+        return [Unsent(*r) for r in rows]
+
+    def mark_enqueued(self, chunk_ids: Sequence[uuid.UUID]) -> None:
+        """Stamps the chunks whose messages reached the broker."""
+        if not chunk_ids:
+            return
+        with self._tx() as conn:
+            # = ANY(array): one parameter however many chunks (IN (...) stops at 65,535).
+            conn.execute(
+                text("UPDATE chunks SET enqueued_at = now() WHERE id = ANY(:ids)"),
+                {"ids": list(chunk_ids)},
+            )
+
+
+# --- the SQL under the transitions (each runs inside the caller's transaction) ---------------
+
+
+def _lock_job_of(conn: Connection, chunk_id: uuid.UUID) -> uuid.UUID | None:
+    """Locks the chunk's job row (lock order everywhere: the job, then its chunks)."""
+    job_id = conn.execute(
+        text(
+            "SELECT j.id FROM jobs j JOIN chunks c ON c.job_id = j.id WHERE c.id = :id "
+            "FOR NO KEY UPDATE OF j"
+        ),
+        {"id": chunk_id},
+    ).scalar()
+    return None if job_id is None else uuid.UUID(str(job_id))
+
+
+def _hold(conn: Connection, lease: Lease) -> JobStatus:
+    """Locks the job and checks the fence: the chunk is still leased under this lease's token.
+    Returns the job's status; a lost lease raises (and is logged), so nothing is written."""
+    row = conn.execute(
+        text(
+            """
+            SELECT j.status, c.state, c.worker,
+                   (c.state = 'leased' AND c.lease_token = :token) AS owned
+            FROM jobs j JOIN chunks c ON c.job_id = j.id
+            WHERE c.id = :id
+            FOR NO KEY UPDATE OF j
+            """
+        ),
+        {"id": lease.chunk_id, "token": lease.token},
+    ).first()
+    if row is None or not row.owned:
+        where = "gone" if row is None else f"{row.state}, worker {row.worker}"
+        log.warning(
+            "chunk %s: lease lost (attempt %d); the write is refused (chunk now %s)",
+            lease.chunk_id,
+            lease.attempts,
+            where,
+        )
+        raise LeaseLostError(
+            f"chunk {lease.chunk_id}: lease of attempt {lease.attempts} was taken over ({where})"
+        )
+    return JobStatus(row.status)
+
+
+def _why_not(conn: Connection, chunk_id: uuid.UUID, job_id: uuid.UUID) -> Claim:
+    """Why a claim found nothing to lease; a chunk of a cancelled job that no live lease holds
+    is closed ``cancelled`` on the way."""
+    state = conn.execute(
+        text(
+            "SELECT c.state, c.lease_expires_at < now() AS expired, j.status "
+            "FROM chunks c JOIN jobs j ON j.id = c.job_id WHERE c.id = :id"
+        ),
+        {"id": chunk_id},
+    ).first()
+    if state is None:
+        return Claim(None, ClaimOutcome.MISSING)
+    chunk_state = ChunkState(state.state)
+    if chunk_state.finished:
+        return Claim(None, ClaimOutcome(chunk_state.value), job_id)
+    if state.status in CANCEL_STATUSES:
+        if chunk_state == ChunkState.QUEUED or state.expired:
+            _close(conn, chunk_id, job_id, ChunkState.CANCELLED)
+        return Claim(None, ClaimOutcome.JOB_CANCELLED, job_id)
+    return Claim(None, ClaimOutcome.BUSY, job_id)
+
+
+def _insert_results(
+    conn: Connection, job_id: uuid.UUID, results: Sequence[RowResult], status: JobStatus
+) -> Written:
+    if not results:
+        return Written(status)
+    cols: dict[str, list[Any]] = {
+        "idx": [r.idx for r in results],
+        "output": [r.output for r in results],
+        "label": [r.label for r in results],
+        "confidence": [r.confidence for r in results],
+        "finish_reason": [r.finish_reason for r in results],
+        "prompt_tokens": [r.prompt_tokens for r in results],
+        "completion_tokens": [r.completion_tokens for r in results],
+        "truncated": [r.truncated for r in results],
+        "error": [r.error for r in results],
+        "attempts": [r.attempts for r in results],
+        "latency_ms": [r.latency_ms for r in results],
+    }
+    row = conn.execute(
+        text(
+            """
+            WITH ins AS (
+              INSERT INTO results (job_id, idx, output, label, confidence, finish_reason,
+                                   prompt_tokens, completion_tokens, truncated, error, attempts,
+                                   latency_ms)
+              SELECT :j, * FROM unnest(
+                CAST(:idx AS int[]), CAST(:output AS text[]), CAST(:label AS text[]),
+                CAST(:confidence AS float8[]), CAST(:finish_reason AS text[]),
+                CAST(:prompt_tokens AS int[]), CAST(:completion_tokens AS int[]),
+                CAST(:truncated AS bool[]), CAST(:error AS text[]), CAST(:attempts AS int[]),
+                CAST(:latency_ms AS float8[]))
+              ON CONFLICT (job_id, idx) DO NOTHING
+              RETURNING error IS NULL AS ok, prompt_tokens, completion_tokens
+            ), n AS (
+              SELECT count(*) FILTER (WHERE ok) AS ok, count(*) FILTER (WHERE NOT ok) AS bad,
+                     coalesce(sum(prompt_tokens), 0) AS pt,
+                     coalesce(sum(completion_tokens), 0) AS ct
+              FROM ins
+            )
+            UPDATE jobs SET
+              succeeded = succeeded + n.ok,
+              failed = failed + n.bad,
+              prompt_tokens = prompt_tokens + n.pt,
+              completion_tokens = completion_tokens + n.ct
+            FROM n
+            WHERE id = :j
+            RETURNING status, n.ok, n.bad, n.ct
+            """
+        ),
+        {"j": job_id, **cols},
+    ).first()
+    if row is None:
+        return Written(status)
+    return Written(JobStatus(row.status), int(row.ok), int(row.bad), int(row.ct))
+
+
+def _close(
+    conn: Connection,
+    chunk_id: uuid.UUID,
+    job_id: uuid.UUID,
+    state: ChunkState,
+    error: str | None = None,
+) -> None:
+    """Ends a chunk (the job row is already locked). Rows without a result become errors
+    (``failed``) or are counted as cancelled (``cancelled``); ``done`` needs no rows. Then
+    finalizes the job if this was its last open chunk."""
+    if not state.finished:
+        raise ValueError(f"cannot close a chunk as {state}")
+    chunk = conn.execute(
+        text(
+            "UPDATE chunks SET state = :state, lease_token = NULL, lease_expires_at = NULL, "
+            "error = :err, updated_at = now() "
+            "WHERE id = :id AND state NOT IN ('done', 'failed', 'cancelled') "
+            "RETURNING start_idx, end_idx, attempts"
+        ),
+        {"id": chunk_id, "state": state, "err": error[:ERROR_CHARS] if error else None},
+    ).first()
+    if chunk is None:
+        return  # closed already
+    if state != ChunkState.DONE:
+        missing = (
+            conn.execute(
+                text(
+                    "SELECT d.idx FROM documents d WHERE d.job_id = :j AND d.idx >= :s "
+                    "AND d.idx < :e AND NOT EXISTS "
+                    "(SELECT 1 FROM results r WHERE r.job_id = d.job_id AND r.idx = d.idx)"
+                ),
+                {"j": job_id, "s": chunk.start_idx, "e": chunk.end_idx},
+            )
+            .scalars()
+            .all()
+        )
+        if missing and state == ChunkState.FAILED:
+            reason = error or "chunk failed"
+            rows = [RowResult(idx=i, error=reason, attempts=chunk.attempts) for i in missing]
+            _insert_results(conn, job_id, rows, JobStatus.RUNNING)
+        elif missing:
+            conn.execute(
+                text("UPDATE jobs SET cancelled = cancelled + :n WHERE id = :j"),
+                {"n": len(missing), "j": job_id},
+            )
+    _finalize(conn, job_id)
+
+
+def _finalize(conn: Connection, job_id: uuid.UUID) -> JobStatus | None:
+    """If no chunk of the job is open any more, gives the job its terminal status."""
+    job = conn.execute(
+        text("SELECT status, succeeded, failed FROM jobs WHERE id = :j FOR UPDATE"), {"j": job_id}
+    ).first()
+    if job is None or JobStatus(job.status).terminal:
+        return None
+    open_chunks = conn.execute(
+        text("SELECT count(*) FROM chunks WHERE job_id = :j AND state IN ('queued', 'leased')"),
+        {"j": job_id},
+    ).scalar_one()
+    if open_chunks:
+        return None
+    error: str | None = None
+    if job.status == JobStatus.CANCELLING:
+        status = JobStatus.CANCELLED
+    elif job.succeeded == 0 and job.failed > 0:
+        status = JobStatus.FAILED
+        error = f"all {job.failed} documents failed; see the results' errors"
+    else:
+        status = JobStatus.COMPLETED
+    conn.execute(
+        text(
+            "UPDATE jobs SET status = :s, finished_at = now(), error = coalesce(:e, error) "
+            "WHERE id = :j"
+        ),
+        {"s": status, "e": error, "j": job_id},
+    )
+    _apply_to_collection(conn, job_id)
+    return status
+
+
+def _apply_to_collection(conn: Connection, job_id: uuid.UUID) -> int:
+    """A scheduled job's successful results become its collection's latest summaries, in the
+    transaction that ends the job. Only documents whose text is still the one summarized (same
+    content hash) are updated: a document changed meanwhile stays pending for the next run.
+    Any other job: a no-op. Returns the documents updated."""
+    collection = conn.execute(
+        text("SELECT collection_id FROM jobs WHERE id = :j"), {"j": job_id}
+    ).scalar()
+    if collection is None:
+        return 0
+    # The collection row first, as uploads (service.collections.documents.upsert_documents)
+    # take it before the document rows: both touch documents in one order, never a deadlock.
+    conn.execute(text("SELECT 1 FROM collections WHERE id = :c FOR UPDATE"), {"c": collection})
+    res = conn.execute(
+        text(
+            """
+            UPDATE collection_documents cd SET
+              summary = coalesce(r.label, r.output), summary_model = j.model,
+              summarized_at = now(), summary_hash = cd.content_hash, summary_job_id = j.id
+            FROM jobs j
+            JOIN documents d ON d.job_id = j.id
+            JOIN results r ON r.job_id = d.job_id AND r.idx = d.idx
+            WHERE j.id = :j AND j.collection_id IS NOT NULL
+              AND cd.collection_id = j.collection_id AND cd.external_id = d.external_id
+              AND r.error IS NULL
+              AND cd.content_hash = encode(sha256(convert_to(d.text, 'UTF8')), 'hex')
+            """
+        ),
+        {"j": job_id},
+    )
+    return int(res.rowcount or 0)

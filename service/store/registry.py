@@ -1,0 +1,46 @@
+"""The workers registry: which live worker serves which model, on what device.
+
+A worker registers at start, heartbeats while it runs and unregisters at shutdown; the API
+counts a model as served while a heartbeat is recent (``service.jobs.queries.live_workers``).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, text
+
+
+def register_worker(
+    conn: Connection, name: str, model: str, queue: str, device: str, pid: int, ready: bool
+) -> None:
+    conn.execute(
+        text(
+            """
+            INSERT INTO workers (name, model, queue, device, pid, engine_ready)
+            VALUES (:name, :model, :queue, :device, :pid, :ready)
+            ON CONFLICT (name) DO UPDATE SET model = excluded.model, queue = excluded.queue,
+              device = excluded.device, pid = excluded.pid, engine_ready = excluded.engine_ready,
+              started_at = now(), last_heartbeat_at = now()
+            """
+        ),
+        {
+            "name": name,
+            "model": model,
+            "queue": queue,
+            "device": device,
+            "pid": pid,
+            "ready": ready,
+        },
+    )
+
+
+def heartbeat(conn: Connection, name: str, ready: bool) -> None:
+    conn.execute(
+        text(
+            "UPDATE workers SET last_heartbeat_at = now(), engine_ready = :ready WHERE name = :name"
+        ),
+        {"name": name, "ready": ready},
+    )
+
+
+def unregister_worker(conn: Connection, name: str) -> None:
+    conn.execute(text("DELETE FROM workers WHERE name = :name"), {"name": name})

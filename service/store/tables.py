@@ -1,0 +1,301 @@
+"""The tables (SQLAlchemy ORM): the schema of record. Alembic revisions must match these exactly."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy import (
+    false as sa_false,
+)
+from sqlalchemy import (
+    text as sa_text,
+)
+from sqlalchemy import (
+    true as sa_true,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from service.store.states import ChunkState, JobStatus, Task, sql_in
+
+# Stable constraint names so migrations can refer to them.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# JSONB on PostgreSQL, plain JSON elsewhere (embedded mode runs on SQLite).
+JsonDoc = JSON().with_variant(JSONB(), "postgresql")
+
+
+def _utcnow() -> Any:
+    return func.now()
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    # sha256 of the key: keys are 256-bit random, so a fast hash is enough and lookups are exact.
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))  # shown in listings to tell keys apart
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (Index(None, "tenant_id"),)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    task: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(500))
+    queue: Mapped[str] = mapped_column(String(200))
+    params: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    status: Mapped[str] = mapped_column(
+        String(16), default="validating", server_default="validating"
+    )
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    source_name: Mapped[str | None] = mapped_column(String(500))
+    chunk_size: Mapped[int] = mapped_column(Integer)
+    n_chunks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    total: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    succeeded: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cancelled: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    # A scheduled job's collection: its results flow back there when the job ends.
+    collection_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("collections.id", ondelete="SET NULL")
+    )
+    # Retention purged the documents and results; the row and its counts stay.
+    results_expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint(sql_in("status", JobStatus), name="status"),
+        CheckConstraint(sql_in("task", Task), name="task"),
+        # The same key from the same tenant names the same job.
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
+        Index("ix_jobs_status", "status"),
+        # Deleting a collection sets its jobs' collection_id NULL: find them without a scan.
+        Index(
+            "ix_jobs_collection",
+            "collection_id",
+            postgresql_where=sa_text("collection_id IS NOT NULL"),
+            sqlite_where=sa_text("collection_id IS NOT NULL"),
+        ),
+    )
+
+
+class Document(Base):
+    __tablename__ = "documents"
+
+    # No foreign key to jobs: documents are only ever written by the COPY in their job's own
+    # creating transaction, and a per-row key check would cost a third of ingest time. Deleting
+    # a job deletes its documents through the trigger made in migration 0003.
+    job_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    # 1-based data row number in the upload: input order, and the id when no id column is given.
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    external_id: Mapped[str | None] = mapped_column(Text)
+    text: Mapped[str] = mapped_column(Text)
+    extra: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+
+    __table_args__ = (
+        # Only jobs with an id column store external ids; the partial index costs nothing otherwise.
+        Index(
+            "uq_documents_job_external_id",
+            "job_id",
+            "external_id",
+            unique=True,
+            postgresql_where=sa_text("external_id IS NOT NULL"),
+            sqlite_where=sa_text("external_id IS NOT NULL"),
+        ),
+    )
+
+
+class Result(Base):
+    __tablename__ = "results"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    output: Mapped[str | None] = mapped_column(Text)
+    label: Mapped[str | None] = mapped_column(Text)
+    confidence: Mapped[float | None] = mapped_column(Float)
+    finish_reason: Mapped[str | None] = mapped_column(String(32))
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    truncated: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+
+    __table_args__ = (
+        # One result per document at most: the primary key makes redelivered chunks harmless.
+        ForeignKeyConstraint(
+            ["job_id", "idx"], ["documents.job_id", "documents.idx"], ondelete="CASCADE"
+        ),
+    )
+
+
+class Chunk(Base):
+    __tablename__ = "chunks"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)  # 0-based chunk number within the job
+    start_idx: Mapped[int] = mapped_column(Integer)  # first document idx, inclusive
+    end_idx: Mapped[int] = mapped_column(Integer)  # last document idx, exclusive
+    state: Mapped[str] = mapped_column(String(16), default="queued", server_default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    worker: Mapped[str | None] = mapped_column(String(255))
+    # The fence: drawn anew by each claim, required by every write under that lease.
+    lease_token: Mapped[uuid.UUID | None] = mapped_column()
+    # Set once the chunk's message reached the broker; NULL means the reconciler must send it.
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+
+    __table_args__ = (
+        CheckConstraint(sql_in("state", ChunkState), name="state"),
+        UniqueConstraint("job_id", "seq", name="uq_chunks_job_seq"),
+        Index("ix_chunks_state_lease", "state", "lease_expires_at"),
+    )
+
+
+class Worker(Base):
+    """A live worker process: what it serves and when it last said so."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery hostname
+    model: Mapped[str] = mapped_column(String(500))
+    queue: Mapped[str] = mapped_column(String(200))
+    device: Mapped[str] = mapped_column(String(100))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+    last_heartbeat_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=_utcnow()
+    )
+    engine_ready: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+
+    __table_args__ = (Index("ix_workers_model_heartbeat", "model", "last_heartbeat_at"),)
+
+
+class Collection(Base):
+    """Documents kept between jobs, per tenant, for scheduled work (nightly summaries)."""
+
+    __tablename__ = "collections"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_collections_tenant_name"),)
+
+
+class CollectionDocument(Base):
+    """A kept document and its latest summary. ``summary_hash`` is the content hash of the text
+    that was summarized: a document is pending while it differs from ``content_hash``."""
+
+    __tablename__ = "collection_documents"
+
+    collection_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("collections.id", ondelete="CASCADE"), primary_key=True
+    )
+    external_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+    extra: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc)
+    content_hash: Mapped[str] = mapped_column(String(64))  # sha256 hex of the UTF-8 text
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+    summary: Mapped[str | None] = mapped_column(Text)
+    summary_model: Mapped[str | None] = mapped_column(String(500))
+    summarized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    summary_hash: Mapped[str | None] = mapped_column(String(64))
+    summary_job_id: Mapped[uuid.UUID | None] = mapped_column()  # no key: jobs may be deleted
+
+
+class Schedule(Base):
+    """A cron schedule that runs a task over a collection's new and changed documents."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    collection_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("collections.id", ondelete="CASCADE")
+    )
+    task: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(500))
+    params: Mapped[dict[str, Any]] = mapped_column(JsonDoc, default=dict)
+    priority: Mapped[int] = mapped_column(Integer, default=-10, server_default="-10")  # bulk
+    cron: Mapped[str] = mapped_column(String(200))
+    timezone: Mapped[str] = mapped_column(String(64))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, server_default=sa_true())
+    # All instants in UTC; the cron is evaluated in ``timezone``.
+    next_run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_job_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL")
+    )
+    last_run_outcome: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+
+    __table_args__ = (
+        CheckConstraint(sql_in("task", Task), name="task"),
+        # A collection keeps one latest result per document and one pending state, so one
+        # schedule per collection: two would share (and race for) the same pending documents.
+        UniqueConstraint("collection_id", name="uq_schedules_collection"),
+        Index("ix_schedules_due", "enabled", "next_run_at"),
+        Index("ix_schedules_tenant", "tenant_id"),
+    )

@@ -1,0 +1,253 @@
+"""The chunk state machine against real Postgres: leases, fencing, idempotent results,
+finalization, cancel and lease expiry. Jobs are submitted through the real app."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.errors import LeaseLostError
+from service.settings import Settings
+from service.store.chunks import ClaimOutcome, PgChunkStore, RowResult
+from service.store.engine import get_engine
+from service.store.states import ChunkState, JobStatus
+from tests.support.helpers import auth, chunk_rows, expire_lease, job_view, pg, submit
+
+
+def make_store(settings: Settings, lease_s: float = 30, max_attempts: int = 3) -> PgChunkStore:
+    return PgChunkStore(
+        get_engine(settings.database_url), lease_s=lease_s, max_attempts=max_attempts
+    )
+
+
+def test_lease_admits_one_runner_and_done_is_a_no_op(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    job_id = submit(client, api_key, "text\na\nb\nc\n", model=model_name, chunk_size=2).json()["id"]
+    first, _second = chunk_rows(settings, job_id)
+    store = make_store(settings)
+    claim = store.claim(first[0], "w1")
+    assert claim.outcome == ClaimOutcome.LEASED and claim.lease is not None
+    lease = claim.lease
+    assert lease.attempts == 1 and (lease.start_idx, lease.end_idx) == (1, 3)
+    assert job_view(client, api_key, job_id)["status"] == "running"
+    # A duplicate delivery while the lease is live.
+    assert store.claim(first[0], "w2").outcome == ClaimOutcome.BUSY
+    assert [d.text for d in store.pending(lease)] == ["a", "b"]
+    store.write(lease, [RowResult(idx=1, output="A")])
+    # A re-run only sees what has no result yet.
+    assert [d.idx for d in store.pending(lease)] == [2]
+    store.write(lease, [RowResult(idx=2, output="B")])
+    store.close(lease, ChunkState.DONE)
+    assert store.job_status(lease.job_id) == JobStatus.RUNNING  # chunk 2 is still open
+    assert store.claim(first[0], "w2").outcome == ClaimOutcome.DONE
+
+
+def test_expired_lease_can_be_taken_over(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    job_id = submit(client, api_key, "text\na\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    store = make_store(settings)
+    assert store.claim(chunk[0], "dead-worker").outcome == ClaimOutcome.LEASED
+    expire_lease(settings, chunk[0])
+    again = store.claim(chunk[0], "w2")
+    assert again.outcome == ClaimOutcome.LEASED and again.lease is not None
+    assert again.lease.attempts == 2
+
+
+def test_results_are_idempotent_and_counters_move_once(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    job_id = submit(client, api_key, "text\na\nb\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    store = make_store(settings)
+    rows = [
+        RowResult(idx=1, output="x", prompt_tokens=3, completion_tokens=2),
+        RowResult(idx=2, error="empty text"),
+    ]
+    lease = store.claim(chunk[0], "w").lease
+    assert lease is not None
+    first = store.write(lease, rows)
+    again = store.write(lease, rows)  # a redelivered sub-batch writes again
+    assert (first.succeeded, first.failed, again.succeeded, again.failed) == (1, 1, 0, 0)
+    store.close(lease, ChunkState.DONE)
+    job = job_view(client, api_key, job_id)
+    assert job["counts"] == {"total": 2, "succeeded": 1, "failed": 1, "cancelled": 0}
+    assert job["tokens"] == {"prompt": 3, "completion": 2}
+    assert job["status"] == "completed" and job["finished_at"] is not None
+    with pg(settings.database_url) as conn:
+        n = conn.execute("SELECT count(*) FROM results WHERE job_id = %s", (job_id,)).fetchone()
+    assert n is not None and n[0] == 2
+
+
+def test_failed_chunk_turns_unfinished_rows_into_errors(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    job_id = submit(client, api_key, "text\na\nb\nc\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    store = make_store(settings)
+    lease = store.claim(chunk[0], "w").lease
+    assert lease is not None
+    store.write(lease, [RowResult(idx=1, output="ok")])
+    store.close(lease, ChunkState.FAILED, "engine died twice")
+    job = job_view(client, api_key, job_id)
+    assert job["status"] == "completed"  # completed with failed rows, as a batch API does
+    assert job["counts"] == {"total": 3, "succeeded": 1, "failed": 2, "cancelled": 0}
+    body = client.get(f"/v1/jobs/{job_id}/results?format=jsonl", headers=auth(api_key)).text
+    errors = [json.loads(line)["error"] for line in body.splitlines()]
+    assert errors == [None, "engine died twice", "engine died twice"]
+
+
+def test_all_rows_failed_fails_the_job(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    job_id = submit(client, api_key, "text\na\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    store = make_store(settings)
+    lease = store.claim(chunk[0], "w").lease
+    assert lease is not None
+    store.close(lease, ChunkState.FAILED, "boom")
+    job = job_view(client, api_key, job_id)
+    assert job["status"] == "failed" and "all 1 documents failed" in job["error"]
+
+
+def test_release_requeues_until_the_last_attempt_then_fails_the_rows(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    job_id = submit(client, api_key, "text\na\nb\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    store = make_store(settings, max_attempts=2)
+    lease = store.claim(chunk[0], "w").lease
+    assert lease is not None
+    store.write(lease, [RowResult(idx=1, output="kept")])
+    released = store.release(lease, "StoreUnavailableError: database away")
+    assert released.requeued and released.attempts == 1
+    assert chunk_rows(settings, job_id)[0][2] == "queued"
+    second = store.claim(chunk[0], "w2").lease
+    assert second is not None and second.attempts == 2
+    assert not store.release(second, "EngineDeadError: gone").requeued  # out of attempts
+    job = job_view(client, api_key, job_id)
+    assert job["counts"] == {"total": 2, "succeeded": 1, "failed": 1, "cancelled": 0}
+    body = client.get(f"/v1/jobs/{job_id}/results?format=jsonl", headers=auth(api_key)).text
+    assert "gave up after 2 attempts; last error: EngineDeadError: gone" in body
+
+
+def test_cancel_closes_queued_chunks_and_a_claim_of_a_cancelled_job_closes_its_chunk(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    job_id = submit(client, api_key, "text\na\nb\n", model=model_name, chunk_size=1).json()["id"]
+    first, second = chunk_rows(settings, job_id)
+    store = make_store(settings)
+    lease = store.claim(first[0], "w").lease
+    assert lease is not None
+    job = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(api_key)).json()
+    assert job["status"] == "cancelling" and job["counts"]["cancelled"] == 1
+    assert store.claim(second[0], "w").outcome == ClaimOutcome.CANCELLED
+    assert store.write(lease, []).status == JobStatus.CANCELLING  # the runner notices
+    store.close(lease, ChunkState.CANCELLED)
+    job = job_view(client, api_key, job_id)
+    assert job["status"] == "cancelled"
+    assert job["counts"] == {"total": 2, "succeeded": 0, "failed": 0, "cancelled": 2}
+
+
+# --- fencing ------------------------------------------------------------------------------------
+
+
+def assert_fenced_out(store: PgChunkStore, stale: Any) -> None:
+    """Every transition under a lost lease is refused."""
+    with pytest.raises(LeaseLostError):
+        store.write(stale, [RowResult(idx=stale.start_idx, output="stale")])
+    with pytest.raises(LeaseLostError):
+        store.write(stale, [RowResult(idx=stale.start_idx, error="stale failure")])
+    with pytest.raises(LeaseLostError):
+        store.release(stale, "stale worker gives up")
+    with pytest.raises(LeaseLostError):
+        store.close(stale, ChunkState.FAILED, "stale worker fails the chunk")
+    with pytest.raises(LeaseLostError):
+        store.close(stale, ChunkState.DONE)
+    assert store.renew([stale]) == {stale.chunk_id}
+
+
+def test_a_worker_paused_past_its_lease_cannot_touch_the_chunk_its_successor_holds(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    body = "text\n" + "".join(f"doc {i}\n" for i in range(6))
+    job_id = submit(client, api_key, body, model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    short = make_store(settings, lease_s=0.5)
+    stale = short.claim(chunk[0], "paused-worker").lease
+    assert stale is not None
+    short.write(stale, [RowResult(idx=1, output="before the pause")])  # its lease still holds
+    time.sleep(1.0)  # the worker pauses (GC, SIGSTOP, a partition) longer than lease_s
+    store = make_store(settings)
+    new = store.claim(chunk[0], "successor").lease
+    assert new is not None and new.attempts == 2 and new.token != stale.token
+
+    assert_fenced_out(store, stale)
+
+    # The successor's work stands, and so does what the first owner wrote while it held the
+    # lease; the stale worker never closed the chunk as failed nor wrote an error row.
+    assert [d.idx for d in store.pending(new)] == [2, 3, 4, 5, 6]
+    store.write(new, [RowResult(idx=d.idx, output=f"new {d.idx}") for d in store.pending(new)])
+    store.close(new, ChunkState.DONE)
+    assert_fenced_out(store, stale)  # and after the close too
+    rows = [
+        json.loads(line)
+        for line in client.get(
+            f"/v1/jobs/{job_id}/results?format=jsonl", headers=auth(api_key)
+        ).text.splitlines()
+    ]
+    assert [r["output"] for r in rows] == ["before the pause"] + [f"new {i}" for i in range(2, 7)]
+    assert all(r["error"] is None for r in rows)
+    job = job_view(client, api_key, job_id)
+    assert job["status"] == "completed"
+    assert job["counts"] == {"total": 6, "succeeded": 6, "failed": 0, "cancelled": 0}
+
+
+def test_a_lease_expired_by_force_is_fenced_before_anyone_takes_it_over(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    job_id = submit(client, api_key, "text\na\nb\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    store = make_store(settings)
+    stale = store.claim(chunk[0], "slow-worker").lease
+    assert stale is not None
+    expire_lease(settings, chunk[0])
+    report = store.expire()  # the reconciler requeues it (other tests' leftovers may count)
+    assert report.requeued >= 1 and chunk_rows(settings, job_id)[0][2] == "queued"
+
+    assert_fenced_out(store, stale)  # queued, no owner: still not the stale worker's
+
+    new = store.claim(chunk[0], "successor").lease
+    assert new is not None and new.attempts == 2
+    assert_fenced_out(store, stale)
+    store.write(new, [RowResult(idx=1, output="a'"), RowResult(idx=2, output="b'")])
+    store.close(new, ChunkState.DONE)
+    with pg(settings.database_url) as conn:
+        rows = conn.execute(
+            "SELECT idx, output, attempts FROM results WHERE job_id = %s ORDER BY idx", (job_id,)
+        ).fetchall()
+    assert rows == [(1, "a'", 1), (2, "b'", 1)]  # exactly one result per document
+    assert job_view(client, api_key, job_id)["status"] == "completed"
+
+
+def test_renew_extends_live_leases_and_reports_lost_ones(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    job_id = submit(client, api_key, "text\na\nb\n", model=model_name, chunk_size=1).json()["id"]
+    first, second = chunk_rows(settings, job_id)
+    store = make_store(settings)
+    a = store.claim(first[0], "w").lease
+    b = store.claim(second[0], "w").lease
+    assert a is not None and b is not None
+    expire_lease(settings, second[0])
+    assert store.renew([a, b]) == set()  # expired but not taken over: still ours, renewed
+    expire_lease(settings, second[0])
+    taken = store.claim(second[0], "other")
+    assert taken.outcome == ClaimOutcome.LEASED
+    assert store.renew([a, b]) == {second[0]}

@@ -1,0 +1,123 @@
+"""The reconciler against real Postgres and Redis: dead leases expire, lost messages come back,
+a message still waiting is never doubled."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import redis
+from fastapi.testclient import TestClient
+
+from service.contract import make_celery, queue_for_model
+from service.settings import Settings
+from service.store.chunks import ClaimOutcome, PgChunkStore
+from service.store.engine import get_engine
+from tests.support.helpers import auth, chunk_rows, expire_lease, job_view, pg, submit
+from workers.ops.broker import chunk_ids_in_broker
+from workers.ops.reconciler import reconcile
+
+
+def make_store(settings: Settings) -> PgChunkStore:
+    return PgChunkStore(
+        get_engine(settings.database_url),
+        lease_s=settings.lease_s,
+        max_attempts=settings.max_attempts,
+    )
+
+
+def test_reconciler_requeues_expired_leases_then_gives_up(
+    client: TestClient,
+    api_key: str,
+    settings: Settings,
+    model_name: str,
+    redis_client: redis.Redis,
+) -> None:
+    job_id = submit(client, api_key, "text\na\nb\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    queue = queue_for_model(model_name)
+    redis_client.delete(queue)
+    app = make_celery(settings)
+    s = settings.model_copy(update={"max_attempts": 2})
+    store = make_store(s)
+
+    def lease_and_die() -> None:
+        assert store.claim(chunk[0], "killed-worker").outcome == ClaimOutcome.LEASED
+        expire_lease(settings, chunk[0])
+
+    lease_and_die()
+    report = reconcile(store, app, s)  # (other tests' leftovers may be reconciled too)
+    assert report.requeued >= 1 and str(chunk[0]) in report.resent_ids
+    assert chunk_rows(settings, job_id)[0][2] == "queued"
+    assert chunk_ids_in_broker(redis_client, [queue]) == {str(chunk[0])}
+
+    lease_and_die()  # second attempt dies too: out of attempts
+    report = reconcile(store, app, s)
+    assert report.failed >= 1
+    job = job_view(client, api_key, job_id)
+    assert job["status"] == "failed" and job["counts"]["failed"] == 2
+    body = client.get(f"/v1/jobs/{job_id}/results?format=jsonl", headers=auth(api_key)).text
+    assert "gave up after 2 attempts (worker killed-worker lost the lease)" in body
+    app.close()
+
+
+def test_reconciler_resends_lost_messages_only(
+    client: TestClient,
+    api_key: str,
+    settings: Settings,
+    model_name: str,
+    redis_client: redis.Redis,
+) -> None:
+    job_id = submit(client, api_key, "text\na\nb\nc\n", model=model_name, chunk_size=1).json()["id"]
+    queue = queue_for_model(model_name)
+    chunks = chunk_rows(settings, job_id)
+    assert redis_client.llen(queue) == 3
+    app = make_celery(settings)
+    s = settings.model_copy(update={"requeue_after_s": 0})
+    store = make_store(s)
+    ours = {str(c[0]) for c in chunks}
+    # Messages still in Redis: nothing of ours to do.
+    assert not ours & set(reconcile(store, app, s).resent_ids)
+    # Redis loses everything (FLUSHALL, restart without persistence): all three come back.
+    redis_client.delete(queue)
+    report = reconcile(store, app, s)
+    assert ours <= set(report.resent_ids)
+    assert chunk_ids_in_broker(redis_client, [queue]) == ours
+    assert redis_client.llen(queue) == 3
+    app.close()
+
+
+def test_reconciler_resends_a_delivery_to_a_dead_worker(
+    client: TestClient,
+    api_key: str,
+    settings: Settings,
+    model_name: str,
+    redis_client: redis.Redis,
+) -> None:
+    """A message delivered (unacked) long ago whose chunk was never claimed went to a worker
+    that died before claiming it; a recent delivery is left alone."""
+    job_id = submit(client, api_key, "text\na\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    queue = queue_for_model(model_name)
+    raw = redis_client.lpop(queue)
+    assert raw is not None
+    tag = f"tag-{uuid.uuid4().hex}"
+    redis_client.hset("unacked", tag, json.dumps([json.loads(raw), "", queue]))
+    app = make_celery(settings)
+    s = settings.model_copy(update={"requeue_after_s": 30})
+    store = make_store(s)
+    with pg(settings.database_url) as conn:
+        conn.execute(
+            "UPDATE chunks SET enqueued_at = now() - interval '1 minute' WHERE id = %s", (chunk[0],)
+        )
+    try:
+        redis_client.zadd("unacked_index", {tag: time.time() - 5})  # delivered 5 s ago
+        assert str(chunk[0]) not in reconcile(store, app, s).resent_ids
+        redis_client.zadd("unacked_index", {tag: time.time() - 300})  # 5 minutes ago
+        assert str(chunk[0]) in reconcile(store, app, s).resent_ids
+        assert redis_client.llen(queue) == 1
+    finally:
+        redis_client.hdel("unacked", tag)
+        redis_client.zrem("unacked_index", tag)
+        app.close()

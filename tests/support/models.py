@@ -1,0 +1,30 @@
+"""The local test models, built (once, cached outside the repo) by scripts/prepare_models.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "prepare_models.py"
+
+
+def prepare_models() -> ModuleType:
+    name = "docqueue_prepare_models"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, _SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_model() -> str:
+    return str(prepare_models().ensure_tiny_model())
+
+
+def smollm2_model() -> str:
+    return str(prepare_models().ensure_smollm2())

@@ -1,0 +1,88 @@
+"""The reconciler: Postgres is the truth, so lost or stuck work is re-sent from it.
+
+- A chunk whose lease expired (its worker died) is queued again, or failed once it used up its
+  attempts, or cancelled if its job is being cancelled.
+- A queued chunk whose message is gone from Redis (flushed, restarted without persistence, or
+  never sent because Redis was down at submit time) is sent again.
+Runs at worker start and every ``reconcile_interval_s`` in each worker, and as a beat task in
+``docqueue beat`` (workers/ops/beat.py); a Postgres advisory lock lets only one process
+expire leases at a time. Duplicate messages are harmless (leases, unique results).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import redis as redis_lib
+from celery import Celery
+
+from service.contract import ChunkMessage, send_chunks
+from service.settings import Settings
+from service.store.chunks import PgChunkStore
+from workers.ops.broker import chunk_ids_in_broker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Report:
+    requeued: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    resent: int = 0
+    skipped: bool = False
+    resent_ids: list[str] = field(default_factory=list)
+
+
+def reconcile(store: PgChunkStore, app: Celery, settings: Settings) -> Report:
+    """One pass: expire dead leases (the state machine), then re-send lost messages."""
+    expired = store.expire()
+    report = Report(expired.requeued, expired.failed, expired.cancelled, skipped=expired.skipped)
+    if expired.skipped:
+        return report
+    candidates = store.unsent(settings.requeue_after_s)
+    in_broker: set[str] = set()
+    if any(c.enqueued for c in candidates):
+        client = redis_lib.Redis.from_url(settings.redis_url)
+        try:
+            in_broker = chunk_ids_in_broker(
+                client, {c.queue for c in candidates}, settings.requeue_after_s
+            )
+        finally:
+            client.close()
+    to_send = [
+        ChunkMessage(
+            chunk_id=c.chunk_id, job_id=c.job_id, seq=c.seq, n_chunks=c.n_chunks, queue=c.queue
+        )
+        for c in candidates
+        if not c.enqueued or str(c.chunk_id) not in in_broker
+    ]
+    if to_send:
+        report.resent = send_chunks(app, to_send)
+        report.resent_ids = [str(m.chunk_id) for m in to_send]
+        store.mark_enqueued([m.chunk_id for m in to_send])
+    if report.requeued or report.failed or report.cancelled or report.resent:
+        log.info("reconciler: %s", report)
+    return report
+
+
+def run_periodically(
+    store: PgChunkStore, app: Celery, settings: Settings, stop: threading.Event
+) -> threading.Thread:
+    """The in-worker loop; with ``reconcile_in_workers`` off it does nothing, and the beat task
+    (``docqueue.reconcile`` in workers/ops/beat.py) is the only periodic reconciler."""
+
+    def loop() -> None:
+        if not settings.reconcile_in_workers:
+            return
+        while not stop.wait(settings.reconcile_interval_s):
+            try:
+                reconcile(store, app, settings)
+            except Exception:
+                log.warning("reconciler pass failed; next pass retries", exc_info=True)
+
+    thread = threading.Thread(target=loop, name="docqueue-reconciler", daemon=True)
+    thread.start()
+    return thread

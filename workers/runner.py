@@ -1,0 +1,296 @@
+"""The chunk runner: lease a chunk, run its documents through the engine, write results.
+
+Per-document problems become that row's error; transient problems (database away, engine dead)
+raise ``TransientError`` to the task, which gives the chunk back and retries it with backoff up
+to ``max_attempts`` (the chunk state machine counts them). A redelivered or duplicated message
+is harmless: the lease admits one runner, results are unique per document, and a runner whose
+lease was taken over has its late writes refused (``LeaseLostError``) and stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from celery.utils.time import get_exponential_backoff_interval
+
+from service.errors import LeaseLostError, RowError, TransientError
+from service.store.chunks import ChunkStore, Doc, Lease, RowResult
+from service.store.states import CANCEL_STATUSES, ChunkState, Task
+from workers import metrics as worker_metrics
+from workers.engines import Batch, Engine, GenRequest
+from workers.prompts import render
+
+log = logging.getLogger(__name__)
+#: How often a running chunk checks whether its job was cancelled or its lease lost.
+POLL_S = 2.0
+#: Longest backoff between two attempts of a chunk.
+MAX_BACKOFF_S = 300
+
+
+class RetryChunk(TransientError):
+    """The chunk was given back after a transient failure: retry it after ``countdown_s``."""
+
+    def __init__(self, cause: TransientError, countdown_s: float) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}".strip()[:500])
+        self.cause = cause
+        self.countdown_s = countdown_s
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The sampling parameters every request of a chunk shares."""
+
+    max_tokens: int
+    temperature: float
+    seed: int | None
+    choices: tuple[str, ...] | None  # classify: the output is one of these
+
+
+@dataclass
+class Group:
+    """One engine sub-batch of a chunk: which documents went in, which failed before it."""
+
+    docs: list[Doc]
+    prepared: list[tuple[int, bool]]  # (position in docs, truncated) of rows sent to the engine
+    errors: dict[int, str]  # position in docs -> row error found while rendering
+    batch: Batch
+    submitted_at: float
+
+
+class Context(Protocol):
+    """What a runner needs from its worker process: the store, the warm engine, its name and
+    settings, and which of its leases the heartbeat found lost (``workers.runtime.Runtime``)."""
+
+    @property
+    def store(self) -> ChunkStore: ...
+    @property
+    def engine(self) -> Engine: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def sub_batch_size(self) -> int: ...
+    @property
+    def default_max_tokens(self) -> int: ...
+    @property
+    def summary_words(self) -> int: ...
+    @property
+    def retry_backoff_s(self) -> float: ...
+
+    def hold(self, lease: Lease) -> None:
+        """The heartbeat renews this lease until ``drop``."""
+
+    def drop(self, lease: Lease) -> None: ...
+
+    def lost(self, lease: Lease) -> bool:
+        """The heartbeat found this lease taken over."""
+
+
+def generation(task: str, params: dict[str, Any], tokenizer: Any, default: int) -> Generation:
+    """Sampling parameters from the job's params. A classify job without ``max_tokens`` gets
+    the longest label's token count plus a little room, so a label is never cut off."""
+    labels = tuple(params.get("labels") or ()) if task == Task.CLASSIFY else None
+    max_tokens = params.get("max_tokens")
+    if max_tokens is None:
+        if labels:
+            longest = max(len(tokenizer(lab, add_special_tokens=False).input_ids) for lab in labels)
+            max_tokens = longest + 4
+        else:
+            max_tokens = default
+    return Generation(
+        max_tokens=int(max_tokens),
+        temperature=float(params.get("temperature", 0.0)),
+        seed=params.get("seed"),
+        choices=labels,
+    )
+
+
+def backoff_s(attempts: int, base_s: float) -> float:
+    """Seconds before the next attempt: exponential in the attempts made so far, with full
+    jitter (so chunks that failed together do not retry together), capped at 5 minutes."""
+    return float(
+        get_exponential_backoff_interval(
+            factor=max(base_s, 0.0),
+            retries=max(attempts - 1, 0),
+            maximum=MAX_BACKOFF_S,
+            full_jitter=True,
+        )
+    )
+
+
+def process_chunk(ctx: Context, chunk_id: uuid.UUID) -> str:
+    """Runs one chunk; returns what happened ("done", "cancelled", "busy", "lease_lost" ...)."""
+    claim = ctx.store.claim(chunk_id, ctx.name)
+    if claim.lease is None:
+        return str(claim.outcome)
+    lease = claim.lease
+    if lease.model != ctx.model:  # a message on the wrong queue: give it back
+        ctx.store.release(lease, f"worker serves {ctx.model}")
+        return "wrong_model"
+    ctx.hold(lease)
+    try:
+        return run_lease(ctx, lease, ctx.store.pending(lease))
+    except LeaseLostError as exc:
+        log.warning("chunk %s: %s; stopping, the new owner's results stand", chunk_id, exc)
+        return "lease_lost"
+    except TransientError as exc:
+        return give_back(ctx, lease, exc)
+    finally:
+        ctx.drop(lease)
+
+
+def give_back(ctx: Context, lease: Lease, exc: TransientError) -> str:
+    """After a transient failure: the chunk goes back to the queue and ``RetryChunk`` says
+    when to retry, or, on its last attempt, it is closed ``failed`` with the reason. With the
+    database away the release fails too; the lease then expires and the reconciler re-sends."""
+    reason = f"{type(exc).__name__}: {exc}".strip()[:500]
+    log.warning(
+        "chunk %s: transient failure (attempt %d): %s", lease.chunk_id, lease.attempts, reason
+    )
+    try:
+        released = ctx.store.release(lease, reason)
+    except LeaseLostError:
+        return "lease_lost"
+    except TransientError:
+        raise RetryChunk(exc, backoff_s(lease.attempts, ctx.retry_backoff_s)) from exc
+    if not released.requeued:
+        return "failed"
+    raise RetryChunk(exc, backoff_s(released.attempts, ctx.retry_backoff_s)) from exc
+
+
+def run_lease(ctx: Context, lease: Lease, docs: list[Doc]) -> str:
+    """Renders and submits every sub-batch up front (the engine then always has this chunk's
+    next prompts queued while earlier ones decode), then writes each as it completes."""
+    engine = ctx.engine
+    tokenizer = engine.tokenizer()
+    gen = generation(lease.task, lease.params, tokenizer, ctx.default_max_tokens)
+    params = {"summary_words": ctx.summary_words, **lease.params}
+
+    groups = [
+        _submit(engine, tokenizer, lease, docs[start : start + ctx.sub_batch_size], params, gen)
+        for start in range(0, len(docs), ctx.sub_batch_size)
+    ]
+    try:
+        for n, group in enumerate(groups):
+            if not _wait(ctx, lease, group):
+                return _cancel_rest(ctx, lease, groups[n:])
+            if group.batch.failure is not None:
+                raise group.batch.failure
+            written = ctx.store.write(lease, row_results(group, lease.attempts, gen.choices))
+            worker_metrics.count_written(ctx.model, lease.task, written)
+            if written.status in CANCEL_STATUSES and n + 1 < len(groups):
+                return _cancel_rest(ctx, lease, groups[n + 1 :])
+    except BaseException:
+        for g in groups:
+            if not g.batch.done:
+                engine.cancel(g.batch)
+        raise
+    ctx.store.close(lease, ChunkState.DONE)
+    return "done"
+
+
+def _submit(
+    engine: Engine,
+    tokenizer: Any,
+    lease: Lease,
+    part: list[Doc],
+    params: dict[str, Any],
+    gen: Generation,
+) -> Group:
+    budget = engine.max_model_len - gen.max_tokens
+    prepared: list[tuple[int, bool]] = []
+    requests: list[GenRequest] = []
+    errors: dict[int, str] = {}
+    for pos, doc in enumerate(part):
+        try:
+            r = render(tokenizer, lease.task, params, doc, budget)
+        except RowError as exc:
+            errors[pos] = str(exc)
+            continue
+        prepared.append((pos, r.truncated))
+        requests.append(
+            GenRequest(
+                prompt_token_ids=r.token_ids,
+                max_tokens=gen.max_tokens,
+                temperature=gen.temperature,
+                seed=gen.seed,
+                choices=gen.choices,
+            )
+        )
+    return Group(part, prepared, errors, engine.submit(requests), time.monotonic())
+
+
+def _wait(ctx: Context, lease: Lease, group: Group) -> bool:
+    """Waits for a sub-batch; False if the job was cancelled meanwhile. A lease the heartbeat
+    found lost raises at once, so a paused worker stops instead of finishing for nothing."""
+    last_poll = time.monotonic()
+    while not group.batch.wait(0.5):
+        if time.monotonic() - last_poll >= POLL_S:
+            last_poll = time.monotonic()
+            if ctx.lost(lease):
+                raise LeaseLostError(f"chunk {lease.chunk_id}: the heartbeat lost its lease")
+            if ctx.store.job_status(lease.job_id) in CANCEL_STATUSES:
+                return False
+    return True
+
+
+def row_results(group: Group, attempts: int, labels: tuple[str, ...] | None) -> list[RowResult]:
+    """The rows one finished sub-batch writes, in input order: rendering errors, engine errors,
+    a classify output that is not one of the labels, or the result."""
+    elapsed_ms = (time.monotonic() - group.submitted_at) * 1000.0
+    out: list[RowResult] = []
+    for pos, message in group.errors.items():
+        out.append(RowResult(idx=group.docs[pos].idx, error=message, attempts=attempts))
+    for k, (pos, truncated) in enumerate(group.prepared):
+        res = group.batch.results[k]
+        if res is None:
+            raise RuntimeError(f"sub-batch finished without a result for request {k}")
+        idx = group.docs[pos].idx
+        if res.error:
+            out.append(
+                RowResult(
+                    idx=idx, error=res.error, prompt_tokens=res.prompt_tokens, attempts=attempts
+                )
+            )
+            continue
+        label = res.text.strip() if labels else None
+        if labels and label not in labels:  # cut off by max_tokens before a label completed
+            out.append(
+                RowResult(
+                    idx=idx,
+                    output=res.text,
+                    error=f"no label: output {res.text!r} "
+                    f"is not one of {list(labels)} (raise max_tokens?)",
+                    prompt_tokens=res.prompt_tokens,
+                    attempts=attempts,
+                )
+            )
+            continue
+        out.append(
+            RowResult(
+                idx=idx,
+                output=res.text,
+                label=label,
+                confidence=res.confidence,
+                finish_reason=res.finish_reason,
+                prompt_tokens=res.prompt_tokens,
+                completion_tokens=res.completion_tokens,
+                truncated=truncated,
+                attempts=attempts,
+                latency_ms=elapsed_ms,
+            )
+        )
+    out.sort(key=lambda r: r.idx)
+    return out
+
+
+def _cancel_rest(ctx: Context, lease: Lease, groups: list[Group]) -> str:
+    for g in groups:
+        ctx.engine.cancel(g.batch)
+    ctx.store.close(lease, ChunkState.CANCELLED)
+    return "cancelled"
