@@ -11,7 +11,7 @@ import hashlib
 import re
 import uuid
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -41,7 +41,7 @@ TASK_RECONCILE = "docqueue.reconcile"
 TASK_RETENTION = "docqueue.retention"
 
 
-def priority_class(priority: int) -> str:
+def priority_class(priority: int) -> Literal["interactive", "bulk"]:
     """``interactive`` or ``bulk`` for a stored ``jobs.priority``."""
     return "bulk" if priority < 0 else "interactive"
 

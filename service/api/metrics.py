@@ -33,6 +33,7 @@ from sqlalchemy import Engine, text
 
 from service.contract import queues_for_model
 from service.settings import Settings
+from service.store.registry import live_horizon_s
 from service.store.states import JobStatus
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ JOB_DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 216
 #: kombu's Redis transport keeps priorities in sibling lists named queue + sep + step.
 _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (3, 6, 9)
-ACTIVE_STATUSES = ("validating", "queued", "running", "cancelling")
+ACTIVE_STATUSES = [str(s) for s in JobStatus if not s.terminal]
 
 
 class StoreCollector(Collector):
@@ -110,7 +111,7 @@ class StoreCollector(Collector):
             ).all()
             active = conn.execute(
                 text("SELECT DISTINCT model, queue FROM jobs WHERE status = ANY(:active)"),
-                {"active": list(ACTIVE_STATUSES)},
+                {"active": ACTIVE_STATUSES},
             ).all()
             served = conn.execute(text("SELECT DISTINCT model FROM workers")).scalars().all()
             workers = conn.execute(
@@ -198,9 +199,7 @@ class StoreCollector(Collector):
 def install(app: FastAPI, settings: Settings, db: Engine) -> None:
     """Adds ``GET /metrics`` (Prometheus text format, no API key: aggregates, no tenant data)."""
     registry = CollectorRegistry(auto_describe=False)
-    # The horizon /v1/models uses (service.jobs.submit.live_workers).
-    horizon = 3 * max(settings.worker_heartbeat_s, settings.lease_s / 3.0)
-    registry.register(StoreCollector(db, settings.redis_url, horizon))
+    registry.register(StoreCollector(db, settings.redis_url, live_horizon_s(settings)))
 
     lock = threading.Lock()
     cached: list[Any] = [float("-inf"), b""]  # (monotonic time made, body)

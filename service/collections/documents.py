@@ -14,7 +14,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import IO, Any, cast
+from typing import IO, Any, NamedTuple, cast
 
 import psycopg
 from sqlalchemy import delete, func, insert, select, text
@@ -25,7 +25,7 @@ from service.contract import queue_for_model
 from service.errors import InvalidParameterError, NotFoundError
 from service.jobs import submit
 from service.jobs import validate as jobs
-from service.jobs.ingest import IngestOptions, ingest_csv
+from service.jobs.ingest import IngestOptions, ingest_csv, parse_delimiter
 from service.settings import Settings
 from service.store.engine import get_engine
 from service.store.tables import Chunk, Collection, CollectionDocument, Job, Schedule
@@ -53,6 +53,17 @@ class UpsertCounts:
     unchanged: int
 
 
+class CollectionCounts(NamedTuple):
+    documents: int
+    summarized: int  # whose summary is of the current text; the rest are pending
+
+
+class DocumentPage(NamedTuple):
+    collection: str
+    documents: list[CollectionDocument]
+    next_page_token: str | None  # None on the last page
+
+
 def upsert_documents(
     tenant_id: uuid.UUID,
     name: str,
@@ -74,10 +85,7 @@ def upsert_documents(
     validate_name(name)
     if not id_column:
         raise InvalidParameterError("id_column is required for collections", field="id_column")
-    if delimiter is not None and delimiter not in (",", ";", "\t", "tab"):
-        raise InvalidParameterError(
-            "delimiter must be ',', ';' or tab ('\\t' or 'tab')", field="delimiter"
-        )
+    delimiter = parse_delimiter(delimiter)
     engine = get_engine(settings.database_url)
     with Session(engine, expire_on_commit=False) as session, session.begin():
         session.execute(
@@ -99,7 +107,7 @@ def upsert_documents(
         opts = IngestOptions(
             text_column=text_column,
             id_column=id_column,
-            delimiter="\t" if delimiter == "tab" else delimiter,
+            delimiter=delimiter,
             max_rows=settings.max_rows_per_job,
             max_document_bytes=settings.max_document_bytes,
         )
@@ -161,32 +169,22 @@ def _counts_query() -> Any:
     )
 
 
-def collection_view(coll: Collection, documents: int, summarized: int) -> dict[str, Any]:
-    return {
-        "object": "collection",
-        "id": str(coll.id),
-        "name": coll.name,
-        "counts": {
-            "documents": documents,
-            "summarized": summarized,  # summary of the current text
-            "pending": documents - summarized,  # new, changed, or whose last run failed
-        },
-        "created_at": coll.created_at.isoformat(),
-        "updated_at": coll.updated_at.isoformat(),
-    }
-
-
-def describe(session: Session, tenant_id: uuid.UUID, name: str) -> dict[str, Any]:
+def describe(
+    session: Session, tenant_id: uuid.UUID, name: str
+) -> tuple[Collection, CollectionCounts]:
+    """The tenant's collection (or 404) with its counts."""
     coll = get_collection(session, tenant_id, name)
     row = session.execute(_counts_query().where(Collection.id == coll.id)).one()
-    return collection_view(row[0], int(row.documents), int(row.summarized))
+    return row[0], CollectionCounts(int(row.documents), int(row.summarized))
 
 
-def list_collections(session: Session, tenant_id: uuid.UUID) -> list[dict[str, Any]]:
+def list_collections(
+    session: Session, tenant_id: uuid.UUID
+) -> list[tuple[Collection, CollectionCounts]]:
     rows = session.execute(
         _counts_query().where(Collection.tenant_id == tenant_id).order_by(Collection.name)
     ).all()
-    return [collection_view(r[0], int(r.documents), int(r.summarized)) for r in rows]
+    return [(r[0], CollectionCounts(int(r.documents), int(r.summarized))) for r in rows]
 
 
 def delete_collection(session: Session, tenant_id: uuid.UUID, name: str) -> None:
@@ -202,7 +200,7 @@ def list_documents(
     limit: int = 100,
     page_token: str | None = None,
     status: str | None = None,
-) -> dict[str, Any]:
+) -> DocumentPage:
     """One page in external id order; ``next_page_token`` continues after the last id."""
     coll = get_collection(session, tenant_id, name)
     cd = CollectionDocument
@@ -225,12 +223,7 @@ def list_documents(
     token = None
     if len(docs) == limit:
         token = base64.urlsafe_b64encode(docs[-1].external_id.encode()).decode()
-    return {
-        "object": "list",
-        "collection": coll.name,
-        "data": [document_view(d) for d in docs],
-        "next_page_token": token,
-    }
+    return DocumentPage(coll.name, docs, token)
 
 
 def get_document(
@@ -259,31 +252,6 @@ def delete_document(session: Session, tenant_id: uuid.UUID, name: str, external_
     if gone is None:
         raise NotFoundError(f"document {external_id!r} not found in collection {name!r}")
     coll.updated_at = datetime.now(UTC)
-
-
-def document_view(d: CollectionDocument) -> dict[str, Any]:
-    summary = None
-    if d.summary_hash is not None:
-        summary = {
-            "text": d.summary,
-            "model": d.summary_model,
-            "summarized_at": _iso(d.summarized_at),
-            "content_hash": d.summary_hash,  # the hash of the text that was summarized
-            "job_id": str(d.summary_job_id) if d.summary_job_id else None,
-        }
-    return {
-        "id": d.external_id,
-        "text": d.text,
-        "extra": d.extra,
-        "content_hash": d.content_hash,
-        "status": "summarized" if d.summary_hash == d.content_hash else "pending",
-        "summary": summary,
-        "updated_at": _iso(d.updated_at),
-    }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 def create_collection_job(

@@ -31,6 +31,19 @@ _COPY_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
 _DELIM_NAMES = {",": "comma", ";": "semicolon", "\t": "tab"}
 
 
+def parse_delimiter(raw: str | None) -> str | None:
+    """``,``, ``;`` or a tab (``\t`` or ``tab``); None lets the reader sniff it. Anything else
+    is a 422 naming the field."""
+    if raw is None:
+        return None
+    value = "\t" if raw == "tab" else raw
+    if value not in DELIMITERS:
+        raise InvalidParameterError(
+            "delimiter must be ',', ';' or tab ('\\t' or 'tab')", field="delimiter"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class IngestOptions:
     text_column: str = "text"

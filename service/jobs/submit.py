@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from service import logs
 from service.contract import ChunkMessage, make_celery, queue_for_model, send_chunks
-from service.jobs.ingest import IngestOptions, ingest_csv
+from service.jobs.ingest import IngestOptions, ingest_csv, parse_delimiter
 from service.jobs.validate import JobRequest, job_params, template_fields, validate
 from service.settings import Settings
 from service.store.chunks import PgChunkStore
@@ -42,7 +42,7 @@ def create_job(
     chunk whose rows are not yet visible.
     """
     validate(req, settings)
-    delimiter = "\t" if req.delimiter == "tab" else req.delimiter
+    delimiter = parse_delimiter(req.delimiter)
     fields = template_fields(req.prompt) if req.prompt else frozenset()
     chunk_size = req.chunk_size or settings.default_chunk_size
     engine = get_engine(settings.database_url)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import InvalidParameterError
+from service.jobs.ingest import parse_delimiter
 from service.settings import Settings
 from service.store.states import Task
 
@@ -107,10 +108,7 @@ def validate(req: JobRequest, settings: Settings) -> None:
         raise InvalidParameterError(
             f"chunk_size must be between 1 and {settings.max_chunk_size}", field="chunk_size"
         )
-    if req.delimiter is not None and req.delimiter not in (",", ";", "\t", "tab"):
-        raise InvalidParameterError(
-            "delimiter must be ',', ';' or tab ('\\t' or 'tab')", field="delimiter"
-        )
+    parse_delimiter(req.delimiter)
 
 
 def job_params(req: JobRequest) -> dict[str, Any]:

@@ -1,0 +1,170 @@
+"""``/v1/jobs``: submit a file of documents, follow the job, download results, cancel."""
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations at import.
+
+import base64
+import uuid
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Form, Header, Query, Response, UploadFile
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, Field
+
+from service.api.deps import Auth, Db, SettingsDep, Store, tx
+from service.api.schemas import ERRORS, JobList, JobOut
+from service.contract import parse_priority
+from service.errors import InvalidParameterError, ResultsExpiredError
+from service.jobs import export, queries, submit, validate
+from service.store.states import JobStatus
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
+
+
+class JobForm(BaseModel):
+    """The form fields of ``POST /v1/jobs`` next to the file. Ranges are declared here; checks
+    that span fields or need the settings are in ``service.jobs.validate``."""
+
+    file: UploadFile = Field(description="CSV of documents, UTF-8, with a header")
+    task: str = Field(description="generate | summarize | classify")
+    model: str | None = Field(default=None, max_length=500)
+    text_column: str = Field(default="text", max_length=256)
+    id_column: str | None = Field(default=None, max_length=256)
+    prompt: str | None = Field(default=None, description="template with {text} and columns")
+    labels: str | None = Field(default=None, description="a,b,c or a JSON list")
+    max_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    chunk_size: int | None = None
+    priority: str | None = Field(default=None, description="interactive (default) | bulk")
+    delimiter: str | None = Field(default=None, description="',', ';' or tab; default: sniffed")
+    summary_words: int | None = Field(default=None, description="summarize: length")
+    language: str | None = Field(default=None, max_length=64, description="summarize: language")
+
+
+@router.post("", status_code=202, response_model=JobOut)
+def submit_job(
+    who: Auth,
+    settings: SettingsDep,
+    db: Db,
+    response: Response,
+    background: BackgroundTasks,
+    form: Annotated[JobForm, Form(media_type="multipart/form-data")],
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JobOut:
+    """Submit a CSV of documents; answers 202 with the queued job."""
+    try:
+        priority = parse_priority(form.priority)
+    except ValueError as exc:
+        raise InvalidParameterError(str(exc), field="priority") from None
+    if idempotency_key and idempotency_key.startswith(validate.RESERVED_KEY_PREFIX):
+        # Scheduled runs own these keys; a client's job must never stand in for one.
+        raise InvalidParameterError(
+            f"Idempotency-Key must not start with {validate.RESERVED_KEY_PREFIX!r} "
+            "(reserved for scheduled runs)",
+            field="Idempotency-Key",
+        )
+    extra = {"summary_words": form.summary_words, "language": form.language}
+    req = validate.JobRequest(
+        task=form.task.strip().lower(),
+        model=(form.model or settings.default_model).strip(),
+        text_column=form.text_column,
+        id_column=form.id_column or None,
+        prompt=form.prompt or None,
+        labels=validate.parse_labels(form.labels),
+        max_tokens=form.max_tokens,
+        temperature=form.temperature,
+        seed=form.seed,
+        chunk_size=form.chunk_size,
+        priority=priority,
+        delimiter=form.delimiter or None,
+        idempotency_key=idempotency_key or None,
+        source_name=form.file.filename,
+        extra_params={k: v for k, v in extra.items() if v is not None},
+    )
+    job, created = submit.create_job(who.tenant_id, req, form.file.file, settings)
+    if created:
+        # Messages go out after the response: the client does not wait on Redis, and a crash
+        # in between leaves enqueued_at NULL for the reconciler to send.
+        background.add_task(submit.enqueue_job, job.id, settings)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    with tx(db) as session:
+        served = {w.model for w in queries.live_workers(session, settings)}
+    return JobOut.of(job, served)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    who: Auth,
+    settings: SettingsDep,
+    db: Db,
+    status: Annotated[JobStatus | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    page_token: Annotated[str | None, Query(max_length=200)] = None,
+) -> JobList:
+    """The tenant's jobs, newest first; pass ``next_page_token`` back for the next page."""
+    before = _decode_token(page_token) if page_token else None
+    with tx(db) as session:
+        rows = queries.list_jobs(session, who.tenant_id, status=status, limit=limit, before=before)
+        served = {w.model for w in queries.live_workers(session, settings)}
+    token = _encode_token(rows[-1].created_at, rows[-1].id) if len(rows) == limit else None
+    return JobList(data=[JobOut.of(j, served) for j in rows], next_page_token=token)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, who: Auth, settings: SettingsDep, db: Db) -> JobOut:
+    """Status, counts, percent, tokens and, while running, documents/s and ETA."""
+    with tx(db) as session:
+        job = queries.get_job(session, who.tenant_id, job_id)
+        served = {w.model for w in queries.live_workers(session, settings)}
+    return JobOut.of(job, served)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, who: Auth, db: Db, store: Store) -> JobOut:
+    """Queued chunks never start; results so far are kept."""
+    with tx(db) as session:
+        job = queries.get_job(session, who.tenant_id, job_id)
+    store.cancel(job.id)
+    with tx(db) as session:
+        return JobOut.of(queries.get_job(session, who.tenant_id, job.id))
+
+
+@router.get(
+    "/{job_id}/results",
+    response_class=StreamingResponse,
+    responses={200: {"content": {t: {} for t in export.MEDIA_TYPES.values()}}},
+)
+def job_results(
+    job_id: str,
+    who: Auth,
+    settings: SettingsDep,
+    db: Db,
+    format: Annotated[export.Format, Query()] = "csv",
+) -> StreamingResponse:
+    """Results in input order, streamed; while the job runs, the rows done so far."""
+    with tx(db) as session:
+        job = queries.get_job(session, who.tenant_id, job_id)
+    if job.results_expired_at is not None:  # purged by retention: 410, the job stays
+        raise ResultsExpiredError.for_job(job.id, job.results_expired_at, settings.retention_days)
+    return StreamingResponse(
+        export.stream_results(db, job.id, format),
+        media_type=export.MEDIA_TYPES[format],
+        headers={
+            "Content-Disposition": f'attachment; filename="{job.id}.{format}"',
+            "X-Job-Status": job.status,
+        },
+    )
+
+
+def _encode_token(created: datetime, job_id: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(f"{created.isoformat()}|{job_id}".encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        created, _, jid = base64.urlsafe_b64decode(token.encode()).decode().partition("|")
+        return datetime.fromisoformat(created), uuid.UUID(jid)
+    except Exception:
+        raise InvalidParameterError("invalid page_token", field="page_token") from None
