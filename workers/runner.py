@@ -10,12 +10,11 @@ lease was taken over has its late writes refused (``LeaseLostError``) and stops.
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
-
-from celery.utils.time import get_exponential_backoff_interval
 
 from service.errors import LeaseLostError, RowError, TransientError
 from service.store.chunks import ChunkStore, Doc, Lease, RowResult
@@ -112,15 +111,13 @@ def generation(task: str, params: dict[str, Any], tokenizer: Any, default: int) 
 
 def backoff_s(attempts: int, base_s: float) -> float:
     """Seconds before the next attempt: exponential in the attempts made so far, with full
-    jitter (so chunks that failed together do not retry together), capped at 5 minutes."""
-    return float(
-        get_exponential_backoff_interval(
-            factor=max(base_s, 0.0),
-            retries=max(attempts - 1, 0),
-            maximum=MAX_BACKOFF_S,
-            full_jitter=True,
-        )
-    )
+    jitter (so chunks that failed together do not retry together), capped at 5 minutes.
+
+    Celery's ``get_exponential_backoff_interval(..., full_jitter=True)`` draws with
+    ``random.randrange``, which takes whole seconds only: a fractional ``retry_backoff_s``
+    raised there. This is the same formula over real numbers."""
+    ceiling = min(float(MAX_BACKOFF_S), max(base_s, 0.0) * 2.0 ** max(attempts - 1, 0))
+    return random.uniform(0.0, ceiling)
 
 
 def process_chunk(ctx: Context, chunk_id: uuid.UUID) -> str:
@@ -267,6 +264,8 @@ def row_results(group: Group, attempts: int, labels: tuple[str, ...] | None) -> 
                     error=f"no label: output {res.text!r} "
                     f"is not one of {list(labels)} (raise max_tokens?)",
                     prompt_tokens=res.prompt_tokens,
+                    completion_tokens=res.completion_tokens,
+                    truncated=truncated,
                     attempts=attempts,
                 )
             )

@@ -1,4 +1,5 @@
-"""GPU pinning plans, with a fake `nvidia-smi` on PATH (no GPU on CI hosts)."""
+"""GPU pinning plans, with a fake `nvidia-smi` on PATH (no GPU on CI hosts), and each
+process's metrics port."""
 
 from __future__ import annotations
 
@@ -65,3 +66,11 @@ def test_worker_command_uses_safe_celery_options() -> None:
     from service.contract import queue_for_model
 
     assert f"--queues {queue_for_model('org/model')}" in joined
+
+
+def test_each_gpu_process_gets_its_own_metrics_port() -> None:
+    specs = [launcher.WorkerSpec(f"gpu{i}@%h", str(i)) for i in range(3)]
+    assert launcher.with_metrics_ports(specs, None) == specs
+    ported = launcher.with_metrics_ports(specs, 9100)
+    ports = [launcher.child_env(s, "m", 1)["DOCQUEUE_WORKER_METRICS_PORT"] for s in ported]
+    assert ports == ["9100", "9101", "9102"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from service.contract import TASK_RUN_CHUNK, ChunkMessage, make_celery, queue_for_model
+from service.contract import ChunkMessage, make_celery, queue_for_model
 from service.settings import Settings
 
 
@@ -33,4 +33,3 @@ def test_celery_app_is_configured_from_settings() -> None:
     assert app.conf.broker_url == "redis://example:6380/3"
     assert app.conf.broker_transport_options["visibility_timeout"] == 1234
     assert app.conf.task_ignore_result is True
-    assert TASK_RUN_CHUNK == "docqueue.run_chunk"
