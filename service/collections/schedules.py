@@ -16,16 +16,17 @@ import json
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from cronsim import CronSim, CronSimError
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import logs
-from service.contract import parse_priority, priority_class
+from service.contract import parse_priority
 from service.errors import ConflictError, InvalidParameterError, NotFoundError
 from service.jobs import submit
 from service.jobs import validate as jobs
@@ -37,13 +38,9 @@ log = logging.getLogger(__name__)
 
 # --- cron -------------------------------------------------------------------------------------
 
-_MONTHS = {
-    m: i
-    for i, m in enumerate(
-        ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1
-    )
-}
-_DAYS = {d: i for i, d in enumerate(["sun", "mon", "tue", "wed", "thu", "fri", "sat"])}
+# cronsim reads the fields (numbers, names such as mon-fri or jan, 7 as Sunday, lists, ranges,
+# steps, and its L / LW / nth-weekday extensions); it has no macros, and it would take a sixth
+# (seconds) field, which a schedule does not have.
 _MACROS = {
     "@yearly": "0 0 1 1 *",
     "@annually": "0 0 1 1 *",
@@ -53,106 +50,88 @@ _MACROS = {
     "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
-# (name, lowest, highest, names)
-_FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (
-    ("minute", 0, 59, {}),
-    ("hour", 0, 23, {}),
-    ("day of month", 1, 31, {}),
-    ("month", 1, 12, _MONTHS),
-    ("day of week", 0, 7, _DAYS),
+_MAX_CRON = 200  # the length of schedules.cron
+# (name, lowest, highest): only to say which value cronsim rejected, which it does not say.
+_FIELDS = (
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day of month", 1, 31),
+    ("month", 1, 12),
+    ("day of week", 0, 7),
 )
 # Local times more than this apart cannot swap order in UTC (no zone shifts by more).
 _DST_SLACK = timedelta(hours=3)
+_EPOCH = datetime(2000, 1, 1)  # any start will do: parse_cron only asks cronsim to read
 
 
 @dataclass(frozen=True)
 class Cron:
-    """A parsed five-field cron expression (minute hour day-of-month month day-of-week)."""
+    """A five-field cron expression (minute hour day-of-month month day-of-week) that cronsim
+    accepts, with the minutes, hours, months and weekdays it names."""
 
-    expr: str
+    expr: str  # as given, whitespace normalized: what the schedule stores
+    fields: str  # the five fields cronsim reads (a macro expanded)
     minutes: tuple[int, ...]
     hours: tuple[int, ...]
-    days: frozenset[int]
     months: frozenset[int]
-    weekdays: frozenset[int]  # 0 = Sunday
-    any_day: bool  # day-of-month was '*'
-    any_weekday: bool  # day-of-week was '*'
-
-    def matches(self, day: date) -> bool:
-        """Classic cron: with both day fields restricted, either one matching is enough."""
-        if day.month not in self.months:
-            return False
-        dom = day.day in self.days
-        dow = (day.isoweekday() % 7) in self.weekdays
-        if self.any_day or self.any_weekday:
-            return dom and dow
-        return dom or dow
+    # 0 = Sunday (7 too); (day, n) for day#n, (day, CronSim.LAST) for dayL
+    weekdays: frozenset[int | tuple[int, int]]
 
 
 def _cron_error(expr: str, why: str) -> InvalidParameterError:
+    shown = expr if len(expr) <= 60 else expr[:60] + "..."
     return InvalidParameterError(
-        f"cron {expr!r}: {why} (five fields: minute hour day-of-month month day-of-week, "
+        f"cron {shown!r}: {why} (five fields: minute hour day-of-month month day-of-week, "
         "e.g. '0 2 * * *', or @daily/@hourly/@weekly/@monthly/@yearly)",
         field="cron",
     )
 
 
-def _parse_field(
-    expr: str, part: str, name: str, lo: int, hi: int, names: dict[str, int]
-) -> set[int]:
-    def value(token: str) -> int:
-        token = token.strip().lower()
-        if token in names:
-            return names[token]
-        if not token.isdigit():
-            raise _cron_error(expr, f"{name}: {token!r} is not a number")
-        n = int(token)
-        if not lo <= n <= hi:
-            raise _cron_error(expr, f"{name}: {n} is outside {lo}-{hi}")
-        return n
-
-    out: set[int] = set()
+def _field_error(name: str, lo: int, hi: int, part: str) -> str:
+    """Why cronsim rejected one field, in words (cronsim only says 'Bad minute')."""
     for item in part.split(","):
-        base, _, step_s = item.partition("/")
-        step = 1
-        if step_s:
-            if not step_s.isdigit() or int(step_s) < 1:
-                raise _cron_error(expr, f"{name}: step {step_s!r} must be a positive number")
-            step = int(step_s)
-        if base == "*":
-            start, end = lo, hi
-        elif "-" in base:
-            a, _, b = base.partition("-")
-            start, end = value(a), value(b)
-            if start > end:
-                raise _cron_error(expr, f"{name}: range {base!r} runs backwards")
-        else:
-            start = value(base)
-            end = hi if step_s else start
-        out.update(range(start, end + 1, step))
-    return out
+        base, slash, step = item.partition("/")
+        if slash and not (step.isdigit() and int(step) > 0):
+            return f"{name}: step {step!r} must be a positive number"
+        ends = base.split("-")
+        for end in ends:
+            if end.isdigit() and not lo <= int(end) <= hi:
+                return f"{name}: {int(end)} is outside {lo}-{hi}"
+        if len(ends) == 2 and all(e.isdigit() for e in ends) and int(ends[0]) > int(ends[1]):
+            return f"{name}: range {base!r} runs backwards"
+    return f"{name}: {part!r} is not a number, name, range, list or step within {lo}-{hi}"
 
 
 def parse_cron(expr: str) -> Cron:
     """Parses ``expr`` or raises a 422 naming the ``cron`` field and what is wrong."""
+    if len(expr) > _MAX_CRON:
+        raise _cron_error(expr, f"longer than {_MAX_CRON} characters")
+    odd = next((c for c in expr if not c.isascii() or not (c.isprintable() or c.isspace())), None)
+    if odd is not None:
+        raise _cron_error(expr, f"character {odd!r} is not allowed (printable ASCII only)")
     text = " ".join(expr.split())
-    fields = _MACROS.get(text.lower(), text).split(" ")
-    if len(fields) != 5:
-        raise _cron_error(expr, f"expected 5 fields, got {len(fields)}")
-    sets = [
-        _parse_field(expr, part, name, lo, hi, names)
-        for part, (name, lo, hi, names) in zip(fields, _FIELDS, strict=True)
-    ]
-    weekdays = frozenset(d % 7 for d in sets[4])  # 7 is Sunday too
+    fields = _MACROS.get(text.lower(), text)
+    parts = fields.split(" ")
+    if len(parts) != 5:
+        raise _cron_error(expr, f"expected 5 fields, got {len(parts)}")
+    try:
+        sim = CronSim(fields, _EPOCH)
+    except CronSimError:
+        for i, (name, lo, hi) in enumerate(_FIELDS):
+            alone = " ".join(parts[i] if j == i else "*" for j in range(5))
+            try:
+                CronSim(alone, _EPOCH)
+            except CronSimError:
+                raise _cron_error(expr, _field_error(name, lo, hi, parts[i])) from None
+        # Every field is fine alone: the days named do not exist in the months named.
+        raise _cron_error(expr, "it never fires (no month named has that day)") from None
     return Cron(
         expr=text,
-        minutes=tuple(sorted(sets[0])),
-        hours=tuple(sorted(sets[1])),
-        days=frozenset(sets[2]),
-        months=frozenset(sets[3]),
-        weekdays=weekdays,
-        any_day=fields[2].startswith("*"),
-        any_weekday=fields[4].startswith("*"),
+        fields=fields,
+        minutes=tuple(sorted(sim.minutes)),
+        hours=tuple(sorted(sim.hours)),
+        months=frozenset(sim.months),
+        weekdays=frozenset(d % 7 if isinstance(d, int) else (d[0] % 7, d[1]) for d in sim.weekdays),
     )
 
 
@@ -170,30 +149,30 @@ def next_run(cron: Cron, tz: ZoneInfo, after: datetime) -> datetime:
     """The first instant strictly after ``after`` at which ``cron`` fires in ``tz``, in UTC.
 
     Wall-clock times are matched in the schedule's zone. A time skipped by a daylight-saving
-    jump runs at the same instant as the hour after it (as cron does); a time that occurs twice
-    runs once, at its first occurrence.
+    jump runs at the same instant as the hour after it (02:30 on a night that jumps from 02:00
+    to 03:00 runs at 03:30); a time that occurs twice runs once, at its first occurrence.
     """
+    # cronsim's own DST handling differs: with a fixed minute and hour it runs a skipped time
+    # at the end of the jump (02:30 at 03:00, not 03:30), and with '*' in the minute or hour it
+    # skips it and runs a repeated time twice. So cronsim walks naive wall-clock times here
+    # (given a naive start it applies no zone rules), and each maps to UTC with fold=0: a
+    # skipped time at the offset before the jump (02:30 is 03:30), a repeated one at its first
+    # occurrence. That mapping is not monotonic around a jump (02:30 is later than 03:00), so
+    # the walk starts _DST_SLACK early and takes the earliest instant after ``after``.
     after = after.astimezone(UTC)
-    start = (after.astimezone(tz) - _DST_SLACK).replace(tzinfo=None, second=0, microsecond=0)
+    start = (after.astimezone(tz) - _DST_SLACK).replace(tzinfo=None)
     best: datetime | None = None
-    best_local: datetime | None = None
-    day = start.date()
-    for _ in range(366 * 8 + 2):  # eight years: 29 February in any leap year is reached
-        if best_local is not None and datetime.combine(day, time()) > best_local + _DST_SLACK:
-            break
-        if cron.matches(day):
-            for h in cron.hours:
-                for m in cron.minutes:
-                    local = datetime.combine(day, time(h, m))
-                    if local < start:
-                        continue
-                    if best_local is not None and local > best_local + _DST_SLACK:
-                        break
-                    instant = local.replace(tzinfo=tz).astimezone(UTC)  # fold=0: first one
-                    if instant > after and (best is None or instant < best):
-                        best, best_local = instant, local
-        day += timedelta(days=1)
-    if best is None:
+    best_local = start
+    try:
+        for local in CronSim(cron.fields, start):
+            if best is not None and local > best_local + _DST_SLACK:
+                break
+            instant = local.replace(tzinfo=tz).astimezone(UTC)  # fold=0: the first one
+            if instant > after and (best is None or instant < best):
+                best, best_local = instant, local
+    except OverflowError:  # past the year 9999
+        pass
+    if best is None:  # cronsim gives up after 50 years without a match
         raise _cron_error(cron.expr, "it never fires")
     return best
 
@@ -350,30 +329,6 @@ def list_schedules(session: Session, tenant_id: uuid.UUID) -> list[tuple[Schedul
         .order_by(Schedule.created_at, Schedule.id)
     ).all()
     return [(s, name) for s, name in rows]
-
-
-def schedule_view(s: Schedule, collection: str) -> dict[str, Any]:
-    return {
-        "id": str(s.id),
-        "object": "schedule",
-        "collection": collection,
-        "task": s.task,
-        "model": s.model,
-        "params": s.params,
-        "priority": priority_class(s.priority),
-        "cron": s.cron,
-        "timezone": s.timezone,
-        "enabled": s.enabled,
-        "next_run_at": _iso(s.next_run_at),
-        "last_run_at": _iso(s.last_run_at),
-        "last_job_id": str(s.last_job_id) if s.last_job_id else None,
-        "last_run_outcome": s.last_run_outcome,
-        "created_at": _iso(s.created_at),
-    }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 # --- runs -------------------------------------------------------------------------------------
