@@ -1,4 +1,10 @@
-"""HTTP client for the docqueue API, used by the CLI (and usable from Python)."""
+"""HTTP client for the docqueue API, used by the CLI (and usable from Python).
+
+It tells the two ways a call fails apart, because a caller does different things about them:
+``ApiUnreachableError`` (a ``TransientError``: nothing answered; retry later or fix the URL) and
+``ApiError`` (a ``BadInputError``: the API answered with an error status; retrying the same call
+fails the same way).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,24 @@ from typing import IO, Any
 
 import httpx
 
-from service.errors import DocqueueError
+from service.errors import ApiUnreachableError, BadInputError, TransientError
 
 
-class ApiError(DocqueueError):
-    """The API answered with an error; ``message`` is the API's own."""
+class ApiError(BadInputError):
+    """The API answered with an error status.
+
+    ``status_code`` is the HTTP status and ``body`` the decoded body (JSON, else text);
+    ``message`` is the API's own message followed by ``(HTTP <status>)``.
+    """
+
+    def __init__(self, status_code: int, message: str, body: Any = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = body
+
+
+class ApiUnavailableError(TransientError):
+    """The API answered 5xx (its database away, a restart): worth retrying, unlike a 4xx."""
 
     def __init__(self, status_code: int, message: str, body: Any = None) -> None:
         super().__init__(message)
@@ -44,6 +63,8 @@ class _ProgressReader:
 
 
 class Client:
+    """One connection pool to the API; use it as a context manager so the pool is closed."""
+
     def __init__(self, base_url: str, api_key: str | None, timeout_s: float = 600.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
@@ -66,9 +87,14 @@ class Client:
         try:
             resp = self._http.request(method, path, **kw)
         except httpx.TransportError as exc:
-            raise ApiError(0, f"cannot reach the docqueue API at {self.base_url}: {exc}") from exc
+            raise self._unreachable(exc) from exc
         _raise_for_error(resp)
         return resp
+
+    def _unreachable(self, exc: httpx.TransportError) -> ApiUnreachableError:
+        # Some transport errors (timeouts) have an empty text; the class name still says what.
+        reason = str(exc) or type(exc).__name__
+        return ApiUnreachableError(f"cannot reach the docqueue API at {self.base_url}: {reason}")
 
     def submit(
         self,
@@ -152,10 +178,13 @@ class Client:
                     _raise_for_error(resp)
                 yield from resp.iter_bytes()
         except httpx.TransportError as exc:
-            raise ApiError(0, f"cannot reach the docqueue API at {self.base_url}: {exc}") from exc
+            raise self._unreachable(exc) from exc
 
 
 def _raise_for_error(resp: httpx.Response) -> None:
+    """Raises with the API's message (docqueue's ``{"error": {"message": ...}}``, FastAPI's
+    ``{"detail": ...}``, else the text): ``ApiError`` for a 4xx (the API said no),
+    ``ApiUnavailableError`` for a 5xx (try again later)."""
     if resp.status_code < 400:
         return
     try:
@@ -165,4 +194,5 @@ def _raise_for_error(resp: httpx.Response) -> None:
         message = message or (body.get("detail") if isinstance(body, dict) else None) or resp.text
     except ValueError:
         body, message = resp.text, resp.text or resp.reason_phrase
-    raise ApiError(resp.status_code, f"{message} (HTTP {resp.status_code})", body)
+    error = ApiUnavailableError if resp.status_code >= 500 else ApiError
+    raise error(resp.status_code, f"{message} (HTTP {resp.status_code})", body)

@@ -1,23 +1,20 @@
-"""CLI: ``docqueue collections ...``, ``docqueue schedules ...`` and ``docqueue beat``.
+"""``docqueue collections ...`` and ``docqueue schedules ...``: documents kept between jobs and
+the cron runs over them.
 
-Registered on the main app by service/cli.py; HTTP client commands like ``submit`` and
-``status`` (errors print the API's message, never a traceback).
+HTTP client commands like ``submit`` and ``status``: they need only the API and a key, and an
+error prints the API's message, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from service.cli.client import ApiError, Client
-from service.settings import get_settings
+from service.cli.output import api_client, fail, out, print_json
 
 collections_app = typer.Typer(
     help="Collections: documents kept between jobs, with their latest summaries.",
@@ -27,32 +24,6 @@ schedules_app = typer.Typer(
     help="Schedules: cron runs over a collection's new and changed documents.",
     no_args_is_help=True,
 )
-
-out = Console()
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
-    raise typer.Exit(code)
-
-
-def _call(method: str, *args: Any) -> Any:
-    s = get_settings()
-    if not s.api_key:
-        _fail(
-            "no API key: set DOCQUEUE_API_KEY "
-            "(create one with `docqueue keys create --tenant NAME`)"
-        )
-    with Client(s.api_url, s.api_key, s.http_timeout_s) as client:
-        try:
-            return getattr(client, method)(*args)
-        except ApiError as exc:
-            _fail(exc.message)
-
-
-def _json(value: Any) -> None:
-    out.print_json(json.dumps(value))
 
 
 # --- collections ------------------------------------------------------------------------------
@@ -69,9 +40,10 @@ def collections_put(
 ) -> None:
     """Upsert FILE's documents into collection NAME by id; changed texts become pending."""
     fields = {"id_column": id_column, "text_column": text_column, "delimiter": delimiter}
-    res = _call("put_documents", name, file, fields)
+    with api_client() as client:
+        res = client.put_documents(name, file, fields)
     if as_json:
-        _json(res)
+        print_json(res)
         return
     up, c = res["upserted"], res["counts"]
     out.print(
@@ -85,9 +57,10 @@ def collections_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Your collections with document, summarized and pending counts."""
-    page = _call("collections")
+    with api_client() as client:
+        page = client.collections()
     if as_json:
-        _json(page)
+        print_json(page)
         return
     table = Table("name", "documents", "summarized", "pending", "updated")
     for c in page["data"]:
@@ -105,7 +78,8 @@ def collections_list(
 @collections_app.command("remove")
 def collections_remove(name: Annotated[str, typer.Argument(help="Collection name.")]) -> None:
     """Delete a collection, its documents and its schedules."""
-    _call("delete_collection", name)
+    with api_client() as client:
+        client.delete_collection(name)
     out.print(f"collection {name} deleted")
 
 
@@ -133,7 +107,7 @@ def schedules_add(
     for item in param or []:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            _fail(f"--param {item!r}: expected KEY=VALUE")
+            fail(f"--param {item!r}: expected KEY=VALUE")
         params[key.strip()] = _value(value)
     body = {
         "collection": collection,
@@ -144,9 +118,10 @@ def schedules_add(
         "priority": priority,
         "params": params,
     }
-    s = _call("create_schedule", body)
+    with api_client() as client:
+        s = client.create_schedule(body)
     if as_json:
-        _json(s)
+        print_json(s)
         return
     out.print(
         f"schedule [bold]{s['id']}[/]: {s['cron']} ({s['timezone']}), next run {s['next_run_at']}"
@@ -166,9 +141,10 @@ def schedules_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Your schedules, their next run and what their last run did."""
-    page = _call("schedules")
+    with api_client() as client:
+        page = client.schedules()
     if as_json:
-        _json(page)
+        print_json(page)
         return
     table = Table("collection", "cron", "timezone", "task", "next run (UTC)", "last run")
     table.add_column("id", no_wrap=True)
@@ -188,7 +164,8 @@ def schedules_list(
 @schedules_app.command("remove")
 def schedules_remove(schedule_id: Annotated[str, typer.Argument(help="Schedule id.")]) -> None:
     """Delete a schedule (jobs it already created carry on)."""
-    _call("delete_schedule", schedule_id)
+    with api_client() as client:
+        client.delete_schedule(schedule_id)
     out.print(f"schedule {schedule_id} deleted")
 
 
@@ -198,9 +175,10 @@ def schedules_run_now(
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
 ) -> None:
     """Run a schedule now. Twice in the same minute gives the same job."""
-    run = _call("run_schedule", schedule_id)
+    with api_client() as client:
+        run = client.run_schedule(schedule_id)
     if as_json:
-        _json(run)
+        print_json(run)
         return
     job = run["job"]
     if run["outcome"] == "empty":
@@ -211,27 +189,3 @@ def schedules_run_now(
         out.print(f"an earlier run's job {job['id']} is still {job['status']}: no new job")
     else:
         out.print(f"job {job['id']} ({job['status']}) already covers this minute's run")
-
-
-# --- beat -------------------------------------------------------------------------------------
-
-
-def beat(
-    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
-    concurrency: Annotated[
-        int | None, typer.Option(help="Ops tasks in flight (default: DOCQUEUE_BEAT_CONCURRENCY).")
-    ] = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Print the command, start nothing.")
-    ] = False,
-) -> None:
-    """Run beat (schedules, reconciler, retention) in a small ops worker. Run exactly one."""
-    from workers.ops.beat import command
-
-    cmd = command(loglevel, concurrency)
-    if dry_run:
-        out.print(" ".join(cmd), highlight=False)
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(cmd[0], cmd)  # Celery takes over this process: signals reach it directly

@@ -1,4 +1,4 @@
-"""The CLI's commands (service/cli/__init__.py), run in-process with Typer's test runner."""
+"""`docqueue flower` (service/cli/servers.py): refuses to start without basic auth."""
 
 from __future__ import annotations
 

@@ -1,0 +1,321 @@
+"""The job commands: ``submit``, ``status``, ``jobs``, ``results``, ``models`` and ``cancel``.
+
+They talk to the API over HTTP only (``service.cli.client``), so they run anywhere the API can be
+reached, with nothing but an API key.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from service.cli.client import Client
+from service.cli.output import api_client, err, fail, out, print_json
+
+#: Merged into the root app; the order here is the order ``docqueue --help`` lists them.
+app = typer.Typer()
+
+TERMINAL = {"completed", "failed", "cancelled"}
+#: Smaller uploads finish before a bar would be worth drawing.
+UPLOAD_BAR_MIN_BYTES = 4 * 1024 * 1024
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    task: Annotated[str, typer.Option(help="generate | summarize | classify")],
+    model: Annotated[
+        str | None, typer.Option(help="Model name or path (default: server's).")
+    ] = None,
+    text_column: Annotated[str, typer.Option(help="Column holding the document text.")] = "text",
+    id_column: Annotated[str | None, typer.Option(help="Column with unique ids.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Template with {text} and columns.")] = None,
+    labels: Annotated[str | None, typer.Option(help="classify: a,b,c or a JSON list.")] = None,
+    max_tokens: Annotated[int | None, typer.Option()] = None,
+    temperature: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="Documents per chunk.")] = None,
+    priority: Annotated[str, typer.Option(help="interactive | bulk")] = "interactive",
+    delimiter: Annotated[
+        str | None, typer.Option(help="',' ';' or 'tab' (default: sniffed).")
+    ] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="Same key, same job.")] = None,
+    summary_words: Annotated[int | None, typer.Option(help="summarize: summary length.")] = None,
+    language: Annotated[str | None, typer.Option(help="summarize: output language.")] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the job with a progress bar.")
+    ] = False,
+    poll_s: Annotated[float, typer.Option(help="Seconds between polls with --wait.")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
+) -> None:
+    """Submit FILE (CSV) as a job."""
+    fields = {
+        "task": task,
+        "model": model,
+        "text_column": text_column,
+        "id_column": id_column,
+        "prompt": prompt,
+        "labels": labels,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "chunk_size": chunk_size,
+        "priority": priority,
+        "delimiter": delimiter,
+        "summary_words": summary_words,
+        "language": language,
+    }
+    with api_client() as client:
+        job = _upload(client, file, fields, idempotency_key)
+        _print_submitted(job, as_json)
+        # A job that did not complete is a failure for scripts that wait for it.
+        if wait and _follow(client, job, poll_s)["status"] != "completed":
+            raise typer.Exit(1)
+
+
+def _upload(
+    client: Client, file: Path, fields: dict[str, Any], idempotency_key: str | None
+) -> dict[str, Any]:
+    """Posts the file, with a bar for large files (uploads of gigabytes take a while)."""
+    size = file.stat().st_size
+    with Progress(
+        TextColumn("uploading {task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+        disable=size < UPLOAD_BAR_MIN_BYTES,
+    ) as progress:
+        bar = progress.add_task(file.name, total=size)
+        return client.submit(
+            file,
+            fields,
+            idempotency_key=idempotency_key,
+            on_upload=lambda n: progress.advance(bar, n),
+        )
+
+
+def _print_submitted(job: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print_json(job)
+        return
+    if job.get("warning"):
+        err.print(f"[yellow]warning:[/] {job['warning']}", highlight=False)
+    counts = job["counts"]
+    out.print(
+        f"job [bold]{job['id']}[/] {job['status']}: {counts['total']} documents "
+        f"in {job['chunks']} chunks, model {job['model']}"
+    )
+
+
+def _follow(client: Client, job: dict[str, Any], poll_s: float) -> dict[str, Any]:
+    """Polls until the job ends, with a bar: done/total, documents/s, ETA."""
+    total = job["counts"]["total"] or None
+    with Progress(
+        TextColumn("[bold]{task.fields[status]:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]} docs/s"),
+        TextColumn("ETA {task.fields[eta]}"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as progress:
+        bar = progress.add_task("job", total=total, status=job["status"], rate="-", eta="-")
+        while True:
+            c = job["counts"]
+            rate = job.get("documents_per_s")
+            eta = job.get("eta_s")
+            progress.update(
+                bar,
+                completed=_done(c),
+                status=job["status"],
+                rate=f"{rate:,.1f}" if rate else "-",
+                eta=f"{eta:,.0f}s" if eta is not None else "-",
+            )
+            if job["status"] in TERMINAL:
+                break
+            time.sleep(poll_s)
+            job = client.job(job["id"])
+    c = job["counts"]
+    style = "green" if job["status"] == "completed" else "red"
+    out.print(
+        f"job {job['id']} [{style}]{job['status']}[/]: {c['succeeded']} succeeded, "
+        f"{c['failed']} failed, {c['cancelled']} cancelled"
+    )
+    return job
+
+
+def _done(counts: dict[str, int]) -> int:
+    """Documents that will not change any more, whatever their outcome."""
+    return counts["succeeded"] + counts["failed"] + counts["cancelled"]
+
+
+@app.command()
+def status(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
+) -> None:
+    """Show a job's status, counts, rate and ETA."""
+    with api_client() as client:
+        job = client.job(job_id)
+    if as_json:
+        print_json(job)
+        return
+    c, t = job["counts"], job["tokens"]
+    table = Table(show_header=False, box=None)
+    for key, value in (
+        ("id", job["id"]),
+        ("status", job["status"]),
+        ("task", job["task"]),
+        ("model", job["model"]),
+        (
+            "progress",
+            f"{job['percent']}%  ({c['succeeded']} ok, {c['failed']} failed, "
+            f"{c['cancelled']} cancelled of {c['total']})",
+        ),
+        ("tokens", f"{t['prompt']} prompt, {t['completion']} completion"),
+        ("rate", f"{job['documents_per_s']} docs/s" if job["documents_per_s"] else "-"),
+        ("eta", f"{job['eta_s']} s" if job["eta_s"] is not None else "-"),
+        ("created", job["created_at"]),
+        ("started", job["started_at"] or "-"),
+        ("finished", job["finished_at"] or "-"),
+        ("error", job["error"] or "-"),
+    ):
+        table.add_row(f"[bold]{key}[/]", str(value))
+    out.print(table)
+
+
+@app.command("jobs")
+def list_jobs(
+    status: Annotated[str | None, typer.Option(help="Only jobs with this status.")] = None,
+    limit: Annotated[int, typer.Option(help="How many (newest first).")] = 20,
+) -> None:
+    """List your jobs, newest first."""
+    with api_client() as client:
+        page = client.jobs(status=status, limit=limit)
+    table = Table("status", "task", "model", "done", "created")
+    table.add_column("id", no_wrap=True)
+    for job in page["data"]:
+        c = job["counts"]
+        table.add_row(
+            job["status"],
+            job["task"],
+            job["model"],
+            f"{_done(c)}/{c['total']}",
+            job["created_at"][:19],
+            job["id"],
+        )
+    out.print(table)
+
+
+@app.command()
+def results(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="File (default: stdout).")
+    ] = None,
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="csv | jsonl (default: from -o).")
+    ] = None,
+    table: Annotated[
+        bool, typer.Option("--table", help="Print the results as a table instead.")
+    ] = False,
+    limit: Annotated[int, typer.Option(help="With --table: at most this many rows.")] = 50,
+) -> None:
+    """Download a job's results (what is done so far while it runs)."""
+    if table:
+        _results_table(job_id, limit)
+        return
+    if fmt is None:
+        fmt = "jsonl" if output is not None and output.suffix in (".jsonl", ".ndjson") else "csv"
+    if fmt not in ("csv", "jsonl"):
+        fail(f"unknown format {fmt!r}; expected csv or jsonl")
+    with api_client() as client:
+        if output is None:
+            _results_to_stdout(client, job_id, fmt)
+            return
+        written = _results_to_file(client, job_id, fmt, output)
+    err.print(f"wrote {written} bytes to {output}")
+
+
+def _results_to_stdout(client: Client, job_id: str, fmt: str) -> None:
+    """Raw bytes as the API streams them, so a pipe sees rows as they arrive."""
+    for piece in client.results(job_id, fmt):
+        sys.stdout.buffer.write(piece)
+    sys.stdout.buffer.flush()
+
+
+def _results_to_file(client: Client, job_id: str, fmt: str, output: Path) -> int:
+    """Writes to ``OUTPUT.part`` and renames it, so OUTPUT is never a partial download."""
+    tmp = output.with_name(output.name + ".part")
+    written = 0
+    with (
+        Progress(
+            TextColumn("downloading"),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=err,
+            transient=True,
+        ) as progress,
+        tmp.open("wb") as f,
+    ):
+        bar = progress.add_task("results", total=None)
+        for piece in client.results(job_id, fmt):
+            f.write(piece)
+            written += len(piece)
+            progress.update(bar, completed=written)
+    tmp.replace(output)
+    return written
+
+
+def _results_table(job_id: str, limit: int) -> None:
+    with api_client() as client:
+        body = b"".join(client.results(job_id, "jsonl"))
+    rows = [json.loads(line) for line in body.splitlines()]
+    table = Table("id", "output", "label", "confidence", "error", show_lines=True)
+    for r in rows[:limit]:
+        conf = f"{r['confidence']:.2f}" if r["confidence"] is not None else ""
+        table.add_row(
+            r["id"], (r["output"] or "").strip(), r["label"] or "", conf, r["error"] or ""
+        )
+    out.print(table)
+    if len(rows) > limit:
+        err.print(f"(first {limit} of {len(rows)} rows)")
+
+
+@app.command()
+def models() -> None:
+    """Models served by live workers, and those workers."""
+    with api_client() as client:
+        page = client.models()
+    table = Table("model", "worker", "device", "last heartbeat")
+    for m in page["data"]:
+        for w in m["workers"]:
+            table.add_row(m["id"], w["name"], w["device"], w["last_heartbeat_at"][:19])
+    out.print(table)
+
+
+@app.command()
+def cancel(job_id: Annotated[str, typer.Argument(help="Job id.")]) -> None:
+    """Cancel a job: queued chunks never start; results so far are kept."""
+    with api_client() as client:
+        job = client.cancel(job_id)
+    out.print(f"job {job['id']} {job['status']}")

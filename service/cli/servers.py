@@ -1,0 +1,158 @@
+"""The process commands: ``api``, ``worker``, ``flower``, ``beat`` and ``db upgrade``.
+
+These are the only code under ``service/`` that may import ``workers``, and only inside the
+command functions: a producer's machine runs the rest of the CLI without the GPU stack installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from service.cli.output import err, fail, out, redact_url
+from service.errors import ConfigError
+from service.settings import get_settings
+
+#: Merged into the root app; the order here is the order ``docqueue --help`` lists them.
+app = typer.Typer()
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+
+
+@app.command()
+def beat(
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+    concurrency: Annotated[
+        int | None, typer.Option(help="Ops tasks in flight (default: DOCQUEUE_BEAT_CONCURRENCY).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the command, start nothing.")
+    ] = False,
+) -> None:
+    """Run beat (schedules, reconciler, retention) in a small ops worker. Run exactly one."""
+    from workers.ops.beat import command
+
+    cmd = command(loglevel, concurrency)
+    if dry_run:
+        out.print(" ".join(cmd), highlight=False)
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)  # Celery takes over this process: signals reach it directly
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port.")] = None,
+    workers: Annotated[int, typer.Option(help="Server processes.")] = 1,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from service.logs import uvicorn_log_config
+
+    s = get_settings()
+    uvicorn.run(
+        "service.api.app:create_app",
+        factory=True,
+        host=host or s.api_host,
+        port=port or s.api_port,
+        workers=workers,
+        log_level=log_level,
+        log_config=uvicorn_log_config(),  # applied in every server process
+    )
+
+
+@app.command()
+def worker(
+    model: Annotated[
+        str | None, typer.Option(help="Model this worker serves (default: settings).")
+    ] = None,
+    gpus: Annotated[
+        str, typer.Option(help="all | none | a list like 0,1 (one worker per GPU).")
+    ] = "all",
+    tensor_parallel: Annotated[int, typer.Option(help="GPUs per worker.")] = 1,
+    concurrency: Annotated[int | None, typer.Option(help="Chunks in flight per engine.")] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "info",
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve Prometheus /metrics; the i-th GPU process on PORT+i."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan, start nothing.")
+    ] = False,
+) -> None:
+    """Start one Celery worker per GPU (or one CPU worker), each running the model's engine."""
+    from workers import launcher
+
+    s = get_settings()
+    model = model or s.default_model
+    try:
+        specs = launcher.plan(gpus, tensor_parallel)
+    except ValueError as exc:
+        fail(str(exc))
+    specs = launcher.with_metrics_ports(specs, metrics_port or s.worker_metrics_port)
+    conc = concurrency or s.worker_concurrency
+    if dry_run:
+        plan = [
+            {
+                "hostname": spec.hostname,
+                "CUDA_VISIBLE_DEVICES": spec.devices,
+                "metrics_port": spec.env.get("DOCQUEUE_WORKER_METRICS_PORT"),
+                "command": launcher.command(spec, model, conc, loglevel),
+            }
+            for spec in specs
+        ]
+        out.print_json(json.dumps(plan))
+        return
+    raise typer.Exit(launcher.supervise(specs, model, conc, tensor_parallel, loglevel))
+
+
+@app.command()
+def flower(
+    port: Annotated[int | None, typer.Option(help="Port (default: 5555).")] = None,
+    address: Annotated[str | None, typer.Option(help="Bind address (default: 127.0.0.1).")] = None,
+    persistent: Annotated[
+        bool | None,
+        typer.Option(
+            "--persistent/--no-persistent",
+            help="Keep task history across restarts (DOCQUEUE_FLOWER_DB_PATH).",
+        ),
+    ] = None,
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Run without basic auth (trusted networks only).")
+    ] = False,
+) -> None:
+    """Start Flower on docqueue's broker: workers by GPU hostname, chunk tasks by job and chunk.
+
+    Needs DOCQUEUE_FLOWER_BASIC_AUTH=user:password unless --no-auth is given.
+    """
+    from workers.ops import flower as flower_mod
+
+    try:
+        opts = flower_mod.options(
+            get_settings(), port=port, address=address, persistent=persistent, no_auth=no_auth
+        )
+    except ConfigError as exc:
+        fail(str(exc), code=2)
+    if no_auth:
+        err.print("[yellow]warning:[/] Flower runs without authentication", highlight=False)
+    raise typer.Exit(flower_mod.run(opts))
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    from service.store.migrate import upgrade
+
+    url = get_settings().database_url
+    try:
+        upgrade(url, revision)
+    except Exception as exc:  # connection refused, missing database ...
+        fail(f"migration failed: {exc}")
+    out.print(f"database at {redact_url(url)} is at revision {revision}")
