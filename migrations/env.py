@@ -10,7 +10,7 @@ from service.store.tables import Base
 
 config = context.config
 if not config.get_main_option("sqlalchemy.url"):
-    config.set_main_option("sqlalchemy.url", get_settings().database_url)
+    config.set_main_option("sqlalchemy.url", get_settings().database.url)
 
 target_metadata = Base.metadata
 

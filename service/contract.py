@@ -108,7 +108,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
     from celery import Celery
 
     settings = settings or get_settings()
-    app = Celery(APP_NAME, broker=settings.redis_url)
+    app = Celery(APP_NAME, broker=settings.broker.url)
     app.conf.update(
         task_ignore_result=True,  # Postgres holds all state; no result backend.
         task_serializer="json",
@@ -119,7 +119,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_create_missing_queues=True,
         # Producers and workers must agree on this, or a message could be redelivered early.
         broker_transport_options={
-            "visibility_timeout": settings.broker_visibility_timeout_s,
+            "visibility_timeout": settings.broker.visibility_timeout_s,
             # kombu's Redis transport BRPOPs a worker's queues in the order given (-Q
             # interactive,bulk) instead of rotating them round robin: an interactive chunk is
             # always taken before the next bulk one (bulk waits; nothing is pre-empted).

@@ -127,7 +127,7 @@ def configure(level: str | int | None = None, fmt: str | None = None) -> None:
     from service.settings import get_settings
 
     s = get_settings()
-    logging.config.dictConfig(dict_config(level or s.log_level, fmt or s.log_format))
+    logging.config.dictConfig(dict_config(level or s.logs.level, fmt or s.logs.format))
     logging.captureWarnings(True)
 
 
@@ -165,7 +165,7 @@ def uvicorn_log_config() -> dict[str, Any]:
     from service.settings import get_settings
 
     s = get_settings()
-    return dict_config(s.log_level, s.log_format)
+    return dict_config(s.logs.level, s.logs.format)
 
 
 __all__ = [

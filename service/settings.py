@@ -1,110 +1,217 @@
-"""One typed settings object for the API, the CLI and the workers (env prefix ``DOCQUEUE_``)."""
+"""One typed settings object for the API, the CLI and the workers, grouped by concern.
+
+Code reads ``settings.worker.lease_s``; the environment says ``DOCQUEUE_LEASE_S``. Each field
+names its environment variable once (``env(...)``); only ``DOCQUEUE_*`` variables (from the
+process environment, or a ``.env`` file in the working directory) are read, so a stray ``PORT``
+or ``HOST`` never leaks in. A bad value fails at start, naming the variable.
+"""
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 MiB = 1024 * 1024
+ENV_PREFIX = "DOCQUEUE_"
+
+
+def env(name: str, default: Any = ..., **constraints: Any) -> Any:
+    """A field read from ``DOCQUEUE_<name>``; code may still pass it by its field name."""
+    return Field(default, validation_alias=ENV_PREFIX + name, **constraints)
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, validate_assignment=True)
+
+
+class DatabaseSettings(_Group):
+    url: str = env("DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/docqueue")
+
+
+class BrokerSettings(_Group):
+    url: str = env("REDIS_URL", "redis://127.0.0.1:6379/0")
+    # Seconds Redis keeps an unacked message invisible before redelivering it. Far above any
+    # chunk's run time: PostgreSQL leases, not Redis, decide when work is re-run.
+    visibility_timeout_s: int = env("BROKER_VISIBILITY_TIMEOUT_S", 6 * 3600, gt=0)
+
+
+class JobSettings(_Group):
+    """What a job may be and its defaults; the upload limits bound every stored byte."""
+
+    max_document_bytes: int = env("MAX_DOCUMENT_BYTES", 1 * MiB, gt=0)
+    max_rows_per_job: int = env("MAX_ROWS_PER_JOB", 2_000_000, gt=0)
+    max_upload_bytes: int = env("MAX_UPLOAD_BYTES", 8 * 1024 * MiB, gt=0)
+    default_model: str = env("DEFAULT_MODEL", "smollm2-135m-instruct")
+    default_chunk_size: int = env("DEFAULT_CHUNK_SIZE", 256, gt=0)
+    max_chunk_size: int = env("MAX_CHUNK_SIZE", 10_000, gt=0)
+    default_max_tokens: int = env("DEFAULT_MAX_TOKENS", 256, gt=0)
+    summary_words: int = env("SUMMARY_WORDS", 60, gt=0)
+
+
+class ApiSettings(_Group):
+    host: str = env("API_HOST", "127.0.0.1")
+    port: int = env("API_PORT", 8000, gt=0, lt=65536)
+    # The API's /metrics aggregates over every job row: answer scrapes within this many seconds
+    # of the last one from memory, so several scrapers (or API processes) cost one query set.
+    metrics_cache_s: float = env("METRICS_CACHE_S", 5.0, ge=0)
+
+
+class ClientSettings(_Group):
+    """The CLI as a client of the API."""
+
+    url: str = env("API_URL", "http://127.0.0.1:8000")
+    key: str | None = env("API_KEY", None)
+    http_timeout_s: float = env("HTTP_TIMEOUT_S", 600.0, gt=0)
+
+
+class WorkerSettings(_Group):
+    """Leases, retries and the reconciler. A chunk's lease is renewed every lease_s/3 while it
+    runs, so a killed worker's chunk is re-run about lease_s after it died."""
+
+    lease_s: int = env("LEASE_S", 60, ge=2)
+    max_attempts: int = env("MAX_ATTEMPTS", 3, ge=1)  # per chunk, counting the first
+    retry_backoff_s: float = env("RETRY_BACKOFF_S", 5.0, ge=0)  # doubled per attempt, jittered
+    reconcile_interval_s: float = env("RECONCILE_INTERVAL_S", 30.0, gt=0)
+    # A queued chunk whose message is in neither the queue nor the unacked set after this long
+    # is re-sent (its message was lost: Redis flushed, restarted without persistence ...).
+    requeue_after_s: float = env("REQUEUE_AFTER_S", 60.0, ge=0)
+    heartbeat_s: float = env("WORKER_HEARTBEAT_S", 10.0, gt=0)
+    concurrency: int = env("WORKER_CONCURRENCY", 3, ge=1)  # chunks in flight per engine
+    sub_batch_size: int = env("SUB_BATCH_SIZE", 64, ge=1)  # results are written per sub-batch
+    # Workers also run the reconciler in-process (at start and every reconcile_interval_s);
+    # with `docqueue beat` running it is a beat task too, and this can be turned off.
+    reconcile_in_workers: bool = env("RECONCILE_IN_WORKERS", True)
+    # Base port of the workers' Prometheus endpoints: the launcher gives its i-th Celery process
+    # port + i (one process per GPU). None: no worker metrics endpoint.
+    metrics_port: int | None = env("WORKER_METRICS_PORT", None, gt=0, lt=65536)
+    metrics_address: str = env("WORKER_METRICS_ADDRESS", "0.0.0.0")  # scraped from other hosts
+
+
+class EngineSettings(_Group):
+    kind: Literal["vllm", "bench"] = env("ENGINE", "vllm")  # bench: zero-cost, benchmarks only
+    max_model_len: int | None = env("MAX_MODEL_LEN", None, gt=0)  # default: the model's own
+    gpu_memory_utilization: float = env("VLLM_GPU_MEMORY_UTILIZATION", 0.90, gt=0, le=1)
+    kv_cache_gib: float = env("VLLM_KV_CACHE_GIB", 2.0, gt=0)  # CPU backend only
+    max_num_seqs: int | None = env("VLLM_MAX_NUM_SEQS", None, gt=0)
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = env(
+        "VLLM_DTYPE", "auto"
+    )
+    # None: eager on CPU hosts (vLLM-CPU recompiles on every start, 60-100 s more), compiled
+    # (CUDA graphs) on GPUs.
+    enforce_eager: bool | None = env("VLLM_ENFORCE_EAGER", None)
+    tensor_parallel_size: int = env("TENSOR_PARALLEL_SIZE", 1, ge=1)
+
+
+class LogSettings(_Group):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = env("LOG_LEVEL", "INFO")
+    format: Literal["text", "json"] = env("LOG_FORMAT", "text")  # json: one object per line
+
+
+class FlowerSettings(_Group):
+    # "user:password" (several: comma-separated). `docqueue flower` refuses to start without it
+    # unless --no-auth is given: Flower can revoke tasks and shows every job's arguments.
+    basic_auth: SecretStr | None = env("FLOWER_BASIC_AUTH", None)
+    port: int = env("FLOWER_PORT", 5555, gt=0, lt=65536)
+    address: str = env("FLOWER_ADDRESS", "127.0.0.1")
+    persistent: bool = env("FLOWER_PERSISTENT", True)  # keep task history across restarts
+    db_path: Path = env("FLOWER_DB_PATH", Path.home() / ".cache" / "docqueue" / "flower.db")
+    max_tasks: int = env("FLOWER_MAX_TASKS", 10_000, gt=0)  # tasks Flower keeps (memory bound)
+    state_save_interval_s: float = env("FLOWER_STATE_SAVE_INTERVAL_S", 60.0, ge=0)  # 0: at exit
+
+
+class BeatSettings(_Group):
+    schedule_tick_s: float = env("SCHEDULE_TICK_S", 30.0, gt=0)  # how often due schedules run
+    concurrency: int = env("BEAT_CONCURRENCY", 2, ge=1)  # ops tasks in flight in `docqueue beat`
+
+
+class RetentionSettings(_Group):
+    """Results (and documents) of jobs finished longer ago than ``days`` are purged; the job
+    row and its counts stay, marked results_expired_at."""
+
+    days: float = env("RETENTION_DAYS", 30.0, gt=0)
+    interval_s: float = env("RETENTION_INTERVAL_S", 3600.0, gt=0)  # how often beat purges
+    batch_rows: int = env("RETENTION_BATCH_ROWS", 10_000, gt=0)  # rows deleted per transaction
+    max_pass_s: float = env("RETENTION_MAX_PASS_S", 300.0, gt=0)  # a pass stops; next resumes
+
+
+class _DocqueueEnv(PydanticBaseSettingsSource):
+    """``DOCQUEUE_*`` from ``.env`` then the process environment (which wins), sorted into the
+    groups by each field's variable name. Names are matched case-insensitively, as before."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env_file: str | None) -> None:
+        super().__init__(settings_cls)
+        found: dict[str, str] = {}
+        if env_file and Path(env_file).is_file():
+            found.update(
+                {k.upper(): v for k, v in dotenv_values(env_file).items() if v is not None}
+            )
+        found.update(
+            {k.upper(): v for k, v in os.environ.items() if k.upper().startswith(ENV_PREFIX)}
+        )
+        self.found = found
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # __call__ below does the work
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, dict[str, str]] = {}
+        for group, info in self.settings_cls.model_fields.items():
+            model = info.annotation
+            if not (isinstance(model, type) and issubclass(model, _Group)):
+                continue
+            for field in model.model_fields.values():
+                name = str(field.validation_alias)
+                if name in self.found:
+                    out.setdefault(group, {})[name] = self.found[name]
+        return out
 
 
 class Settings(BaseSettings):
     """Every knob in one place, so API, CLI and workers can never disagree on a default."""
 
-    model_config = SettingsConfigDict(env_prefix="DOCQUEUE_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_file=".env", extra="forbid")
 
-    # Storage and queue.
-    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/docqueue"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    # Seconds Redis keeps an unacked message invisible before redelivering it. Far above any
-    # chunk's run time: Postgres leases, not Redis, decide when work is re-run.
-    broker_visibility_timeout_s: int = 6 * 3600
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    client: ClientSettings = Field(default_factory=ClientSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    logs: LogSettings = Field(default_factory=LogSettings)
+    flower: FlowerSettings = Field(default_factory=FlowerSettings)
+    beat: BeatSettings = Field(default_factory=BeatSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
-    # Upload limits.
-    max_document_bytes: int = Field(default=1 * MiB, gt=0)
-    max_rows_per_job: int = Field(default=2_000_000, gt=0)
-    max_upload_bytes: int = Field(default=8 * 1024 * MiB, gt=0)
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        env_file = settings_cls.model_config.get("env_file")
+        return init_settings, _DocqueueEnv(settings_cls, str(env_file) if env_file else None)
 
-    # Jobs.
-    default_model: str = "smollm2-135m-instruct"
-    default_chunk_size: int = Field(default=256, gt=0)
-    max_chunk_size: int = Field(default=10_000, gt=0)
-    default_max_tokens: int = Field(default=256, gt=0)
 
-    # API server.
-    api_host: str = "127.0.0.1"
-    api_port: int = 8000
-
-    # CLI client.
-    api_url: str = "http://127.0.0.1:8000"
-    api_key: str | None = None
-    http_timeout_s: float = 600.0
-
-    # Workers and leases. A chunk's lease is renewed every lease_s/3 while it runs, so a killed
-    # worker's chunk is re-run about lease_s after it died, not after the broker's timeout.
-    lease_s: int = Field(default=60, ge=2)
-    max_attempts: int = Field(default=3, ge=1)  # per chunk, counting the first
-    retry_backoff_s: float = Field(default=5.0, ge=0)  # doubled per attempt, capped at 5 minutes
-    reconcile_interval_s: float = Field(default=30.0, gt=0)
-    # A queued chunk whose message is in neither the queue nor the unacked set after this long
-    # is re-sent (its message was lost: Redis flushed, restarted without persistence ...).
-    requeue_after_s: float = Field(default=60.0, ge=0)
-    worker_heartbeat_s: float = Field(default=10.0, gt=0)
-    worker_concurrency: int = Field(default=3, ge=1)  # chunks in flight per engine
-    sub_batch_size: int = Field(default=64, ge=1)  # results are written per sub-batch
-
-    # Engines.
-    engine: str = "vllm"  # vllm | transformers | bench (zero-cost, benchmarks only)
-    max_model_len: int | None = None  # default: the model's own
-    vllm_gpu_memory_utilization: float = 0.90
-    vllm_kv_cache_gib: float = 2.0  # CPU backend only (VLLM_CPU_KVCACHE_SPACE)
-    vllm_max_num_seqs: int | None = None
-    vllm_dtype: str = "auto"
-    # None: eager on CPU hosts (vLLM-CPU recompiles on every start, 60-100 s more), compiled
-    # (CUDA graphs) on GPUs.
-    vllm_enforce_eager: bool | None = None
-    tensor_parallel_size: int = 1
-
-    # Prompts.
-    summary_words: int = Field(default=60, gt=0)
-
-    log_level: str = "INFO"
-
-    # Operations: Flower, metrics, logs.
-    log_format: Literal["text", "json"] = "text"  # json: one object per line, for collectors
-    # "user:password" (several: comma-separated). `docqueue flower` refuses to start without it
-    # unless --no-auth is given: Flower can revoke tasks and shows every job's arguments.
-    flower_basic_auth: SecretStr | None = None
-    flower_port: int = 5555
-    flower_address: str = "127.0.0.1"
-    flower_persistent: bool = True  # keep Flower's task history across restarts (bounded)
-    flower_db_path: Path = Path.home() / ".cache" / "docqueue" / "flower.db"
-    flower_max_tasks: int = Field(default=10_000, gt=0)  # tasks Flower keeps (memory bound)
-    flower_state_save_interval_s: float = Field(default=60.0, ge=0)  # 0: save at exit only
-    # Base port of the workers' Prometheus endpoints: the launcher gives its i-th Celery process
-    # port + i (one process per GPU). None: no worker metrics endpoint.
-    worker_metrics_port: int | None = Field(default=None, gt=0, lt=65536)
-    # The API's /metrics aggregates over every job row: answer scrapes within this many seconds
-    # of the last one from memory, so several scrapers (or API processes) cost one query set.
-    metrics_cache_s: float = Field(default=5.0, ge=0)
-    worker_metrics_address: str = "0.0.0.0"  # Prometheus scrapes workers from other hosts
-
-    # Collections, schedules, retention.
-    schedule_tick_s: float = Field(default=30.0, gt=0)  # how often beat looks for due schedules
-    # Results (and documents) of jobs finished longer ago than this are purged; the job row and
-    # its counts stay, marked results_expired_at.
-    retention_days: float = Field(default=30.0, gt=0)
-    retention_interval_s: float = Field(default=3600.0, gt=0)  # how often beat purges
-    retention_batch_rows: int = Field(default=10_000, gt=0)  # rows deleted per transaction
-    retention_max_pass_s: float = Field(default=300.0, gt=0)  # a pass stops here; next resumes
-    # Workers also run the reconciler in-process (at start and every reconcile_interval_s);
-    # with `docqueue beat` running it is a beat task too, and this can be turned off.
-    reconcile_in_workers: bool = True
-    beat_concurrency: int = Field(default=2, ge=1)  # ops tasks in flight in `docqueue beat`
+def env_names() -> dict[str, str]:
+    """Every ``DOCQUEUE_*`` variable and the field it sets (``"worker.lease_s"``)."""
+    names: dict[str, str] = {}
+    for group, info in Settings.model_fields.items():
+        model = info.annotation
+        assert isinstance(model, type) and issubclass(model, _Group)
+        for name, field in model.model_fields.items():
+            names[str(field.validation_alias)] = f"{group}.{name}"
+    return names
 
 
 @lru_cache(maxsize=1)

@@ -86,7 +86,7 @@ def api_key(settings: Settings) -> str:
     from service.store.engine import session_scope
     from service.store.keys import create_key
 
-    with session_scope(settings.database_url) as session:
+    with session_scope(settings.database.url) as session:
         return create_key(session, f"tenant-{uuid.uuid4().hex[:8]}")
 
 

@@ -48,19 +48,19 @@ class Runtime:
 
     @property
     def sub_batch_size(self) -> int:
-        return self.settings.sub_batch_size
+        return self.settings.worker.sub_batch_size
 
     @property
     def default_max_tokens(self) -> int:
-        return self.settings.default_max_tokens
+        return self.settings.jobs.default_max_tokens
 
     @property
     def summary_words(self) -> int:
-        return self.settings.summary_words
+        return self.settings.jobs.summary_words
 
     @property
     def retry_backoff_s(self) -> float:
-        return self.settings.retry_backoff_s
+        return self.settings.worker.retry_backoff_s
 
     def hold(self, lease: Lease) -> None:
         with self.lock:
@@ -88,7 +88,7 @@ class Runtime:
             heartbeat(conn, self.name, ready=True)
 
     def _beat_loop(self) -> None:
-        interval = min(self.settings.lease_s / 3.0, self.settings.worker_heartbeat_s)
+        interval = min(self.settings.worker.lease_s / 3.0, self.settings.worker.heartbeat_s)
         while not self.stop.wait(interval):
             try:
                 self.beat_once()
@@ -136,7 +136,7 @@ def current() -> Runtime:
 
 
 def worker_model(settings: Settings) -> str:
-    model = os.environ.get("DOCQUEUE_WORKER_MODEL") or settings.default_model
+    model = os.environ.get("DOCQUEUE_WORKER_MODEL") or settings.jobs.default_model
     return model
 
 
@@ -150,27 +150,27 @@ def start(hostname: str | None = None, settings: Settings | None = None) -> Runt
     name = hostname or f"worker@{socket.gethostname()}"
     logs.set_worker(name)
     # Metrics first: the endpoint shows engine_ready 0 during the engine's slow start.
-    worker_metrics.serve(settings.worker_metrics_port, settings.worker_metrics_address)
+    worker_metrics.serve(settings.worker.metrics_port, settings.worker.metrics_address)
     worker_metrics.engine_ready(model, False)
     engine = build_engine(
-        settings.engine,
+        settings.engine.kind,
         model,
-        max_model_len=settings.max_model_len,
-        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
-        kv_cache_gib=settings.vllm_kv_cache_gib,
-        max_num_seqs=settings.vllm_max_num_seqs,
-        dtype=settings.vllm_dtype,
-        enforce_eager=settings.vllm_enforce_eager,
-        tensor_parallel_size=settings.tensor_parallel_size,
+        max_model_len=settings.engine.max_model_len,
+        gpu_memory_utilization=settings.engine.gpu_memory_utilization,
+        kv_cache_gib=settings.engine.kv_cache_gib,
+        max_num_seqs=settings.engine.max_num_seqs,
+        dtype=settings.engine.dtype,
+        enforce_eager=settings.engine.enforce_eager,
+        tensor_parallel_size=settings.engine.tensor_parallel_size,
     )
-    db = get_engine(settings.database_url)
+    db = get_engine(settings.database.url)
     _runtime = Runtime(
         settings=settings,
         model=model,
         name=name,
         engine=engine,
         db=db,
-        store=PgChunkStore(db, lease_s=settings.lease_s, max_attempts=settings.max_attempts),
+        store=PgChunkStore.from_settings(settings, db),
     )
     _runtime.start()
     worker_metrics.engine_ready(model, True)

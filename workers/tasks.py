@@ -46,7 +46,7 @@ def run_chunk(self: Task[Any, Any], chunk_id: str) -> str:
         if isinstance(exc, RetryChunk):
             countdown = exc.countdown_s
         else:
-            countdown = backoff_s(1, rt.settings.retry_backoff_s)
+            countdown = backoff_s(1, rt.settings.worker.retry_backoff_s)
         raise self.retry(exc=exc, countdown=countdown) from exc
     log.info("chunk %s: %s", chunk_id, outcome)
     return outcome

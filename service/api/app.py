@@ -28,10 +28,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Bulk LLM work over documents as asynchronous jobs.",
     )
-    db = get_engine(settings.database_url)
+    db = get_engine(settings.database.url)
     app.state.settings = settings
     app.state.db = db
-    app.state.store = PgChunkStore(db, lease_s=settings.lease_s, max_attempts=settings.max_attempts)
+    app.state.store = PgChunkStore.from_settings(settings, db)
     app.add_exception_handler(DocqueueError, _docqueue_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(OperationalError, _db_down)
@@ -40,10 +40,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.middleware("http")
     async def _upload_limit(request: Request, call_next: Any) -> Any:
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_upload_bytes:
+        if length and length.isdigit() and int(length) > settings.jobs.max_upload_bytes:
             exc = PayloadTooLargeError(
                 f"upload of {int(length)} bytes exceeds the limit of "
-                f"{settings.max_upload_bytes} bytes"
+                f"{settings.jobs.max_upload_bytes} bytes"
             )
             return _error(exc.status_code, exc.to_dict())
         return await call_next(request)

@@ -29,7 +29,7 @@ def readyz(settings: SettingsDep, db: Db) -> JSONResponse:
     except Exception as exc:
         checks["postgres"] = f"error: {type(exc).__name__}"
     try:
-        client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+        client = redis.Redis.from_url(settings.broker.url, socket_connect_timeout=2)
         client.ping()
         client.close()
         checks["redis"] = "ok"

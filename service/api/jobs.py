@@ -66,7 +66,7 @@ def submit_job(
     extra = {"summary_words": form.summary_words, "language": form.language}
     req = validate.JobRequest(
         task=form.task.strip().lower(),
-        model=(form.model or settings.default_model).strip(),
+        model=(form.model or settings.jobs.default_model).strip(),
         text_column=form.text_column,
         id_column=form.id_column or None,
         prompt=form.prompt or None,
@@ -147,7 +147,7 @@ def job_results(
     with tx(db) as session:
         job = queries.get_job(session, who.tenant_id, job_id)
     if job.results_expired_at is not None:  # purged by retention: 410, the job stays
-        raise ResultsExpiredError.for_job(job.id, job.results_expired_at, settings.retention_days)
+        raise ResultsExpiredError.for_job(job.id, job.results_expired_at, settings.retention.days)
     return StreamingResponse(
         export.stream_results(db, job.id, format),
         media_type=export.MEDIA_TYPES[format],

@@ -199,7 +199,7 @@ class StoreCollector(Collector):
 def install(app: FastAPI, settings: Settings, db: Engine) -> None:
     """Adds ``GET /metrics`` (Prometheus text format, no API key: aggregates, no tenant data)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StoreCollector(db, settings.redis_url, live_horizon_s(settings)))
+    registry.register(StoreCollector(db, settings.broker.url, live_horizon_s(settings)))
 
     lock = threading.Lock()
     cached: list[Any] = [float("-inf"), b""]  # (monotonic time made, body)
@@ -207,7 +207,7 @@ def install(app: FastAPI, settings: Settings, db: Engine) -> None:
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
     def metrics() -> Response:
         with lock:  # one query set at a time; concurrent scrapes share its answer
-            if time.monotonic() - cached[0] >= settings.metrics_cache_s:
+            if time.monotonic() - cached[0] >= settings.api.metrics_cache_s:
                 cached[1] = generate_latest(registry)
                 cached[0] = time.monotonic()
             body = cached[1]

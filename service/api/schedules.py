@@ -28,7 +28,7 @@ def create_schedule(body: ScheduleIn, who: Auth, settings: SettingsDep, db: Db) 
             who.tenant_id,
             collection=body.collection,
             task=body.task,
-            model=body.model or settings.default_model,
+            model=body.model or settings.jobs.default_model,
             params=body.params,
             cron=body.cron,
             timezone=body.timezone,

@@ -55,13 +55,13 @@ def api_client() -> Iterator[Client]:
     print their message; neither is worth a traceback.
     """
     s = get_settings()
-    if not s.api_key:
+    if not s.client.key:
         fail(
             "no API key: set DOCQUEUE_API_KEY "
             "(create one with `docqueue keys create --tenant NAME`)"
         )
     try:
-        with Client(s.api_url, s.api_key, s.http_timeout_s) as client:
+        with Client(s.client.url, s.client.key, s.client.http_timeout_s) as client:
             yield client
     except (ApiError, TransientError) as exc:
         fail(exc.message)

@@ -60,8 +60,8 @@ def api(
     uvicorn.run(
         "service.api.app:create_app",
         factory=True,
-        host=host or s.api_host,
-        port=port or s.api_port,
+        host=host or s.api.host,
+        port=port or s.api.port,
         workers=workers,
         log_level=log_level,
         log_config=uvicorn_log_config(),  # applied in every server process
@@ -91,13 +91,13 @@ def worker(
     from workers import launcher
 
     s = get_settings()
-    model = model or s.default_model
+    model = model or s.jobs.default_model
     try:
         specs = launcher.plan(gpus, tensor_parallel)
     except ValueError as exc:
         fail(str(exc))
-    specs = launcher.with_metrics_ports(specs, metrics_port or s.worker_metrics_port)
-    conc = concurrency or s.worker_concurrency
+    specs = launcher.with_metrics_ports(specs, metrics_port or s.worker.metrics_port)
+    conc = concurrency or s.worker.concurrency
     if dry_run:
         plan = [
             {
@@ -150,7 +150,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")]
     """Apply migrations up to REVISION (default: head)."""
     from service.store.migrate import upgrade
 
-    url = get_settings().database_url
+    url = get_settings().database.url
     try:
         upgrade(url, revision)
     except Exception as exc:  # connection refused, missing database ...

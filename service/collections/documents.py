@@ -86,7 +86,7 @@ def upsert_documents(
     if not id_column:
         raise InvalidParameterError("id_column is required for collections", field="id_column")
     delimiter = parse_delimiter(delimiter)
-    engine = get_engine(settings.database_url)
+    engine = get_engine(settings.database.url)
     with Session(engine, expire_on_commit=False) as session, session.begin():
         session.execute(
             pg_insert(Collection)
@@ -108,8 +108,8 @@ def upsert_documents(
             text_column=text_column,
             id_column=id_column,
             delimiter=delimiter,
-            max_rows=settings.max_rows_per_job,
-            max_document_bytes=settings.max_document_bytes,
+            max_rows=settings.jobs.max_rows_per_job,
+            max_document_bytes=settings.jobs.max_document_bytes,
         )
         result = ingest_csv(raw, uuid.uuid4(), upload, opts)
         hash_sql = CONTENT_HASH_SQL.format(col="d.text")
@@ -264,7 +264,7 @@ def create_collection_job(
     is an ordinary one: same chunks, same workers, same results and exports.
     """
     jobs.validate(req, settings)
-    chunk_size = req.chunk_size or settings.default_chunk_size
+    chunk_size = req.chunk_size or settings.jobs.default_chunk_size
     job_id = uuid.uuid4()
     inserted = session.execute(
         pg_insert(Job)
@@ -306,7 +306,7 @@ def create_collection_job(
             """
             ),
             # At most max_rows_per_job, like any job; the rest stay pending for the next run.
-            {"j": job_id, "c": schedule.collection_id, "n": settings.max_rows_per_job},
+            {"j": job_id, "c": schedule.collection_id, "n": settings.jobs.max_rows_per_job},
         )
         .rowcount
     )

@@ -44,8 +44,8 @@ def create_job(
     validate(req, settings)
     delimiter = parse_delimiter(req.delimiter)
     fields = template_fields(req.prompt) if req.prompt else frozenset()
-    chunk_size = req.chunk_size or settings.default_chunk_size
-    engine = get_engine(settings.database_url)
+    chunk_size = req.chunk_size or settings.jobs.default_chunk_size
+    engine = get_engine(settings.database.url)
 
     with Session(engine, expire_on_commit=False) as session:
         existing = find_idempotent(session, tenant_id, req.idempotency_key)
@@ -78,8 +78,8 @@ def create_job(
                 id_column=req.id_column,
                 delimiter=delimiter,
                 template_fields=fields,
-                max_rows=settings.max_rows_per_job,
-                max_document_bytes=settings.max_document_bytes,
+                max_rows=settings.jobs.max_rows_per_job,
+                max_document_bytes=settings.jobs.max_document_bytes,
             )
             result = ingest_csv(raw, job_id, upload, opts)
             chunks = chunk_rows(job_id, result.rows, chunk_size)
@@ -125,7 +125,7 @@ def chunk_rows(job_id: uuid.UUID, rows: int, size: int) -> list[tuple[uuid.UUID,
 
 def enqueue_job(job_id: uuid.UUID, settings: Settings) -> int:
     """Sends the messages of a job's chunks that have not been sent yet (after the commit)."""
-    with Session(get_engine(settings.database_url), expire_on_commit=False) as session:
+    with Session(get_engine(settings.database.url), expire_on_commit=False) as session:
         job = session.get(Job, job_id)
         if job is None:
             return 0
@@ -162,10 +162,6 @@ def enqueue_job_chunks(
             return 0
         finally:
             app.close()
-    store = PgChunkStore(
-        get_engine(settings.database_url),
-        lease_s=settings.lease_s,
-        max_attempts=settings.max_attempts,
-    )
+    store = PgChunkStore.from_settings(settings)
     store.mark_enqueued([m.chunk_id for m in messages])
     return sent

@@ -104,9 +104,9 @@ def validate(req: JobRequest, settings: Settings) -> None:
     if req.temperature is not None and not 0.0 <= req.temperature <= 10.0:
         raise InvalidParameterError("temperature must be between 0 and 10", field="temperature")
     size = req.chunk_size
-    if size is not None and not 1 <= size <= settings.max_chunk_size:
+    if size is not None and not 1 <= size <= settings.jobs.max_chunk_size:
         raise InvalidParameterError(
-            f"chunk_size must be between 1 and {settings.max_chunk_size}", field="chunk_size"
+            f"chunk_size must be between 1 and {settings.jobs.max_chunk_size}", field="chunk_size"
         )
     parse_delimiter(req.delimiter)
 

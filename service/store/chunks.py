@@ -27,6 +27,8 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service.errors import ConflictError, LeaseLostError, StoreUnavailableError
+from service.settings import Settings
+from service.store.engine import get_engine
 from service.store.states import CANCEL_STATUSES, ChunkState, JobStatus
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,15 @@ class PgChunkStore:
         self.db = db
         self.lease_s = float(lease_s)
         self.max_attempts = max_attempts
+
+    @classmethod
+    def from_settings(cls, settings: Settings, db: Engine | None = None) -> PgChunkStore:
+        """The store with the deployment's lease length and attempts (``settings.worker``)."""
+        return cls(
+            db if db is not None else get_engine(settings.database.url),
+            lease_s=settings.worker.lease_s,
+            max_attempts=settings.worker.max_attempts,
+        )
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:

@@ -14,7 +14,7 @@ from service.settings import get_settings
 
 @lru_cache(maxsize=8)
 def get_engine(url: str | None = None) -> Engine:
-    url = url or get_settings().database_url
+    url = url or get_settings().database.url
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, future=True)
 
 

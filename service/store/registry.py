@@ -14,7 +14,7 @@ from service.settings import Settings
 def live_horizon_s(settings: Settings) -> float:
     """How recent a heartbeat must be for its worker to count as serving its model: three
     beats, or one lease, whichever is longer (a worker beats every min(lease_s/3, heartbeat))."""
-    return 3 * max(settings.worker_heartbeat_s, settings.lease_s / 3.0)
+    return 3 * max(settings.worker.heartbeat_s, settings.worker.lease_s / 3.0)
 
 
 def register_worker(

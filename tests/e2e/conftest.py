@@ -19,8 +19,8 @@ def api_server(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
     log = tmp_path_factory.mktemp("api") / "api.log"
     env = {
         **os.environ,
-        "DOCQUEUE_DATABASE_URL": settings.database_url,
-        "DOCQUEUE_REDIS_URL": settings.redis_url,
+        "DOCQUEUE_DATABASE_URL": settings.database.url,
+        "DOCQUEUE_REDIS_URL": settings.broker.url,
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(

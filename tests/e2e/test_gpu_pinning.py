@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 
 from service.settings import Settings
+from tests.support.gpus import fake_nvidia_smi
 from tests.support.helpers import pg
 from tests.support.stack import new_key, running_worker, wait_job
-from tests.unit.test_launcher import fake_nvidia_smi
 
 
 def test_one_worker_per_gpu_each_sees_its_own_device(
@@ -42,7 +42,7 @@ def test_one_worker_per_gpu_each_sees_its_own_device(
         # Each child registers the CUDA_VISIBLE_DEVICES it sees in its own environment.
         rows: list[tuple[str, str]] = []
         for _ in range(120):
-            with pg(settings.database_url) as conn:
+            with pg(settings.database.url) as conn:
                 rows = conn.execute(
                     "SELECT name, device FROM workers WHERE model = %s ORDER BY name",
                     (model_name,),
@@ -66,7 +66,7 @@ def test_one_worker_per_gpu_each_sees_its_own_device(
         )
         job = wait_job(api_server, key, resp.json()["id"], timeout_s=60)
         assert job["status"] == "completed" and job["counts"]["succeeded"] == 400
-        with pg(settings.database_url) as conn:
+        with pg(settings.database.url) as conn:
             workers = {
                 r[0]
                 for r in conn.execute(

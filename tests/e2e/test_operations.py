@@ -84,7 +84,7 @@ def flower(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iter
     tmp = tmp_path_factory.mktemp("flower")
     env = {
         **os.environ,
-        "DOCQUEUE_REDIS_URL": settings.redis_url,
+        "DOCQUEUE_REDIS_URL": settings.broker.url,
         "DOCQUEUE_FLOWER_BASIC_AUTH": f"{AUTH[0]}:{AUTH[1]}",
         "DOCQUEUE_FLOWER_DB_PATH": str(tmp / "flower.db"),
         "DOCQUEUE_FLOWER_MAX_TASKS": "1000",
@@ -155,7 +155,7 @@ def finished_job(
     assert resp.status_code == 202, resp.text
     job = wait_job(api_server, key, resp.json()["id"], timeout_s=180)
     assert job["status"] == "completed", job
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         row = conn.execute("SELECT name FROM workers WHERE model = %s", (model,)).fetchone()
     assert row is not None
     return {"job": job, "before": before, "after": _metrics(metrics_url), "worker": row[0]}
@@ -208,7 +208,11 @@ def test_flower_answers_401_without_credentials(flower: Flower) -> None:
 
 
 def test_flower_refuses_to_start_without_auth_config(settings: Settings) -> None:
-    env = {**os.environ, "DOCQUEUE_REDIS_URL": settings.redis_url, "DOCQUEUE_FLOWER_BASIC_AUTH": ""}
+    env = {
+        **os.environ,
+        "DOCQUEUE_REDIS_URL": settings.broker.url,
+        "DOCQUEUE_FLOWER_BASIC_AUTH": "",
+    }
     done = subprocess.run(
         [docqueue_bin(), "flower", "--port", str(free_port())],
         env=env,
@@ -252,7 +256,7 @@ def test_worker_logs_are_json_lines_with_job_and_chunk(
             records.append(json.loads(line))  # every JSON-looking line parses
     ours = [r for r in records if r.get("job_id") == job_id]
     assert ours, "no log line carries the job id"
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         chunk_ids = {
             str(c) for (c,) in conn.execute("SELECT id FROM chunks WHERE job_id = %s", (job_id,))
         }

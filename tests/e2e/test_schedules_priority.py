@@ -106,7 +106,7 @@ def test_beat_runs_a_due_schedule_and_summaries_land_in_the_collection(
         params={"max_tokens": 8, "chunk_size": 16},
     )
     # Make it due now rather than at 03:00 New York time; beat (1 s ticks) takes it from here.
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         conn.execute(
             "UPDATE schedules SET next_run_at = date_trunc('minute', now()) WHERE id = %s",
             (s["id"],),

@@ -282,7 +282,7 @@ def test_sigkill_mid_job_loses_and_duplicates_nothing(
         chunk_size=100,
     )
     wait_job(api_server, key, job["id"], until=lambda j: j["counts"]["succeeded"] >= 100)
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         row = conn.execute("SELECT pid FROM workers WHERE model = %s", (model,)).fetchone()
         leased = conn.execute(
             "SELECT count(*) FROM chunks WHERE job_id = %s AND state = 'leased'", (job["id"],)
@@ -296,7 +296,7 @@ def test_sigkill_mid_job_loses_and_duplicates_nothing(
     rows = job_results(api_server, key, job["id"])
     assert [r["id"] for r in rows] == [f"k{i}" for i in range(n)]
     assert time.monotonic() - killed_at < 240
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         attempts = conn.execute(
             "SELECT max(attempts) FROM chunks WHERE job_id = %s", (job["id"],)
         ).fetchone()
@@ -346,7 +346,7 @@ def test_engine_death_is_transient_the_chunk_retries_elsewhere(
         chunk_size=100,
     )
     wait_job(api_server, key, job["id"], until=lambda j: j["counts"]["succeeded"] >= 100)
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         row = conn.execute("SELECT pid FROM workers WHERE model = %s", (model,)).fetchone()
         leased = conn.execute(
             "SELECT count(*) FROM chunks WHERE job_id = %s AND state = 'leased'", (job["id"],)
@@ -359,7 +359,7 @@ def test_engine_death_is_transient_the_chunk_retries_elsewhere(
     assert final["status"] == "completed", final
     assert final["counts"] == {"total": n, "succeeded": n, "failed": 0, "cancelled": 0}
     assert [r["id"] for r in job_results(api_server, key, job["id"])] == [f"e{i}" for i in range(n)]
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         retried = conn.execute(
             "SELECT count(*) FROM chunks WHERE job_id = %s AND attempts >= 2", (job["id"],)
         ).fetchone()

@@ -172,11 +172,11 @@ CASES: list[tuple[str, bytes, dict[str, Any], int, list[str], dict[str, Any]]] =
 @pytest.fixture()
 def small_limits(settings: Settings) -> Any:
     """Small limits so the size cases need only a few bytes; restored afterwards."""
-    old = (settings.max_document_bytes, settings.max_rows_per_job)
-    settings.max_document_bytes = 2048
-    settings.max_rows_per_job = 5
+    old = (settings.jobs.max_document_bytes, settings.jobs.max_rows_per_job)
+    settings.jobs.max_document_bytes = 2048
+    settings.jobs.max_rows_per_job = 5
     yield settings
-    settings.max_document_bytes, settings.max_rows_per_job = old
+    settings.jobs.max_document_bytes, settings.jobs.max_rows_per_job = old
 
 
 @pytest.mark.parametrize(
@@ -202,7 +202,7 @@ def test_rejected_with_a_clear_message_and_nothing_left_behind(
         assert phrase in error["message"], (phrase, error)
     for key, value in where.items():
         assert error.get(key) == value, (key, error)
-    assert tenant_totals(small_limits.database_url, api_key) == (0, 0, 0)
+    assert tenant_totals(small_limits.database.url, api_key) == (0, 0, 0)
 
 
 def test_missing_file_and_task_are_named(client: TestClient, api_key: str) -> None:
@@ -221,12 +221,12 @@ def test_missing_file_and_task_are_named(client: TestClient, api_key: str) -> No
 def test_upload_over_byte_limit_is_413(
     client: TestClient, api_key: str, settings: Settings, model_name: str
 ) -> None:
-    old = settings.max_upload_bytes
-    settings.max_upload_bytes = 1000
+    old = settings.jobs.max_upload_bytes
+    settings.jobs.max_upload_bytes = 1000
     try:
         resp = submit(client, api_key, b"text\n" + b"word " * 400 + b"\n", model=model_name)
     finally:
-        settings.max_upload_bytes = old
+        settings.jobs.max_upload_bytes = old
     assert resp.status_code == 413, resp.text
     assert "exceeds the limit of 1000 bytes" in resp.json()["error"]["message"]
-    assert tenant_totals(settings.database_url, api_key) == (0, 0, 0)
+    assert tenant_totals(settings.database.url, api_key) == (0, 0, 0)

@@ -3,26 +3,10 @@ tenant isolation, bad CSVs."""
 
 from __future__ import annotations
 
-import hashlib
-from typing import Any
-
 from fastapi.testclient import TestClient
 
 from service.settings import Settings
-from tests.support.helpers import auth, pg
-
-
-def put(client: TestClient, key: str, name: str, body: str, **fields: Any) -> Any:
-    return client.put(
-        f"/v1/collections/{name}/documents",
-        headers=auth(key),
-        data={k: str(v) for k, v in fields.items()},
-        files={"file": ("docs.csv", body.encode(), "text/csv")},
-    )
-
-
-def sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+from tests.support.helpers import auth, pg, put, sha
 
 
 def test_upsert_by_id_counts_and_marks_changed_documents_pending(
@@ -36,7 +20,7 @@ def test_upsert_by_id_counts_and_marks_changed_documents_pending(
     assert body["counts"] == {"documents": 3, "summarized": 0, "pending": 3}
 
     # Pretend b and c were summarized (their current text).
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         conn.execute(
             "UPDATE collection_documents SET summary = 's', summary_hash = content_hash, "
             "summary_model = 'm', summarized_at = now() WHERE external_id IN ('b', 'c')"
@@ -88,7 +72,7 @@ def test_list_get_and_delete(client: TestClient, api_key: str, settings: Setting
     gone = client.delete("/v1/collections/two", headers=auth(api_key))
     assert gone.status_code == 200 and gone.json()["deleted"] is True
     assert client.get("/v1/collections/two", headers=auth(api_key)).status_code == 404
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         row = conn.execute(
             "SELECT count(*) FROM collection_documents cd JOIN collections c "
             "ON c.id = cd.collection_id WHERE c.name = 'two'"
@@ -102,7 +86,7 @@ def test_another_tenants_collection_is_404_everywhere(
     from service.store.engine import session_scope
     from service.store.keys import create_key
 
-    with session_scope(settings.database_url) as session:
+    with session_scope(settings.database.url) as session:
         other = create_key(session, "collections-other-tenant")
     put(client, api_key, "private", "id,text\n1,secret\n")
     h = auth(other)

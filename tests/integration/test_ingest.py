@@ -26,7 +26,7 @@ def test_rows_order_unicode_multiline_and_extra_columns(
     assert job["status"] == "queued"
     assert job["counts"] == {"total": 4, "succeeded": 0, "failed": 0, "cancelled": 0}
     assert job["params"]["extra_columns"] == ["lang", "source"]
-    rows = documents(settings.database_url, job["id"])
+    rows = documents(settings.database.url, job["id"])
     assert [r[0] for r in rows] == [1, 2, 3, 4]
     assert [r[1] for r in rows] == ["a1", "a2", "a3", "a4"]
     assert rows[0][2] == "Hello, world"
@@ -44,7 +44,7 @@ def test_bom_semicolon_and_row_numbers_as_default_ids(
     body = "\ufefftitle;text\nT1;alpha\nT2;beta\n".encode()
     resp = submit(client, api_key, body, model=model_name)
     assert resp.status_code == 202, resp.text
-    rows = documents(settings.database_url, resp.json()["id"])
+    rows = documents(settings.database.url, resp.json()["id"])
     assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
         (1, None, "alpha", {"title": "T1"}),
         (2, None, "beta", {"title": "T2"}),
@@ -58,7 +58,7 @@ def test_tab_delimiter_given_and_sniffed(
     for delimiter in (None, "tab"):
         resp = submit(client, api_key, body, model=model_name, delimiter=delimiter)
         assert resp.status_code == 202, resp.text
-        rows = documents(settings.database_url, resp.json()["id"])
+        rows = documents(settings.database.url, resp.json()["id"])
         assert [r[2] for r in rows] == ["some, text, with commas", "more"]
         assert rows[0][3] == {"score": "1"}
 
@@ -69,7 +69,7 @@ def test_nul_bytes_are_stripped(
     body = b"text,note\nab\x00cd,n\x00ote\n"
     resp = submit(client, api_key, body, model=model_name)
     assert resp.status_code == 202, resp.text
-    rows = documents(settings.database_url, resp.json()["id"])
+    rows = documents(settings.database.url, resp.json()["id"])
     assert rows[0][2] == "abcd"
     assert rows[0][3] == {"note": "note"}
 
@@ -81,7 +81,7 @@ def test_backslashes_and_tabs_survive_copy(
     body = "text\n" + '"' + text.replace('"', '""') + '"\n' + "\\N\n"
     resp = submit(client, api_key, body, model=model_name, delimiter=",")
     assert resp.status_code == 202, resp.text
-    rows = documents(settings.database_url, resp.json()["id"])
+    rows = documents(settings.database.url, resp.json()["id"])
     assert rows[0][2] == text
     assert rows[1][2] == "\\N"  # a literal \N is text, not NULL
 
@@ -92,7 +92,7 @@ def test_custom_text_column_short_rows_and_blank_lines(
     body = "body,extra\nfirst,x\n\nsecond\n"
     resp = submit(client, api_key, body, model=model_name, text_column="body")
     assert resp.status_code == 202, resp.text
-    rows = documents(settings.database_url, resp.json()["id"])
+    rows = documents(settings.database.url, resp.json()["id"])
     assert [(r[0], r[2], r[3]) for r in rows] == [
         (1, "first", {"extra": "x"}),
         (2, "second", {"extra": ""}),
@@ -110,7 +110,7 @@ def test_chunks_cover_every_document_once(
     assert job["chunks"] == math.ceil(n / size)
     from tests.support.helpers import pg
 
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         ranges = conn.execute(
             "SELECT seq, start_idx, end_idx, state, enqueued_at IS NOT NULL FROM chunks "
             "WHERE job_id = %s ORDER BY seq",
@@ -121,7 +121,7 @@ def test_chunks_cover_every_document_once(
     assert [r[0] for r in ranges] == list(range(len(ranges)))
     assert {r[3] for r in ranges} == {"queued"}
     assert all(r[4] for r in ranges)  # every chunk's message reached the broker
-    assert count_rows(settings.database_url, "documents", job["id"]) == n
+    assert count_rows(settings.database.url, "documents", job["id"]) == n
 
 
 def test_template_fields_may_use_columns(client: TestClient, api_key: str, model_name: str) -> None:

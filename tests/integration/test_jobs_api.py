@@ -7,7 +7,7 @@ import uuid
 from fastapi.testclient import TestClient
 
 from service.settings import Settings
-from tests.support.helpers import auth, count_rows, pg, submit
+from tests.support.helpers import auth, count_rows, override, pg, submit
 
 CSV = "text\none\ntwo\nthree\n"
 
@@ -21,7 +21,7 @@ def test_requests_without_a_valid_key_are_401(client: TestClient) -> None:
 
 
 def test_keys_are_stored_hashed(settings: Settings, api_key: str) -> None:
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         stored = [r[0] for r in conn.execute("SELECT key_hash FROM api_keys").fetchall()]
     assert api_key not in stored
     import hashlib
@@ -35,7 +35,7 @@ def test_another_tenants_job_is_404_everywhere(
     from service.store.engine import session_scope
     from service.store.keys import create_key
 
-    with session_scope(settings.database_url) as session:
+    with session_scope(settings.database.url) as session:
         other = create_key(session, f"other-{uuid.uuid4().hex[:6]}")
     job_id = submit(client, api_key, CSV, model=model_name).json()["id"]
     for method, path in (
@@ -67,7 +67,7 @@ def test_idempotency_key_returns_the_same_job(
     assert second.json()["id"] == first.json()["id"]
     assert second.headers.get("Idempotent-Replayed") == "true"
     assert "Idempotent-Replayed" not in first.headers
-    assert count_rows(settings.database_url, "documents", first.json()["id"]) == 3
+    assert count_rows(settings.database.url, "documents", first.json()["id"]) == 3
     # A different key, or none, makes a new job.
     third = submit(client, api_key, CSV, model=model_name, headers={"Idempotency-Key": "other"})
     assert third.json()["id"] != first.json()["id"]
@@ -79,7 +79,7 @@ def test_idempotency_keys_are_per_tenant(
     from service.store.engine import session_scope
     from service.store.keys import create_key
 
-    with session_scope(settings.database_url) as session:
+    with session_scope(settings.database.url) as session:
         other = create_key(session, f"other-{uuid.uuid4().hex[:6]}")
     headers = {"Idempotency-Key": "same-key"}
     a = submit(client, api_key, CSV, model=model_name, headers=headers).json()["id"]
@@ -121,7 +121,7 @@ def test_running_job_reports_rate_and_eta(
     client: TestClient, api_key: str, settings: Settings, model_name: str
 ) -> None:
     job_id = submit(client, api_key, "text\n" + "d\n" * 100, model=model_name).json()["id"]
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         conn.execute(
             "UPDATE jobs SET status = 'running', succeeded = 20, failed = 5, "
             "started_at = now() - interval '10 seconds' WHERE id = %s",
@@ -165,7 +165,7 @@ def test_cancel_queued_job_is_immediate(
     assert job["status"] == "cancelled"
     assert job["counts"]["cancelled"] == 3
     assert job["finished_at"] is not None
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         states = {
             r[0]
             for r in conn.execute(
@@ -184,7 +184,7 @@ def test_cancel_with_a_running_chunk_waits_for_it(
     job_id = submit(client, api_key, "text\n" + "d\n" * 10, model=model_name, chunk_size=4).json()[
         "id"
     ]
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         # Simulate a worker holding chunk 0's lease (the worker side is not part of this test).
         conn.execute(
             "UPDATE chunks SET state = 'leased', lease_expires_at = now() + interval '1 minute' "
@@ -204,7 +204,7 @@ def test_cancel_finished_job_is_409(
     client: TestClient, api_key: str, settings: Settings, model_name: str
 ) -> None:
     job_id = submit(client, api_key, CSV, model=model_name).json()["id"]
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         conn.execute("UPDATE jobs SET status = 'completed' WHERE id = %s", (job_id,))
     resp = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(api_key))
     assert resp.status_code == 409
@@ -222,7 +222,7 @@ def test_health_and_ready(client: TestClient) -> None:
 def test_readyz_reports_an_unreachable_redis(settings: Settings) -> None:
     from service.api.app import create_app
 
-    broken = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    broken = override(settings, broker={"url": "redis://127.0.0.1:1/0"})
     with TestClient(create_app(broken)) as c:
         resp = c.get("/readyz")
     assert resp.status_code == 503
@@ -240,7 +240,7 @@ def test_models_and_unserved_job_warning(
     from service.store.registry import heartbeat, register_worker
 
     name = f"gpu0@{uuid.uuid4().hex[:6]}"
-    with get_engine(settings.database_url).begin() as conn:
+    with get_engine(settings.database.url).begin() as conn:
         register_worker(conn, name, model_name, "q", "cuda (CUDA_VISIBLE_DEVICES=0)", 1, True)
         heartbeat(conn, name, ready=True)
     models = client.get("/v1/models", headers=auth(api_key)).json()["data"]
@@ -250,7 +250,7 @@ def test_models_and_unserved_job_warning(
     got = client.get(f"/v1/jobs/{job['id']}", headers=auth(api_key)).json()
     assert got["model_served"] is True and got["warning"] is None
     # A worker that stopped heartbeating no longer counts.
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         conn.execute(
             "UPDATE workers SET last_heartbeat_at = now() - interval '1 hour' WHERE name = %s",
             (name,),

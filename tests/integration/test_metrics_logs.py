@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.contract import queue_for_model
 from service.settings import Settings
-from tests.support.helpers import pg, submit
+from tests.support.helpers import override, pg, submit
 
 
 def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -57,7 +57,7 @@ def test_api_metrics_follow_jobs(
     assert value(after, "docqueue_up", dependency="redis") == 1
 
     # The job finishes (as a worker would finish it) after 42 s: results and duration move.
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         conn.execute(
             "UPDATE jobs SET status = 'completed', succeeded = 6, failed = 1, "
             "completion_tokens = 70, finished_at = created_at + interval '42 seconds' "
@@ -90,7 +90,7 @@ def bench_runtime(
     from workers import runtime
 
     monkeypatch.delenv("DOCQUEUE_WORKER_MODEL", raising=False)
-    local = settings.model_copy(update={"engine": "bench", "default_model": model_name})
+    local = override(settings, engine={"kind": "bench"}, jobs={"default_model": model_name})
     runtime.start(hostname=f"test-{model_name}@host", settings=local)
     try:
         yield
@@ -112,7 +112,7 @@ def test_chunk_task_logs_json_with_ids_and_moves_worker_metrics(
     before = scrape(generate_latest(worker_metrics.REGISTRY).decode())
     body = "text\n" + "".join(f"document number {i}\n" for i in range(5)) + '"  "\n'
     job = submit(client, api_key, body, model=model_name, task="generate", chunk_size=4).json()
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         chunks = conn.execute(
             "SELECT id, seq FROM chunks WHERE job_id = %s ORDER BY seq", (uuid.UUID(job["id"]),)
         ).fetchall()
@@ -179,12 +179,12 @@ def test_metrics_answers_from_memory_within_metrics_cache_s(
     """Several scrapers within metrics_cache_s cost one query set: the same body comes back."""
     from service.api.app import create_app
 
-    cached = settings.model_copy(update={"metrics_cache_s": 3600.0})
+    cached = override(settings, api={"metrics_cache_s": 3600.0})
     with TestClient(create_app(cached)) as c:
         first = c.get("/metrics").text
         submit(c, api_key, "text\na\n", model=model_name)
         assert c.get("/metrics").text == first
-    fresh = settings.model_copy(update={"metrics_cache_s": 0.0})
+    fresh = override(settings, api={"metrics_cache_s": 0.0})
     with TestClient(create_app(fresh)) as c:
         assert c.get("/metrics").text != first  # the job is counted once the cache is off
 

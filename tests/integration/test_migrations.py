@@ -55,14 +55,14 @@ def test_deleting_a_job_deletes_its_documents_and_results(
     from tests.support.helpers import count_rows, pg, submit
 
     job_id = submit(client, api_key, "text\na\nb\n", model="cascade-test").json()["id"]
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         conn.execute(
             "INSERT INTO results (job_id, idx, output) SELECT job_id, idx, 'x' FROM documents "
             "WHERE job_id = %s",
             (job_id,),
         )
-        assert count_rows(settings.database_url, "results", job_id) == 2
+        assert count_rows(settings.database.url, "results", job_id) == 2
         conn.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
-    assert count_rows(settings.database_url, "documents", job_id) == 0
-    assert count_rows(settings.database_url, "results", job_id) == 0
-    assert count_rows(settings.database_url, "chunks", job_id) == 0
+    assert count_rows(settings.database.url, "documents", job_id) == 0
+    assert count_rows(settings.database.url, "results", job_id) == 0
+    assert count_rows(settings.database.url, "chunks", job_id) == 0

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.contract import TASK_RUN_CHUNK, queue_for_model
 from service.settings import Settings
-from tests.support.helpers import pg, submit
+from tests.support.helpers import override, pg, submit
 
 
 def _messages(client: redis.Redis, queue: str) -> list[dict]:
@@ -38,7 +38,7 @@ def test_one_message_per_chunk_with_the_chunk_id_only(
         assert secret.encode() not in r and secret.encode() not in decoded
         assert b"number" not in decoded
 
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         chunks = {
             str(r[0]): r[1]
             for r in conn.execute(
@@ -77,14 +77,14 @@ def test_redis_down_the_job_is_kept_and_marked_for_resend(
     its chunks stay queued with no ``enqueued_at``, for the reconciler to send."""
     from service.api.app import create_app
 
-    broken = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    broken = override(settings, broker={"url": "redis://127.0.0.1:1/0"})
     started = time.monotonic()
     with TestClient(create_app(broken)) as c:
         resp = submit(c, api_key, "text\na\nb\n", model=model_name, chunk_size=1)
     assert time.monotonic() - started < 30
     assert resp.status_code == 202, resp.text
     assert resp.json()["status"] == "queued"
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         rows = conn.execute(
             "SELECT state, enqueued_at FROM chunks WHERE job_id = %s", (resp.json()["id"],)
         ).fetchall()

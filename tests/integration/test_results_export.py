@@ -54,7 +54,7 @@ def _job_with_results(client: TestClient, key: str, settings: Settings, model: s
     )
     job_id: str = submit(client, key, body, model=model, id_column="id").json()["id"]
     _write_results(
-        settings.database_url,
+        settings.database.url,
         job_id,
         # Written out of order on purpose: the export must sort by input order.
         [
@@ -127,7 +127,7 @@ def test_default_ids_are_row_numbers_and_large_exports_stream(
     n = 5000
     body = "text\n" + "".join(f"document {i}\n" for i in range(n))
     job_id = submit(client, api_key, body, model=model_name).json()["id"]
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         conn.execute(
             "INSERT INTO results (job_id, idx, output) "
             "SELECT job_id, idx, 'summary of ' || text || repeat('.', 100) FROM documents "

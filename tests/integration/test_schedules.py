@@ -16,8 +16,7 @@ from service.settings import Settings
 from service.store.chunks import PgChunkStore, RowResult
 from service.store.engine import get_engine
 from service.store.states import ChunkState
-from tests.integration.test_collections import put, sha
-from tests.support.helpers import auth, pg, submit
+from tests.support.helpers import auth, override, pg, put, sha, submit
 from workers.ops.retention import purge_expired
 
 
@@ -33,7 +32,7 @@ def run_now(client: TestClient, key: str, schedule_id: str) -> Any:
 
 
 def job_documents(settings: Settings, job_id: str) -> list[str]:
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         rows = conn.execute(
             "SELECT external_id FROM documents WHERE job_id = %s ORDER BY idx", (job_id,)
         ).fetchall()
@@ -42,8 +41,8 @@ def job_documents(settings: Settings, job_id: str) -> list[str]:
 
 def finish_job(settings: Settings, job_id: str, fail: set[str] | None = None) -> None:
     """Runs every chunk of the job as a worker would: claim, write results, close."""
-    db = get_engine(settings.database_url)
-    with pg(settings.database_url) as conn:
+    db = get_engine(settings.database.url)
+    with pg(settings.database.url) as conn:
         chunks = [
             r[0]
             for r in conn.execute(
@@ -66,13 +65,13 @@ def finish_job(settings: Settings, job_id: str, fail: set[str] | None = None) ->
 
 def tick(settings: Settings, schedule_id: str) -> list[schedules.RunResult]:
     """One beat tick; only this test's schedule's runs (others may be due in the shared db)."""
-    results = schedules.tick(get_engine(settings.database_url), settings)
+    results = schedules.tick(get_engine(settings.database.url), settings)
     return [r for r in results if str(r.schedule_id) == schedule_id]
 
 
 def make_due(settings: Settings, schedule_id: str, minutes_ago: int = 1) -> datetime:
     due = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=minutes_ago)
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         conn.execute("UPDATE schedules SET next_run_at = %s WHERE id = %s", (due, schedule_id))
     return due
 
@@ -92,8 +91,8 @@ def test_schedule_validation_names_the_field(
         ({"priority": "urgent"}, 422, "priority"),
         ({"collection": "nope"}, 404, "collection"),
     ]
-    for override, status, field in cases:
-        body = {"collection": "val", "model": model_name, **override}
+    for change, status, field in cases:
+        body = {"collection": "val", "model": model_name, **change}
         resp = add_schedule(client, api_key, **body)
         assert resp.status_code == status, (override, resp.text)
         assert resp.json()["error"]["field"] == field, (override, resp.json())
@@ -128,7 +127,7 @@ def test_another_tenants_schedule_is_404(
     from service.store.engine import session_scope
     from service.store.keys import create_key
 
-    with session_scope(settings.database_url) as session:
+    with session_scope(settings.database.url) as session:
         other = create_key(session, f"sched-other-{uuid.uuid4().hex[:6]}")
     put(client, api_key, "mine", "id,text\n1,a\n")
     sid = add_schedule(client, api_key, collection="mine", model=model_name).json()["id"]
@@ -161,7 +160,7 @@ def test_run_now_twice_gives_one_bulk_job(
     assert job["priority_class"] == "bulk" and job["queue"].endswith(".bulk")
     assert job["idempotency_key"].startswith(f"schedule:{sid}:")
     assert job["collection_id"] is not None
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         n = conn.execute(
             "SELECT count(*) FROM jobs WHERE idempotency_key LIKE %s", (f"schedule:{sid}:%",)
         ).fetchone()
@@ -192,7 +191,7 @@ def test_racing_beats_and_a_manual_run_create_one_job(
     manual = run_now(client, api_key, sid).json()
     for t in threads:
         t.join()
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         keys = conn.execute(
             "SELECT idempotency_key FROM jobs WHERE idempotency_key LIKE %s",
             (f"schedule:{sid}:%",),
@@ -282,7 +281,7 @@ def test_an_empty_run_creates_no_job(
         "documents": 0,
         "job": None,
     }
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         n = conn.execute(
             "SELECT count(*) FROM jobs WHERE idempotency_key LIKE %s", (f"schedule:{sid}:%",)
         ).fetchone()
@@ -312,12 +311,12 @@ def test_retention_purges_rows_keeps_counts_and_answers_410(
     recent = submit(client, api_key, "text\nd\n", model=model_name).json()["id"]
     finish_job(settings, old)
     finish_job(settings, recent)
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         conn.execute(
             "UPDATE jobs SET finished_at = now() - interval '31 days' WHERE id = %s", (old,)
         )
     report = purge_expired(
-        get_engine(settings.database_url), settings.model_copy(update={"retention_batch_rows": 2})
+        get_engine(settings.database.url), override(settings, retention={"batch_rows": 2})
     )
     assert old in report.job_ids and recent not in report.job_ids and report.complete
     job = client.get(f"/v1/jobs/{old}", headers=auth(api_key)).json()
@@ -329,14 +328,14 @@ def test_retention_purges_rows_keeps_counts_and_answers_410(
     err = gone.json()["error"]
     assert err["code"] == "results_expired" and "expired" in err["message"]
     assert "30 days" in err["message"]
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         for table in ("documents", "results", "chunks"):
             row = conn.execute(f"SELECT count(*) FROM {table} WHERE job_id = %s", (old,)).fetchone()
             assert row is not None and row[0] == 0, table
     fresh = client.get(f"/v1/jobs/{recent}/results?format=jsonl", headers=auth(api_key))
     assert fresh.status_code == 200 and len(fresh.text.splitlines()) == 1
     # A second pass has nothing to do.
-    again = purge_expired(get_engine(settings.database_url), settings)
+    again = purge_expired(get_engine(settings.database.url), settings)
     assert old not in again.job_ids
 
 
@@ -386,10 +385,10 @@ def test_a_run_whose_params_no_longer_validate_fails_once_and_waits_for_its_next
         client, api_key, collection="strict", model=model_name, params={"chunk_size": 50}
     ).json()["id"]
     due = make_due(settings, sid, minutes_ago=1)
-    tighter = settings.model_copy(update={"max_chunk_size": 10})  # an operator lowered a limit
+    tighter = override(settings, jobs={"max_chunk_size": 10})  # an operator lowered a limit
     (run,) = [
         r
-        for r in schedules.tick(get_engine(settings.database_url), tighter)
+        for r in schedules.tick(get_engine(settings.database.url), tighter)
         if str(r.schedule_id) == sid
     ]
     assert run.outcome == "failed" and run.job is None
@@ -397,7 +396,7 @@ def test_a_run_whose_params_no_longer_validate_fails_once_and_waits_for_its_next
     assert s["last_run_outcome"].startswith("failed: chunk_size must be between 1 and 10")
     assert datetime.fromisoformat(s["next_run_at"]) > datetime.now(UTC) > due  # not every tick
     assert s["enabled"] is True  # a later run may succeed once the limit is back
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         n = conn.execute(
             "SELECT count(*) FROM jobs WHERE idempotency_key LIKE %s", (f"schedule:{sid}:%",)
         ).fetchone()
@@ -410,8 +409,8 @@ def test_a_run_takes_at_most_max_rows_per_job_and_leaves_the_rest_pending(
 ) -> None:
     put(client, api_key, "big", "id,text\n" + "".join(f"b{i},text {i}\n" for i in range(5)))
     sid = add_schedule(client, api_key, collection="big", model=model_name).json()["id"]
-    capped = settings.model_copy(update={"max_rows_per_job": 3})
-    engine = get_engine(settings.database_url)
+    capped = override(settings, jobs={"max_rows_per_job": 3})
+    engine = get_engine(settings.database.url)
     make_due(settings, sid, minutes_ago=2)
     (first,) = [r for r in schedules.tick(engine, capped) if str(r.schedule_id) == sid]
     assert first.job is not None and first.documents == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from typing import Any
 
@@ -82,7 +83,7 @@ def tenant_totals(url: str, key: str) -> tuple[int, int, int]:
 
 
 def chunk_rows(settings: Settings, job_id: str) -> list[Any]:
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         return conn.execute(
             "SELECT id, seq, state, attempts, worker, enqueued_at FROM chunks WHERE job_id = %s "
             "ORDER BY seq",
@@ -95,8 +96,31 @@ def job_view(client: TestClient, key: str, job_id: str) -> dict[str, Any]:
 
 
 def expire_lease(settings: Settings, chunk_id: uuid.UUID) -> None:
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         conn.execute(
             "UPDATE chunks SET lease_expires_at = now() - interval '1 second' WHERE id = %s",
             (chunk_id,),
         )
+
+
+def override(settings: Settings, **groups: dict[str, Any]) -> Settings:
+    """A copy of ``settings`` with some fields of some groups changed:
+    ``override(s, worker={"max_attempts": 2})``."""
+    update = {
+        name: getattr(settings, name).model_copy(update=changes) for name, changes in groups.items()
+    }
+    return settings.model_copy(update=update)
+
+
+def put(client: TestClient, key: str, name: str, body: str, **fields: Any) -> Any:
+    """PUT a CSV into a collection (created on first use)."""
+    return client.put(
+        f"/v1/collections/{name}/documents",
+        headers=auth(key),
+        data={k: str(v) for k, v in fields.items()},
+        files={"file": ("docs.csv", body.encode(), "text/csv")},
+    )
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -53,8 +53,8 @@ FAST_RECOVERY = {
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
-        "DOCQUEUE_DATABASE_URL": settings.database_url,
-        "DOCQUEUE_REDIS_URL": settings.redis_url,
+        "DOCQUEUE_DATABASE_URL": settings.database.url,
+        "DOCQUEUE_REDIS_URL": settings.broker.url,
         **FAST_RECOVERY,
         **extra,
     }
@@ -89,7 +89,7 @@ def wait_for_worker(
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"worker exited with {proc.returncode}:\n{log.read_text()[-5000:]}")
-        with pg(settings.database_url) as conn:
+        with pg(settings.database.url) as conn:
             row = conn.execute(
                 "SELECT 1 FROM workers WHERE model = %s AND engine_ready "
                 "AND last_heartbeat_at > now() - interval '30 seconds'",
@@ -138,8 +138,8 @@ def cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.Comp
 def cli_env(settings: Settings, api_url: str, key: str | None = None) -> dict[str, str]:
     env = {
         **os.environ,
-        "DOCQUEUE_DATABASE_URL": settings.database_url,
-        "DOCQUEUE_REDIS_URL": settings.redis_url,
+        "DOCQUEUE_DATABASE_URL": settings.database.url,
+        "DOCQUEUE_REDIS_URL": settings.broker.url,
         "DOCQUEUE_API_URL": api_url,
         "COLUMNS": "200",
     }

@@ -6,7 +6,7 @@ from workers.engines.base import Batch, Engine, GenRequest, GenResult
 
 
 def build_engine(kind: str, model: str, **options: object) -> Engine:
-    """Builds the engine named by ``kind`` (settings.engine). Call once, at worker start."""
+    """Builds the engine named by ``kind`` (settings.engine.kind). Call once, at worker start."""
     if kind == "vllm":
         from workers.engines.vllm_engine import VllmEngine
 

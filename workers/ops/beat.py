@@ -51,9 +51,9 @@ app.conf.update(
         name: {"queue": OPS_QUEUE} for name in (TASK_SCHEDULES_TICK, TASK_RECONCILE, TASK_RETENTION)
     },
     beat_schedule={
-        "schedules": _entry(TASK_SCHEDULES_TICK, settings.schedule_tick_s),
-        "reconcile": _entry(TASK_RECONCILE, settings.reconcile_interval_s),
-        "retention": _entry(TASK_RETENTION, settings.retention_interval_s),
+        "schedules": _entry(TASK_SCHEDULES_TICK, settings.beat.schedule_tick_s),
+        "reconcile": _entry(TASK_RECONCILE, settings.worker.reconcile_interval_s),
+        "retention": _entry(TASK_RETENTION, settings.retention.interval_s),
     },
     # In memory: the state that matters is in Postgres, so no schedule file to keep or lose.
     beat_scheduler="celery.beat:Scheduler",
@@ -68,7 +68,7 @@ def schedules_tick() -> list[dict[str, Any]]:
     """Creates the jobs of the schedules that are due."""
     from service.collections import schedules
 
-    results = schedules.tick(get_engine(settings.database_url), settings)
+    results = schedules.tick(get_engine(settings.database.url), settings)
     return [
         {
             "schedule": str(r.schedule_id),
@@ -86,11 +86,7 @@ def reconcile() -> dict[str, Any]:
     from service.store.chunks import PgChunkStore
     from workers.ops.reconciler import reconcile as run
 
-    store = PgChunkStore(
-        get_engine(settings.database_url),
-        lease_s=settings.lease_s,
-        max_attempts=settings.max_attempts,
-    )
+    store = PgChunkStore.from_settings(settings)
     report = run(store, app, settings)
     return {"requeued": report.requeued, "failed": report.failed, "resent": report.resent}
 
@@ -100,7 +96,7 @@ def retention() -> dict[str, Any]:
     """Purges documents and results of jobs finished more than ``retention_days`` ago."""
     from workers.ops.retention import purge_expired
 
-    report = purge_expired(get_engine(settings.database_url), settings)
+    report = purge_expired(get_engine(settings.database.url), settings)
     return {"marked": report.marked, "purged_jobs": report.purged_jobs, "done": report.complete}
 
 
@@ -111,7 +107,7 @@ def command(loglevel: str = "info", concurrency: int | None = None) -> list[str]
         sys.executable, "-m", "celery", "-A", "workers.ops.beat", "worker",
         "--beat", "--scheduler", "celery.beat:Scheduler",
         "--queues", OPS_QUEUE,
-        "--pool", "threads", "--concurrency", str(concurrency or settings.beat_concurrency),
+        "--pool", "threads", "--concurrency", str(concurrency or settings.beat.concurrency),
         "--hostname", "ops@%h",
         "--without-gossip", "--without-mingle",
         "--loglevel", loglevel,

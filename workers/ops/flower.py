@@ -45,7 +45,7 @@ def options(
 ) -> FlowerOptions:
     """Flower's options from the command line, falling back to settings; checks basic auth."""
     auth = (
-        settings.flower_basic_auth.get_secret_value().strip() if settings.flower_basic_auth else ""
+        settings.flower.basic_auth.get_secret_value().strip() if settings.flower.basic_auth else ""
     )
     if not no_auth:
         if not auth:
@@ -59,12 +59,12 @@ def options(
                 "DOCQUEUE_FLOWER_BASIC_AUTH must be user:password (several: comma-separated)"
             )
     return FlowerOptions(
-        port=port if port is not None else settings.flower_port,
-        address=address if address is not None else settings.flower_address,
-        persistent=settings.flower_persistent if persistent is None else persistent,
-        db_path=settings.flower_db_path,
-        max_tasks=settings.flower_max_tasks,
-        state_save_interval_s=settings.flower_state_save_interval_s,
+        port=port if port is not None else settings.flower.port,
+        address=address if address is not None else settings.flower.address,
+        persistent=settings.flower.persistent if persistent is None else persistent,
+        db_path=settings.flower.db_path,
+        max_tasks=settings.flower.max_tasks,
+        state_save_interval_s=settings.flower.state_save_interval_s,
         basic_auth=None if no_auth else auth,
     )
 

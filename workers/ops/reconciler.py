@@ -42,13 +42,13 @@ def reconcile(store: PgChunkStore, app: Celery, settings: Settings) -> Report:
     report = Report(expired.requeued, expired.failed, expired.cancelled, skipped=expired.skipped)
     if expired.skipped:
         return report
-    candidates = store.unsent(settings.requeue_after_s)
+    candidates = store.unsent(settings.worker.requeue_after_s)
     in_broker: set[str] = set()
     if any(c.enqueued for c in candidates):
-        client = redis_lib.Redis.from_url(settings.redis_url)
+        client = redis_lib.Redis.from_url(settings.broker.url)
         try:
             in_broker = chunk_ids_in_broker(
-                client, {c.queue for c in candidates}, settings.requeue_after_s
+                client, {c.queue for c in candidates}, settings.worker.requeue_after_s
             )
         finally:
             client.close()
@@ -75,9 +75,9 @@ def run_periodically(
     (``docqueue.reconcile`` in workers/ops/beat.py) is the only periodic reconciler."""
 
     def loop() -> None:
-        if not settings.reconcile_in_workers:
+        if not settings.worker.reconcile_in_workers:
             return
-        while not stop.wait(settings.reconcile_interval_s):
+        while not stop.wait(settings.worker.reconcile_interval_s):
             try:
                 reconcile(store, app, settings)
             except Exception:

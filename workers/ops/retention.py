@@ -34,8 +34,8 @@ class PurgeReport:
 
 def purge_expired(engine: Engine, settings: Settings, now: datetime | None = None) -> PurgeReport:
     now = now or datetime.now(UTC)
-    cutoff = now - timedelta(days=settings.retention_days)
-    deadline = time.monotonic() + settings.retention_max_pass_s
+    cutoff = now - timedelta(days=settings.retention.days)
+    deadline = time.monotonic() + settings.retention.max_pass_s
     report = PurgeReport()
     with engine.begin() as conn:
         marked = conn.execute(
@@ -55,7 +55,7 @@ def purge_expired(engine: Engine, settings: Settings, now: datetime | None = Non
                 "ORDER BY j.results_expired_at"
             )
         ).all()
-    step = settings.retention_batch_rows
+    step = settings.retention.batch_rows
     for job_id, total in todo:
         last = max(int(total), _max_idx(engine, job_id))
         for start in range(1, last + 1, step):

@@ -4,7 +4,7 @@ import re
 import uuid
 
 from service.contract import ChunkMessage, make_celery, queue_for_model
-from service.settings import Settings
+from service.settings import BrokerSettings, Settings
 
 
 def test_queue_names_are_readable_stable_and_distinct() -> None:
@@ -28,7 +28,7 @@ def test_chunk_message_carries_the_chunk_id_only() -> None:
 
 
 def test_celery_app_is_configured_from_settings() -> None:
-    s = Settings(redis_url="redis://example:6380/3", broker_visibility_timeout_s=1234)
+    s = Settings(broker=BrokerSettings(url="redis://example:6380/3", visibility_timeout_s=1234))
     app = make_celery(s)
     assert app.conf.broker_url == "redis://example:6380/3"
     assert app.conf.broker_transport_options["visibility_timeout"] == 1234

@@ -46,7 +46,7 @@ def test_submit_status_jobs_results_cancel(
     assert listing.returncode == 0 and job_id in listing.stdout
 
     # Results written as a worker would; the CLI downloads them in input order.
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         conn.execute(
             "INSERT INTO results (job_id, idx, output, label) SELECT job_id, idx, text, "
             "CASE idx WHEN 2 THEN 'negative' ELSE 'positive' END FROM documents "
@@ -99,7 +99,7 @@ def test_wait_shows_progress_until_the_job_ends(
     job_id = None
     deadline = time.monotonic() + 30
     while job_id is None and time.monotonic() < deadline:
-        with pg(settings.database_url) as conn:
+        with pg(settings.database.url) as conn:
             row = conn.execute("SELECT id FROM jobs WHERE model = %s", (model_name,)).fetchone()
         job_id = str(row[0]) if row else None
         time.sleep(0.2)

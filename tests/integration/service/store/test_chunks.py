@@ -20,7 +20,7 @@ from tests.support.helpers import auth, chunk_rows, expire_lease, job_view, pg, 
 
 def make_store(settings: Settings, lease_s: float = 30, max_attempts: int = 3) -> PgChunkStore:
     return PgChunkStore(
-        get_engine(settings.database_url), lease_s=lease_s, max_attempts=max_attempts
+        get_engine(settings.database.url), lease_s=lease_s, max_attempts=max_attempts
     )
 
 
@@ -80,7 +80,7 @@ def test_results_are_idempotent_and_counters_move_once(
     assert job["counts"] == {"total": 2, "succeeded": 1, "failed": 1, "cancelled": 0}
     assert job["tokens"] == {"prompt": 3, "completion": 2}
     assert job["status"] == "completed" and job["finished_at"] is not None
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         n = conn.execute("SELECT count(*) FROM results WHERE job_id = %s", (job_id,)).fetchone()
     assert n is not None and n[0] == 2
 
@@ -228,7 +228,7 @@ def test_a_lease_expired_by_force_is_fenced_before_anyone_takes_it_over(
     assert_fenced_out(store, stale)
     store.write(new, [RowResult(idx=1, output="a'"), RowResult(idx=2, output="b'")])
     store.close(new, ChunkState.DONE)
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         rows = conn.execute(
             "SELECT idx, output, attempts FROM results WHERE job_id = %s ORDER BY idx", (job_id,)
         ).fetchall()

@@ -13,18 +13,13 @@ from fastapi.testclient import TestClient
 from service.contract import make_celery, queue_for_model
 from service.settings import Settings
 from service.store.chunks import ClaimOutcome, PgChunkStore
-from service.store.engine import get_engine
-from tests.support.helpers import auth, chunk_rows, expire_lease, job_view, pg, submit
+from tests.support.helpers import auth, chunk_rows, expire_lease, job_view, override, pg, submit
 from workers.ops.broker import chunk_ids_in_broker
 from workers.ops.reconciler import reconcile
 
 
 def make_store(settings: Settings) -> PgChunkStore:
-    return PgChunkStore(
-        get_engine(settings.database_url),
-        lease_s=settings.lease_s,
-        max_attempts=settings.max_attempts,
-    )
+    return PgChunkStore.from_settings(settings)
 
 
 def test_reconciler_requeues_expired_leases_then_gives_up(
@@ -39,7 +34,7 @@ def test_reconciler_requeues_expired_leases_then_gives_up(
     queue = queue_for_model(model_name)
     redis_client.delete(queue)
     app = make_celery(settings)
-    s = settings.model_copy(update={"max_attempts": 2})
+    s = override(settings, worker={"max_attempts": 2})
     store = make_store(s)
 
     def lease_and_die() -> None:
@@ -74,7 +69,7 @@ def test_reconciler_resends_lost_messages_only(
     chunks = chunk_rows(settings, job_id)
     assert redis_client.llen(queue) == 3
     app = make_celery(settings)
-    s = settings.model_copy(update={"requeue_after_s": 0})
+    s = override(settings, worker={"requeue_after_s": 0})
     store = make_store(s)
     ours = {str(c[0]) for c in chunks}
     # Messages still in Redis: nothing of ours to do.
@@ -105,9 +100,9 @@ def test_reconciler_resends_a_delivery_to_a_dead_worker(
     tag = f"tag-{uuid.uuid4().hex}"
     redis_client.hset("unacked", tag, json.dumps([json.loads(raw), "", queue]))
     app = make_celery(settings)
-    s = settings.model_copy(update={"requeue_after_s": 30})
+    s = override(settings, worker={"requeue_after_s": 30})
     store = make_store(s)
-    with pg(settings.database_url) as conn:
+    with pg(settings.database.url) as conn:
         conn.execute(
             "UPDATE chunks SET enqueued_at = now() - interval '1 minute' WHERE id = %s", (chunk[0],)
         )

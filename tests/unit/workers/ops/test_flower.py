@@ -7,27 +7,25 @@ from pathlib import Path
 import pytest
 
 from service.errors import ConfigError
-from service.settings import Settings
+from service.settings import FlowerSettings, Settings
 from workers.ops import flower
 
 
 def test_flower_refuses_to_start_without_credentials() -> None:
     with pytest.raises(ConfigError, match="DOCQUEUE_FLOWER_BASIC_AUTH"):
-        flower.options(Settings(flower_basic_auth=None))
+        flower.options(Settings(flower=FlowerSettings(basic_auth=None)))
     with pytest.raises(ConfigError):
-        flower.options(Settings(flower_basic_auth="  "))
+        flower.options(Settings(flower=FlowerSettings(basic_auth="  ")))
     with pytest.raises(ConfigError, match="user:password"):
-        flower.options(Settings(flower_basic_auth="admin"))
-    opts = flower.options(Settings(flower_basic_auth=None), no_auth=True)
+        flower.options(Settings(flower=FlowerSettings(basic_auth="admin")))
+    opts = flower.options(Settings(flower=FlowerSettings(basic_auth=None)), no_auth=True)
     assert opts.basic_auth is None
     assert flower.env(opts) == {"FLOWER_UNAUTHENTICATED_API": "true"}
 
 
 def test_flower_options_keep_credentials_off_the_command_line(tmp_path: Path) -> None:
     s = Settings(
-        flower_basic_auth="ops:s3cret",
-        flower_db_path=tmp_path / "f.db",
-        flower_max_tasks=500,
+        flower=FlowerSettings(basic_auth="ops:s3cret", db_path=tmp_path / "f.db", max_tasks=500)
     )
     opts = flower.options(s, port=5600, address="0.0.0.0", persistent=True)
     args = flower.argv(opts)
