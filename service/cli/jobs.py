@@ -27,11 +27,11 @@ from rich.table import Table
 
 from service.cli.client import Client
 from service.cli.output import api_client, err, fail, out, print_json
+from service.store.states import JobStatus
 
 #: Merged into the root app; the order here is the order ``docqueue --help`` lists them.
 app = typer.Typer()
 
-TERMINAL = {"completed", "failed", "cancelled"}
 #: Smaller uploads finish before a bar would be worth drawing.
 UPLOAD_BAR_MIN_BYTES = 4 * 1024 * 1024
 
@@ -150,7 +150,7 @@ def _follow(client: Client, job: dict[str, Any], poll_s: float) -> dict[str, Any
                 rate=f"{rate:,.1f}" if rate else "-",
                 eta=f"{eta:,.0f}s" if eta is not None else "-",
             )
-            if job["status"] in TERMINAL:
+            if JobStatus(job["status"]).terminal:
                 break
             time.sleep(poll_s)
             job = client.job(job["id"])

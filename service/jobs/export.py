@@ -13,17 +13,6 @@ from typing import Literal
 
 from sqlalchemy import Engine
 
-FIELDS = (
-    "id",
-    "output",
-    "label",
-    "confidence",
-    "finish_reason",
-    "prompt_tokens",
-    "completion_tokens",
-    "truncated",
-    "error",
-)
 Format = Literal["csv", "jsonl"]
 MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
 _FLUSH_BYTES = 256 * 1024

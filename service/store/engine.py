@@ -24,8 +24,3 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
     factory = sessionmaker(bind=get_engine(url), expire_on_commit=False)
     with factory() as session, session.begin():
         yield session
-
-
-def raw_dsn(url: str) -> str:
-    """The libpq form of a SQLAlchemy URL, for psycopg calls that bypass the ORM (COPY)."""
-    return url.replace("postgresql+psycopg://", "postgresql://", 1)

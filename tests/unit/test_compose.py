@@ -3,7 +3,6 @@ and the deployment has the shape operations rely on (no Docker engine needed to 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +12,7 @@ from typer.core import TyperGroup
 
 from service import cli
 from service.settings import env_names
+from tests.support import ROOT
 
 try:  # recent typer ships its own copy of click; its commands use that copy's classes
     from typer._click.core import Context
@@ -20,7 +20,6 @@ try:  # recent typer ships its own copy of click; its commands use that copy's c
 except ImportError:  # pragma: no cover - older typer on plain click
     from click import Context, UsageError  # type: ignore[assignment]
 
-ROOT = Path(__file__).resolve().parents[2]
 LONG_RUNNING = ("postgres", "redis", "api", "worker", "beat", "flower")
 
 

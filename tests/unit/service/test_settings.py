@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.settings import Settings, WorkerSettings, env_names
+from tests.support import ROOT
 
 
 def test_variables_land_in_their_groups(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,6 +62,6 @@ def test_code_passes_fields_by_name_and_assignments_are_checked() -> None:
 
 
 def test_the_readme_documents_every_variable() -> None:
-    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     missing = [name for name in env_names() if f"`{name}`" not in readme]
     assert missing == []

@@ -72,9 +72,9 @@ class _UnavailableHandler(_NotFoundHandler):
     error = StoreUnavailableError("database unavailable; retry later")
 
 
-@pytest.fixture()
-def unavailable_api() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _UnavailableHandler)
+def _serve(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A real HTTP server on a free port, answering with ``handler``; yields its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -83,6 +83,11 @@ def unavailable_api() -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture()
+def unavailable_api() -> Iterator[str]:
+    yield from _serve(_UnavailableHandler)
 
 
 def test_a_5xx_answer_is_transient_not_bad_input(unavailable_api: str) -> None:
@@ -96,15 +101,7 @@ def test_a_5xx_answer_is_transient_not_bad_input(unavailable_api: str) -> None:
 
 @pytest.fixture()
 def not_found_api() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotFoundHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    yield from _serve(_NotFoundHandler)
 
 
 def test_a_closed_port_is_unreachable_not_an_api_error(closed_port: int) -> None:

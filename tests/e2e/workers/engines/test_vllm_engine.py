@@ -6,18 +6,18 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from service.settings import Settings
+from tests.support import ROOT
 from tests.support.models import smollm2_model
 from tests.support.stack import job_results, new_key, post_job, running_worker, wait_job
 
 pytestmark = pytest.mark.e2e
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = ROOT / "examples"
 
 
 @pytest.fixture(scope="module")

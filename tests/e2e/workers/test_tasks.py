@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from service.settings import Settings
+from tests.support import ROOT
 from tests.support.helpers import pg
 from tests.support.models import tiny_model
 from tests.support.stack import (
@@ -202,7 +203,7 @@ def _raw_vllm(settings: Settings, tmp_path: Path, spec: dict[str, Any]) -> list[
         capture_output=True,
         text=True,
         timeout=600,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=ROOT,
     )
     (tmp_path / "raw_vllm.log").write_text(done.stdout + done.stderr)
     causes = [line for line in done.stderr.splitlines() if "Error" in line or "error" in line]
