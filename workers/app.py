@@ -1,7 +1,12 @@
-"""The Celery app the workers run (``celery -A workers.app worker``; ``docqueue worker`` wraps it).
+"""The one Celery app of ``workers/``: every Celery process docqueue starts loads it.
 
-The producer side shares the broker settings through ``service.contract.make_celery``; everything
-below only matters to consumers of long GPU work.
+- GPU workers: ``celery -A workers.tasks worker`` (``docqueue worker`` wraps it) adds the chunk
+  task and builds the engine at start;
+- the ops worker: ``celery -A workers.ops.beat worker --beat`` adds beat's tasks, and no engine;
+- Flower: ``celery -A workers.ops.flower flower`` only listens.
+Each loads only its own module, so none pays for another's imports. The producer side
+(``service/``, which never imports ``workers/``) builds its sending app from the same factory,
+``service.contract.make_celery``, so broker settings cannot drift.
 """
 
 from __future__ import annotations
@@ -31,8 +36,6 @@ app.conf.update(
     worker_cancel_long_running_tasks_on_connection_loss=True,
     # Leave Celery's own logging setup alone (docqueue configures logging).
     worker_hijack_root_logger=False,
-    # Tasks are in this package.
-    imports=("workers.tasks",),
     # Retries are scheduled by docqueue (Postgres attempts), never by a broker-side loop.
     task_default_retry_delay=5,
 )

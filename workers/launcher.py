@@ -1,7 +1,7 @@
 """`docqueue worker`: one Celery worker process per GPU, each pinned with CUDA_VISIBLE_DEVICES.
 
 The launcher only plans, starts and supervises: each child is a plain Celery worker
-(``celery -A workers.app worker``) that builds its engine once at start. A child that dies is
+(``celery -A workers.tasks worker``) that builds its engine once at start. A child that dies is
 restarted after a pause; SIGTERM/SIGINT are passed on for a warm shutdown.
 """
 
@@ -82,7 +82,7 @@ def with_metrics_ports(specs: list[WorkerSpec], base_port: int | None) -> list[W
 
 def command(spec: WorkerSpec, model: str, concurrency: int, loglevel: str) -> list[str]:
     return [
-        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+        sys.executable, "-m", "celery", "-A", "workers.tasks", "worker",
         "--pool", "threads", "--concurrency", str(concurrency),
         # Interactive first, then bulk: the broker polls them in this order (service.contract).
         "--queues", ",".join(queues_for_model(model)),

@@ -23,21 +23,15 @@ import logging
 import sys
 from typing import Any
 
-from service import logs
-from service.contract import (
-    OPS_QUEUE,
-    TASK_RECONCILE,
-    TASK_RETENTION,
-    TASK_SCHEDULES_TICK,
-    make_celery,
-)
+from service.contract import OPS_QUEUE, TASK_RECONCILE, TASK_RETENTION, TASK_SCHEDULES_TICK
 from service.settings import get_settings
 from service.store.engine import get_engine
+from workers.app import app
 
 log = logging.getLogger(__name__)
+__all__ = ["app", "command"]  # ``celery -A workers.ops.beat`` finds the app here
 
 settings = get_settings()
-app = make_celery(settings)
 
 
 def _entry(task: str, every_s: float) -> dict[str, Any]:
@@ -57,10 +51,7 @@ app.conf.update(
     },
     # In memory: the state that matters is in Postgres, so no schedule file to keep or lose.
     beat_scheduler="celery.beat:Scheduler",
-    worker_hijack_root_logger=False,
-    worker_prefetch_multiplier=1,
 )
-logs.connect_celery()
 
 
 @app.task(name=TASK_SCHEDULES_TICK)

@@ -1,10 +1,10 @@
 """`docqueue flower`: Flower on docqueue's Celery app, with basic auth and bounded state.
 
-Flower only listens to the broker (worker and task events, remote-control replies), so it runs
-on the producer's app (``service.contract.make_celery``) and needs neither the workers' code nor an
-engine. Chunk tasks show as ``docqueue.run_chunk`` with arguments ``{'job': ..., 'chunk': 'n/N'}``
-and ids ``<job id>:<chunk index>:<suffix>`` (set by ``service.contract.send_chunks``); workers under
-their Celery hostnames (``gpu0@host``, ``cpu@host``).
+Flower only listens to the broker (worker and task events, remote-control replies): it runs on
+the workers' app (``workers.app``) without their tasks, so it needs no engine. Chunk tasks show
+as ``docqueue.run_chunk`` with arguments ``{'job': ..., 'chunk': 'n/N'}`` and ids
+``<job id>:<chunk index>:<suffix>`` (set by ``service.contract.send_chunks``); workers under their
+Celery hostnames (``gpu0@host``, ``cpu@host``).
 
 Credentials reach Flower through its ``FLOWER_BASIC_AUTH`` environment variable, never through
 the command line, where any local user could read them with ``ps``.
@@ -16,12 +16,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.contract import make_celery
 from service.errors import ConfigError
 from service.settings import Settings
+from workers.app import app
 
-#: Module-level app so that ``celery -A workers.ops.flower`` finds it.
-app = make_celery()
+__all__ = ["app"]  # ``celery -A workers.ops.flower`` finds the workers' app here
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def test_explicit_list_and_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 def test_worker_command_uses_safe_celery_options() -> None:
     cmd = launcher.command(launcher.WorkerSpec("gpu0@%h", "0"), "org/model", 3, "info")
     joined = " ".join(cmd)
-    assert "-A workers.app worker" in joined
+    assert "-A workers.tasks worker" in joined
     assert "--pool threads --concurrency 3" in joined
     assert "--prefetch-multiplier 1" in joined and "--task-events" in joined
     assert "--hostname gpu0@%h" in joined
