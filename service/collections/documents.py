@@ -4,7 +4,7 @@ Uploads upsert by external id (the id column is required). A document whose text
 a new ``content_hash`` and is pending again until a job summarizes that text; its previous
 summary stays readable meanwhile. Scheduled runs turn the pending documents into an ordinary
 job (``create_collection_job``), whose results come back when the job ends
-(``service.store.chunks.apply_to_collection``).
+(the chunk state machine's finalization in ``service.store.chunks``).
 """
 
 from __future__ import annotations

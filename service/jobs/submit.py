@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import IO, Any, cast
 
 import psycopg
@@ -86,11 +87,15 @@ def create_job(
             with (
                 raw.cursor() as cur,
                 cur.copy(
-                    "COPY chunks (id, job_id, seq, start_idx, end_idx, state) FROM STDIN"
+                    "COPY chunks (id, job_id, seq, start_idx, end_idx, state, updated_at) "
+                    "FROM STDIN"
                 ) as cp,
             ):
+                # The clock now, not the transaction's start (now()): a long upload must not
+                # look to the reconciler as if its messages had been due long ago.
+                queued_at = datetime.now(UTC)
                 for chunk_id, seq, start, end in chunks:
-                    cp.write_row((chunk_id, job_id, seq, start, end, ChunkState.QUEUED))
+                    cp.write_row((chunk_id, job_id, seq, start, end, ChunkState.QUEUED, queued_at))
             job.total = result.rows
             job.n_chunks = len(chunks)
             job.status = JobStatus.QUEUED

@@ -19,7 +19,7 @@ import logging
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, NamedTuple, Protocol
 
@@ -121,7 +121,7 @@ class Released(NamedTuple):
 class Expired:
     """What one ``expire`` pass did with the leases whose worker stopped renewing them."""
 
-    requeued: int = 0
+    requeued: list[Unsent] = field(default_factory=list)  # to send now
     failed: int = 0
     cancelled: int = 0
     skipped: bool = False  # another process holds the pass
@@ -403,7 +403,8 @@ class PgChunkStore:
                 c = conn.execute(
                     text(
                         """
-                        SELECT c.attempts, c.error, c.worker, j.status
+                        SELECT c.attempts, c.error, c.worker, c.seq, j.status, j.n_chunks,
+                               j.queue, j.priority
                         FROM chunks c JOIN jobs j ON j.id = c.job_id
                         WHERE c.id = :id AND c.state = 'leased' AND c.lease_expires_at < now()
                         FOR UPDATE OF c SKIP LOCKED
@@ -433,14 +434,19 @@ class PgChunkStore:
                         ),
                         {"id": chunk_id},
                     )
-                    report.requeued += 1
+                    report.requeued.append(
+                        Unsent(chunk_id, job_id, c.seq, c.n_chunks, c.queue, c.priority, False)
+                    )
         return report
 
     # --- messages -------------------------------------------------------------------------
 
     def unsent(self, requeue_after_s: float) -> list[Unsent]:
-        """Queued chunks of open jobs whose message was never sent, or was sent longer ago than
-        ``requeue_after_s`` (it may have been lost), in the order workers should take them."""
+        """Queued chunks of open jobs whose message was sent longer ago than ``requeue_after_s``
+        (it may have been lost), or was never sent although the chunk has been queued that long
+        (Redis was down at submit, or the API died before sending), in the order workers should
+        take them. A chunk queued just now is left to the submitter's own send, which follows
+        its commit: sending it here too would only double its message."""
         with self._tx() as conn:
             rows = conn.execute(
                 text(
@@ -449,8 +455,8 @@ class PgChunkStore:
                            c.enqueued_at IS NOT NULL AS enqueued
                     FROM chunks c JOIN jobs j ON j.id = c.job_id
                     WHERE c.state = 'queued' AND j.status IN ('queued', 'running')
-                      AND (c.enqueued_at IS NULL
-                           OR c.enqueued_at < now() - make_interval(secs => :after))
+                      AND coalesce(c.enqueued_at, c.updated_at)
+                          < now() - make_interval(secs => :after)
                     ORDER BY j.priority DESC, j.created_at, c.seq
                     """
                 ),

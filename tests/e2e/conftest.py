@@ -4,14 +4,12 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from service.settings import Settings
-from tests.support.models import tiny_model
-from tests.support.stack import docqueue_bin, free_port, running_worker
+from tests.support.stack import docqueue_bin, free_port
 
 
 @pytest.fixture(scope="session")
@@ -50,14 +48,3 @@ def api_server(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
-
-
-@pytest.fixture(scope="session")
-def tiny_worker(
-    settings: Settings, api_server: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """One warm `docqueue worker` on the tiny model for every module that needs a plain one
-    (engine start is the expensive part); yields the launcher process and its log."""
-    log = tmp_path_factory.mktemp("tiny-worker") / "worker.log"
-    with running_worker(settings, tiny_model(), log) as proc:
-        yield proc, log

@@ -39,10 +39,15 @@ class Report:
 def reconcile(store: PgChunkStore, app: Celery, settings: Settings) -> Report:
     """One pass: expire dead leases (the state machine), then re-send lost messages."""
     expired = store.expire()
-    report = Report(expired.requeued, expired.failed, expired.cancelled, skipped=expired.skipped)
+    report = Report(
+        len(expired.requeued), expired.failed, expired.cancelled, skipped=expired.skipped
+    )
     if expired.skipped:
         return report
-    candidates = store.unsent(settings.worker.requeue_after_s)
+    requeued = {c.chunk_id for c in expired.requeued}
+    candidates = expired.requeued + [
+        c for c in store.unsent(settings.worker.requeue_after_s) if c.chunk_id not in requeued
+    ]
     in_broker: set[str] = set()
     if any(c.enqueued for c in candidates):
         client = redis_lib.Redis.from_url(settings.broker.url)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from tests.support.stack import (
     job_results,
     new_key,
     post_job,
+    running_worker,
     wait_job,
     worker_env,
 )
@@ -41,9 +43,13 @@ def model() -> str:
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_worker: tuple[Any, Path]) -> tuple[Any, Path]:
-    """The session's warm tiny-model worker (engine start is the expensive part)."""
-    return tiny_worker
+def worker(
+    settings: Settings, api_server: str, model: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """One warm worker for the module (engine start is the expensive part)."""
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with running_worker(settings, model, log) as proc:
+        yield proc, log
 
 
 @pytest.fixture()

@@ -93,7 +93,7 @@ def test_a_runner_whose_lease_expired_by_force_writes_nothing_and_stops(
     # The reconciler expires the lease (the worker stopped renewing it) and a new worker takes
     # the chunk and finishes it, while the first one's engine is still busy.
     expire_lease(settings, chunk[0])
-    assert stale.store.expire().requeued >= 1
+    assert chunk[0] in {c.chunk_id for c in stale.store.expire().requeued}
     fresh = runtime(s, model_name, "successor", BenchEngine(model_name))
     assert process_chunk(fresh, chunk[0]) == "done"
 

@@ -24,6 +24,7 @@ from tests.support.stack import (
     cli_env,
     docqueue_bin,
     new_key,
+    running_worker,
     stop_group,
     wait_job,
     worker_env,
@@ -38,9 +39,12 @@ def model() -> str:
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_worker: tuple[Any, Path]) -> Path:
-    """The session's warm tiny-model worker; its log."""
-    return tiny_worker[1]
+def worker(
+    settings: Settings, api_server: str, model: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with running_worker(settings, model, log):
+        yield log
 
 
 @pytest.fixture(scope="module")

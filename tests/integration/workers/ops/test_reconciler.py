@@ -116,3 +116,36 @@ def test_reconciler_resends_a_delivery_to_a_dead_worker(
         redis_client.hdel("unacked", tag)
         redis_client.zrem("unacked_index", tag)
         app.close()
+
+
+def test_a_chunk_never_sent_is_left_to_its_submitter_until_requeue_after_s(
+    client: TestClient,
+    api_key: str,
+    settings: Settings,
+    model_name: str,
+    redis_client: redis.Redis,
+) -> None:
+    """The API sends a job's messages right after its commit. A reconciler pass in between
+    must not send them too (a doubled message); one that was never sent, because Redis was down
+    or the API died, is sent once it has been queued for ``requeue_after_s``."""
+    job_id = submit(client, api_key, "text\na\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    queue = queue_for_model(model_name)
+    redis_client.delete(queue)
+    with pg(settings.database.url) as conn:  # as if the submitter had not sent it yet
+        conn.execute("UPDATE chunks SET enqueued_at = NULL WHERE id = %s", (chunk[0],))
+    app = make_celery(settings)
+    s = override(settings, worker={"requeue_after_s": 30})
+    store = make_store(s)
+    try:
+        assert str(chunk[0]) not in reconcile(store, app, s).resent_ids
+        assert redis_client.llen(queue) == 0
+        with pg(settings.database.url) as conn:  # queued a minute ago, still never sent
+            conn.execute(
+                "UPDATE chunks SET updated_at = now() - interval '1 minute' WHERE id = %s",
+                (chunk[0],),
+            )
+        assert str(chunk[0]) in reconcile(store, app, s).resent_ids
+        assert chunk_ids_in_broker(redis_client, [queue]) == {str(chunk[0])}
+    finally:
+        app.close()
