@@ -9,6 +9,7 @@ lease was taken over has its late writes refused (``LeaseLostError``) and stops.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -16,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from service.errors import LeaseLostError, RowError, TransientError
+from service.errors import EngineDeadError, LeaseLostError, RowError, TransientError
 from service.store.chunks import ChunkStore, Doc, Lease, RowResult
 from service.store.states import CANCEL_STATUSES, ChunkState, Task
 from workers import metrics as worker_metrics
@@ -31,9 +32,10 @@ MAX_BACKOFF_S = 300
 
 
 class RetryChunk(TransientError):
-    """The chunk was given back after a transient failure: retry it after ``countdown_s``."""
+    """The chunk was given back after a transient failure: retry it after ``countdown_s``
+    (None: it was closed instead, on its last attempt; only the cause still matters)."""
 
-    def __init__(self, cause: TransientError, countdown_s: float) -> None:
+    def __init__(self, cause: TransientError, countdown_s: float | None) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}".strip()[:500])
         self.cause = cause
         self.countdown_s = countdown_s
@@ -137,6 +139,16 @@ def process_chunk(ctx: Context, chunk_id: uuid.UUID) -> str:
         return "lease_lost"
     except TransientError as exc:
         return give_back(ctx, lease, exc)
+    except Exception as exc:
+        # Not transient, not the input's fault: a bug, or a store error that is not about
+        # connectivity. No retry (the error tree's rule); the chunk's unfinished rows fail now
+        # with the reason, rather than waiting for the lease to expire.
+        log.exception("chunk %s: unexpected error; its unfinished rows fail", chunk_id)
+        reason = f"internal error: {type(exc).__name__}: {exc}".strip()[:500]
+        # Someone else's now, or the database is away: the lease expires, the reconciler acts.
+        with contextlib.suppress(LeaseLostError, TransientError):
+            ctx.store.close(lease, ChunkState.FAILED, reason)
+        return "failed"
     finally:
         ctx.drop(lease)
 
@@ -156,6 +168,8 @@ def give_back(ctx: Context, lease: Lease, exc: TransientError) -> str:
     except TransientError:
         raise RetryChunk(exc, backoff_s(lease.attempts, ctx.retry_backoff_s)) from exc
     if not released.requeued:
+        if isinstance(exc, EngineDeadError):
+            raise RetryChunk(exc, None) from exc  # no retry, but the process must restart
         return "failed"
     raise RetryChunk(exc, backoff_s(released.attempts, ctx.retry_backoff_s)) from exc
 
@@ -255,13 +269,14 @@ def row_results(group: Group, attempts: int, labels: tuple[str, ...] | None) -> 
                 )
             )
             continue
-        label = res.text.strip() if labels else None
+        text = res.text.replace("\x00", "")  # PostgreSQL text cannot hold NUL
+        label = text.strip() if labels else None
         if labels and label not in labels:  # cut off by max_tokens before a label completed
             out.append(
                 RowResult(
                     idx=idx,
-                    output=res.text,
-                    error=f"no label: output {res.text!r} "
+                    output=text,
+                    error=f"no label: output {text!r} "
                     f"is not one of {list(labels)} (raise max_tokens?)",
                     prompt_tokens=res.prompt_tokens,
                     completion_tokens=res.completion_tokens,
@@ -273,7 +288,7 @@ def row_results(group: Group, attempts: int, labels: tuple[str, ...] | None) -> 
         out.append(
             RowResult(
                 idx=idx,
-                output=res.text,
+                output=text,
                 label=label,
                 confidence=res.confidence,
                 finish_reason=res.finish_reason,

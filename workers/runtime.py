@@ -37,6 +37,7 @@ class Runtime:
     engine: Engine
     db: DbEngine
     store: PgChunkStore
+    # By lease token, not chunk id: one process may hold, lose and retake the same chunk.
     leases: dict[uuid.UUID, Lease] = field(default_factory=dict)
     lost_leases: set[uuid.UUID] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -64,16 +65,16 @@ class Runtime:
 
     def hold(self, lease: Lease) -> None:
         with self.lock:
-            self.leases[lease.chunk_id] = lease
+            self.leases[lease.token] = lease
 
     def drop(self, lease: Lease) -> None:
         with self.lock:
-            self.leases.pop(lease.chunk_id, None)
-            self.lost_leases.discard(lease.chunk_id)
+            self.leases.pop(lease.token, None)
+            self.lost_leases.discard(lease.token)
 
     def lost(self, lease: Lease) -> bool:
         with self.lock:
-            return lease.chunk_id in self.lost_leases
+            return lease.token in self.lost_leases
 
     def beat_once(self) -> None:
         """Renews this process's leases (noting those taken over) and its registration."""
@@ -81,7 +82,8 @@ class Runtime:
             held = list(self.leases.values())
         lost = self.store.renew(held)
         if lost:
-            log.warning("leases lost to other workers: %s", sorted(map(str, lost)))
+            chunks = sorted(str(x.chunk_id) for x in held if x.token in lost)
+            log.warning("leases lost to other workers, chunks %s", chunks)
             with self.lock:
                 self.lost_leases |= lost & self.leases.keys()
         with self.db.begin() as conn:

@@ -44,6 +44,8 @@ def run_chunk(self: Task[Any, Any], chunk_id: str) -> str:
             os.kill(os.getpid(), signal.SIGTERM)
         # Given back (RetryChunk: its backoff), or the claim itself failed (the first one).
         if isinstance(exc, RetryChunk):
+            if exc.countdown_s is None:  # closed on its last attempt: nothing to retry
+                return "failed"
             countdown = exc.countdown_s
         else:
             countdown = backoff_s(1, rt.settings.worker.retry_backoff_s)

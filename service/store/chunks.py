@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from service.errors import ConflictError, LeaseLostError, StoreUnavailableError
 from service.settings import Settings
@@ -146,7 +147,9 @@ class ChunkStore(Protocol):
 
     def pending(self, lease: Lease) -> list[Doc]: ...
 
-    def renew(self, leases: Iterable[Lease]) -> set[uuid.UUID]: ...
+    def renew(self, leases: Iterable[Lease]) -> set[uuid.UUID]:
+        """Extends the leases still held; returns the tokens of those that were lost."""
+        ...
 
     def write(self, lease: Lease, results: Sequence[RowResult]) -> Written: ...
 
@@ -186,6 +189,8 @@ class PgChunkStore:
                 yield conn
         except (OperationalError, InterfaceError) as exc:
             raise StoreUnavailableError(f"database unavailable: {exc.orig or exc}") from exc
+        except PoolTimeoutError as exc:  # every pooled connection busy: also worth a retry
+            raise StoreUnavailableError(f"database busy: {exc}") from exc
 
     # --- the lease holder's transitions ---------------------------------------------------
 
@@ -266,7 +271,8 @@ class PgChunkStore:
         return [Doc(r.idx, r.external_id, r.text, r.extra) for r in rows]
 
     def renew(self, leases: Iterable[Lease]) -> set[uuid.UUID]:
-        """Extends the leases still held; returns the chunk ids of those that were lost."""
+        """Extends the leases still held; returns the tokens of those that were lost (a token
+        names one lease: one process may hold, then lose, two leases on one chunk)."""
         held = list(leases)
         if not held:
             return set()
@@ -277,7 +283,7 @@ class PgChunkStore:
                     UPDATE chunks c SET lease_expires_at = now() + make_interval(secs => :lease_s)
                     FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS uuid[])) AS t(id, token)
                     WHERE c.id = t.id AND c.lease_token = t.token AND c.state = 'leased'
-                    RETURNING c.id
+                    RETURNING c.lease_token
                     """
                 ),
                 {
@@ -286,8 +292,8 @@ class PgChunkStore:
                     "lease_s": self.lease_s,
                 },
             ).scalars()
-            kept_ids = set(kept)
-        return {x.chunk_id for x in held} - kept_ids
+            kept_tokens = set(kept)
+        return {x.token for x in held} - kept_tokens
 
     def write(self, lease: Lease, results: Sequence[RowResult]) -> Written:
         """Inserts results (a row that already has one is skipped) and moves the job's counters
@@ -313,9 +319,9 @@ class PgChunkStore:
                 text(
                     "UPDATE chunks SET state = 'queued', lease_token = NULL, "
                     "lease_expires_at = NULL, error = :err, enqueued_at = now(), "
-                    "updated_at = now() WHERE id = :id"
+                    "updated_at = now() WHERE id = :id AND lease_token = :token"
                 ),
-                {"id": lease.chunk_id, "err": error[:ERROR_CHARS]},
+                {"id": lease.chunk_id, "token": lease.token, "err": error[:ERROR_CHARS]},
             )
             return Released(lease.attempts, requeued=True)
 
@@ -349,11 +355,22 @@ class PgChunkStore:
                 return status
             if status.terminal:
                 raise ConflictError(f"job {job_id} is already {status}; nothing to cancel")
+            # Only rows without a result: a queued chunk may have written some before it was
+            # given back (a transient failure, an expired lease).
             cancelled_docs = conn.execute(
                 text(
-                    "WITH c AS (UPDATE chunks SET state = 'cancelled', updated_at = now() "
-                    "WHERE job_id = :j AND state = 'queued' RETURNING start_idx, end_idx) "
-                    "SELECT coalesce(sum(end_idx - start_idx), 0) FROM c"
+                    """
+                    WITH c AS (
+                      UPDATE chunks SET state = 'cancelled', lease_token = NULL,
+                             updated_at = now()
+                      WHERE job_id = :j AND state = 'queued' RETURNING start_idx, end_idx
+                    )
+                    SELECT count(*) FROM c
+                    JOIN documents d ON d.job_id = :j AND d.idx >= c.start_idx
+                                    AND d.idx < c.end_idx
+                    WHERE NOT EXISTS (SELECT 1 FROM results r
+                                      WHERE r.job_id = d.job_id AND r.idx = d.idx)
+                    """
                 ),
                 {"j": job_id},
             ).scalar_one()
@@ -493,20 +510,22 @@ def _lock_job_of(conn: Connection, chunk_id: uuid.UUID) -> uuid.UUID | None:
 
 def _hold(conn: Connection, lease: Lease) -> JobStatus:
     """Locks the job and checks the fence: the chunk is still leased under this lease's token.
-    Returns the job's status; a lost lease raises (and is logged), so nothing is written."""
+    Returns the job's status; a lost lease raises (and is logged), so nothing is written.
+
+    Two statements on purpose: under READ COMMITTED a statement that waited for the job's lock
+    re-reads only the locked row, so a chunk read in the same statement could be the one from
+    before the takeover that held the lock. Read after the lock, it is the current one."""
+    status = conn.execute(
+        text("SELECT status FROM jobs WHERE id = :j FOR NO KEY UPDATE"), {"j": lease.job_id}
+    ).scalar()
     row = conn.execute(
         text(
-            """
-            SELECT j.status, c.state, c.worker,
-                   (c.state = 'leased' AND c.lease_token = :token) AS owned
-            FROM jobs j JOIN chunks c ON c.job_id = j.id
-            WHERE c.id = :id
-            FOR NO KEY UPDATE OF j
-            """
+            "SELECT state, worker, (state = 'leased' AND lease_token = :token) AS owned "
+            "FROM chunks WHERE id = :id"
         ),
         {"id": lease.chunk_id, "token": lease.token},
     ).first()
-    if row is None or not row.owned:
+    if status is None or row is None or not row.owned:
         where = "gone" if row is None else f"{row.state}, worker {row.worker}"
         log.warning(
             "chunk %s: lease lost (attempt %d); the write is refused (chunk now %s)",
@@ -517,7 +536,7 @@ def _hold(conn: Connection, lease: Lease) -> JobStatus:
         raise LeaseLostError(
             f"chunk {lease.chunk_id}: lease of attempt {lease.attempts} was taken over ({where})"
         )
-    return JobStatus(row.status)
+    return JobStatus(status)
 
 
 def _why_not(conn: Connection, chunk_id: uuid.UUID, job_id: uuid.UUID) -> Claim:

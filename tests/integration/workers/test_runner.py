@@ -125,7 +125,8 @@ def test_the_heartbeat_notices_a_lease_taken_over_and_the_runner_stops_at_once(
     assert process_chunk(fresh, chunk[0]) == "done"
 
     paused.beat_once()  # it wakes up: the renewal finds the lease gone
-    assert paused.lost_leases == {chunk[0]}
+    (lost,) = paused.lost_leases  # the lease's token
+    assert paused.leases[lost].chunk_id == chunk[0]
     started = time.monotonic()
     thread.join(POLL_S + 5)  # the runner stops at its next poll, its engine still busy
     assert not thread.is_alive() and paused_outcome == ["lease_lost"]

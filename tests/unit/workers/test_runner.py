@@ -244,6 +244,7 @@ class MemoryStore:
         self.writes: list[list[RowResult]] = []
         self.released: list[str] = []
         self.closed: list[ChunkState] = []
+        self.close_errors: list[str | None] = []
 
     def _call(self, method: str) -> None:
         if method in self.failures:
@@ -280,6 +281,7 @@ class MemoryStore:
     def close(self, lease: Lease, state: ChunkState, error: str | None = None) -> None:
         self._call("close")
         self.closed.append(state)
+        self.close_errors.append(error)
 
     def job_status(self, job_id: uuid.UUID) -> JobStatus | None:
         return self.status
@@ -436,7 +438,8 @@ def test_a_transient_failure_gives_the_chunk_back_and_retries(
     with pytest.raises(RetryChunk) as info:
         process_chunk(worker, lz.chunk_id)
     assert isinstance(info.value.cause, cause)
-    assert 0.0 <= info.value.countdown_s <= 5.0 * 2  # second attempt: at most base * 2
+    countdown = info.value.countdown_s
+    assert countdown is not None and 0.0 <= countdown <= 5.0 * 2  # 2nd attempt: base * 2
     (reason,) = worker.store.released
     assert reason.startswith(f"{cause.__name__}: ")
     assert worker.store.closed == [] and worker.dropped == [lz]
@@ -444,10 +447,35 @@ def test_a_transient_failure_gives_the_chunk_back_and_retries(
 
 def test_a_transient_failure_on_the_last_attempt_fails_the_chunk() -> None:
     lz = lease(attempts=3)
-    worker = Worker(leased(lz), engine=DyingEngine(MODEL))
+    worker = Worker(leased(lz))
+    worker.store.failures["pending"] = StoreUnavailableError("database unavailable")
     assert process_chunk(worker, lz.chunk_id) == "failed"
-    assert worker.store.released == ["EngineDeadError: engine died"]
+    assert worker.store.released == ["StoreUnavailableError: database unavailable"]
     assert worker.store.closed == []  # the store closed it when releasing, not the runner
+
+
+def test_a_dead_engine_on_the_last_attempt_still_reaches_the_task() -> None:
+    """No retry (the chunk is closed), but the task must learn that the engine died, so the
+    process restarts with a fresh one instead of failing every later chunk."""
+    lz = lease(attempts=3)
+    worker = Worker(leased(lz), engine=DyingEngine(MODEL))
+    with pytest.raises(RetryChunk) as info:
+        process_chunk(worker, lz.chunk_id)
+    assert info.value.countdown_s is None and isinstance(info.value.cause, EngineDeadError)
+    assert worker.store.released == ["EngineDeadError: engine died"]
+
+
+def test_an_unexpected_error_fails_the_chunk_at_once_without_a_retry() -> None:
+    """Not transient, not bad input: the unfinished rows fail now with the reason (no retry,
+    no waiting for the lease to expire)."""
+    lz = lease()
+    worker = Worker(leased(lz))
+    worker.store.failures["write"] = ValueError("a bug")
+    assert process_chunk(worker, lz.chunk_id) == "failed"
+    assert worker.store.released == []
+    assert worker.store.closed == [ChunkState.FAILED]
+    assert worker.store.close_errors == ["internal error: ValueError: a bug"]
+    assert worker.dropped == [lz]
 
 
 def test_a_release_that_fails_too_still_retries() -> None:
@@ -460,7 +488,8 @@ def test_a_release_that_fails_too_still_retries() -> None:
     with pytest.raises(RetryChunk) as info:
         process_chunk(worker, lz.chunk_id)
     assert isinstance(info.value.cause, StoreUnavailableError)
-    assert 0.0 <= info.value.countdown_s <= 5.0
+    countdown = info.value.countdown_s
+    assert countdown is not None and 0.0 <= countdown <= 5.0
 
 
 def test_a_release_refused_for_a_lost_lease_stops_the_runner() -> None:

@@ -4,7 +4,9 @@ finalization, cancel and lease expiry. Jobs are submitted through the real app."
 from __future__ import annotations
 
 import json
+import threading
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -170,7 +172,7 @@ def assert_fenced_out(store: PgChunkStore, stale: Any) -> None:
         store.close(stale, ChunkState.FAILED, "stale worker fails the chunk")
     with pytest.raises(LeaseLostError):
         store.close(stale, ChunkState.DONE)
-    assert store.renew([stale]) == {stale.chunk_id}
+    assert store.renew([stale]) == {stale.token}
 
 
 def test_a_worker_paused_past_its_lease_cannot_touch_the_chunk_its_successor_holds(
@@ -249,4 +251,60 @@ def test_renew_extends_live_leases_and_reports_lost_ones(
     expire_lease(settings, second[0])
     taken = store.claim(second[0], "other")
     assert taken.outcome == ClaimOutcome.LEASED
-    assert store.renew([a, b]) == {second[0]}
+    assert store.renew([a, b]) == {b.token}
+
+
+def test_a_write_that_waited_for_the_job_lock_sees_the_takeover_it_waited_for(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """The fence reads the chunk after taking the job's lock: a stale worker's write queued
+    behind the successor's claim (which holds that lock until it commits) is refused, not let
+    through on the chunk row from before the claim."""
+    job_id = submit(client, api_key, "text\na\nb\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    store = make_store(settings)
+    stale = store.claim(chunk[0], "stale-worker").lease
+    assert stale is not None
+    outcome: list[object] = []
+    with pg(settings.database.url) as conn, conn.transaction():
+        # The successor's claim, mid-transaction: job locked, chunk taken over, not committed.
+        conn.execute("SELECT 1 FROM jobs WHERE id = %s FOR NO KEY UPDATE", (stale.job_id,))
+        conn.execute(
+            "UPDATE chunks SET lease_token = %s, worker = 'successor', attempts = attempts + 1 "
+            "WHERE id = %s",
+            (uuid.uuid4(), chunk[0]),
+        )
+
+        def late_write() -> None:
+            try:
+                outcome.append(store.write(stale, [RowResult(idx=1, output="stale")]))
+            except LeaseLostError as exc:
+                outcome.append(exc)
+
+        writer = threading.Thread(target=late_write)
+        writer.start()
+        time.sleep(0.5)  # the write now waits for the job's lock
+        assert writer.is_alive()
+    writer.join(10)  # the claim committed; the write goes on, against the new chunk row
+    assert len(outcome) == 1 and isinstance(outcome[0], LeaseLostError)
+    with pg(settings.database.url) as conn:
+        n = conn.execute("SELECT count(*) FROM results WHERE job_id = %s", (job_id,)).fetchone()
+    assert n is not None and n[0] == 0
+
+
+def test_cancel_counts_only_rows_without_a_result(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """A chunk given back after writing some rows is queued again; cancelling the job then
+    cancels only its rows that have no result, so the counts add up to the total."""
+    job_id = submit(client, api_key, "text\na\nb\nc\nd\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    store = make_store(settings)
+    lease = store.claim(chunk[0], "w").lease
+    assert lease is not None
+    store.write(lease, [RowResult(idx=1, output="A"), RowResult(idx=2, output="B")])
+    assert store.release(lease, "StoreUnavailableError: away").requeued
+    job = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(api_key)).json()
+    assert job["status"] == "cancelled"
+    assert job["counts"] == {"total": 4, "succeeded": 2, "failed": 0, "cancelled": 2}
+    assert job["percent"] == 100.0
