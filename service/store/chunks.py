@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, NoReturn, Protocol
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -299,8 +299,20 @@ class PgChunkStore:
         """Inserts results (a row that already has one is skipped) and moves the job's counters
         by exactly the rows inserted. Refused once the lease is lost."""
         with self._tx() as conn:
-            status = _hold(conn, lease)
-            return _insert_results(conn, lease.job_id, results, status)
+            if not results:
+                return Written(_hold(conn, lease))
+            # The job's lock first, in its own statement, so that the fence in the insert's
+            # statement reads the chunk as it is after any takeover that held the lock.
+            status = conn.execute(
+                text("SELECT status FROM jobs WHERE id = :j FOR NO KEY UPDATE"),
+                {"j": lease.job_id},
+            ).scalar()
+            if status is None:
+                _refuse(lease, "gone")
+            written = _insert_results(conn, lease.job_id, results, JobStatus(status), lease)
+            if written is None:
+                _refuse(lease, "taken over")
+            return written
 
     def release(self, lease: Lease, error: str) -> Released:
         """Gives the chunk back after a transient failure: queued again for a retry (the caller
@@ -526,17 +538,20 @@ def _hold(conn: Connection, lease: Lease) -> JobStatus:
         {"id": lease.chunk_id, "token": lease.token},
     ).first()
     if status is None or row is None or not row.owned:
-        where = "gone" if row is None else f"{row.state}, worker {row.worker}"
-        log.warning(
-            "chunk %s: lease lost (attempt %d); the write is refused (chunk now %s)",
-            lease.chunk_id,
-            lease.attempts,
-            where,
-        )
-        raise LeaseLostError(
-            f"chunk {lease.chunk_id}: lease of attempt {lease.attempts} was taken over ({where})"
-        )
+        _refuse(lease, "gone" if row is None else f"{row.state}, worker {row.worker}")
     return JobStatus(status)
+
+
+def _refuse(lease: Lease, where: str) -> NoReturn:
+    log.warning(
+        "chunk %s: lease lost (attempt %d); the write is refused (chunk now %s)",
+        lease.chunk_id,
+        lease.attempts,
+        where,
+    )
+    raise LeaseLostError(
+        f"chunk {lease.chunk_id}: lease of attempt {lease.attempts} was taken over ({where})"
+    )
 
 
 def _why_not(conn: Connection, chunk_id: uuid.UUID, job_id: uuid.UUID) -> Claim:
@@ -561,9 +576,56 @@ def _why_not(conn: Connection, chunk_id: uuid.UUID, job_id: uuid.UUID) -> Claim:
     return Claim(None, ClaimOutcome.BUSY, job_id)
 
 
+_INSERT_RESULTS = """
+    WITH fence AS ({fence}),
+    ins AS (
+      INSERT INTO results (job_id, idx, output, label, confidence, finish_reason,
+                           prompt_tokens, completion_tokens, truncated, error, attempts,
+                           latency_ms)
+      SELECT :j, u.* FROM unnest(
+        CAST(:idx AS int[]), CAST(:output AS text[]), CAST(:label AS text[]),
+        CAST(:confidence AS float8[]), CAST(:finish_reason AS text[]),
+        CAST(:prompt_tokens AS int[]), CAST(:completion_tokens AS int[]),
+        CAST(:truncated AS bool[]), CAST(:error AS text[]), CAST(:attempts AS int[]),
+        CAST(:latency_ms AS float8[])) AS u
+      WHERE EXISTS (SELECT 1 FROM fence)
+      ON CONFLICT (job_id, idx) DO NOTHING
+      RETURNING error IS NULL AS ok, prompt_tokens, completion_tokens
+    ), n AS (
+      SELECT count(*) FILTER (WHERE ok) AS ok, count(*) FILTER (WHERE NOT ok) AS bad,
+             coalesce(sum(prompt_tokens), 0) AS pt,
+             coalesce(sum(completion_tokens), 0) AS ct
+      FROM ins
+    )
+    UPDATE jobs SET
+      succeeded = succeeded + n.ok,
+      failed = failed + n.bad,
+      prompt_tokens = prompt_tokens + n.pt,
+      completion_tokens = completion_tokens + n.ct
+    FROM n
+    WHERE id = :j
+    RETURNING status, n.ok, n.bad, n.ct, EXISTS (SELECT 1 FROM fence) AS owned
+"""
+#: Results under a lease: inserted only while the chunk is leased with that lease's token.
+_INSERT_FENCED = text(
+    _INSERT_RESULTS.format(
+        fence="SELECT 1 FROM chunks WHERE id = :c AND state = 'leased' AND lease_token = :t"
+    )
+)
+#: Results written by a transition that already holds the chunk (a close failing its rows).
+_INSERT_HELD = text(_INSERT_RESULTS.format(fence="SELECT 1"))
+
+
 def _insert_results(
-    conn: Connection, job_id: uuid.UUID, results: Sequence[RowResult], status: JobStatus
-) -> Written:
+    conn: Connection,
+    job_id: uuid.UUID,
+    results: Sequence[RowResult],
+    status: JobStatus,
+    fence: Lease | None = None,
+) -> Written | None:
+    """One statement: the rows (a row that already has a result is skipped) and the job's
+    counters moved by exactly the rows inserted. With ``fence``, nothing is written unless the
+    chunk is still leased under that lease's token; None then says it was not."""
     if not results:
         return Written(status)
     cols: dict[str, list[Any]] = {
@@ -579,41 +641,16 @@ def _insert_results(
         "attempts": [r.attempts for r in results],
         "latency_ms": [r.latency_ms for r in results],
     }
-    row = conn.execute(
-        text(
-            """
-            WITH ins AS (
-              INSERT INTO results (job_id, idx, output, label, confidence, finish_reason,
-                                   prompt_tokens, completion_tokens, truncated, error, attempts,
-                                   latency_ms)
-              SELECT :j, * FROM unnest(
-                CAST(:idx AS int[]), CAST(:output AS text[]), CAST(:label AS text[]),
-                CAST(:confidence AS float8[]), CAST(:finish_reason AS text[]),
-                CAST(:prompt_tokens AS int[]), CAST(:completion_tokens AS int[]),
-                CAST(:truncated AS bool[]), CAST(:error AS text[]), CAST(:attempts AS int[]),
-                CAST(:latency_ms AS float8[]))
-              ON CONFLICT (job_id, idx) DO NOTHING
-              RETURNING error IS NULL AS ok, prompt_tokens, completion_tokens
-            ), n AS (
-              SELECT count(*) FILTER (WHERE ok) AS ok, count(*) FILTER (WHERE NOT ok) AS bad,
-                     coalesce(sum(prompt_tokens), 0) AS pt,
-                     coalesce(sum(completion_tokens), 0) AS ct
-              FROM ins
-            )
-            UPDATE jobs SET
-              succeeded = succeeded + n.ok,
-              failed = failed + n.bad,
-              prompt_tokens = prompt_tokens + n.pt,
-              completion_tokens = completion_tokens + n.ct
-            FROM n
-            WHERE id = :j
-            RETURNING status, n.ok, n.bad, n.ct
-            """
-        ),
-        {"j": job_id, **cols},
-    ).first()
+    if fence is None:
+        row = conn.execute(_INSERT_HELD, {"j": job_id, **cols}).first()
+    else:
+        row = conn.execute(
+            _INSERT_FENCED, {"j": job_id, "c": fence.chunk_id, "t": fence.token, **cols}
+        ).first()
     if row is None:
         return Written(status)
+    if not row.owned:
+        return None
     return Written(JobStatus(row.status), int(row.ok), int(row.bad), int(row.ct))
 
 
