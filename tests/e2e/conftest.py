@@ -4,12 +4,14 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
 from service.settings import Settings
-from tests.support.stack import docqueue_bin, free_port
+from tests.support.models import tiny_model
+from tests.support.stack import docqueue_bin, free_port, running_worker
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +50,23 @@ def api_server(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def tiny_model_path() -> str:
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def tiny_worker(
+    settings: Settings,
+    api_server: str,
+    tiny_model_path: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A warm `docqueue worker` on the tiny model, one per module that asks (engine start is
+    the expensive part; a module that runs its own worker of that model must not overlap with
+    another's); yields the launcher process and its log."""
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with running_worker(settings, tiny_model_path, log) as proc:
+        yield proc, log

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,12 @@ import pytest
 from service.settings import Settings
 from tests.support import ROOT
 from tests.support.helpers import pg
-from tests.support.models import tiny_model
 from tests.support.stack import (
     cli,
     cli_env,
     job_results,
     new_key,
     post_job,
-    running_worker,
     wait_job,
     worker_env,
 )
@@ -38,18 +35,14 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def model() -> str:
-    return tiny_model()
+def model(tiny_model_path: str) -> str:
+    return tiny_model_path
 
 
 @pytest.fixture(scope="module")
-def worker(
-    settings: Settings, api_server: str, model: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Any]:
-    """One warm worker for the module (engine start is the expensive part)."""
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    with running_worker(settings, model, log) as proc:
-        yield proc, log
+def worker(tiny_worker: tuple[Any, Path]) -> tuple[Any, Path]:
+    """The module's warm tiny-model worker (engine start is the expensive part)."""
+    return tiny_worker
 
 
 @pytest.fixture()

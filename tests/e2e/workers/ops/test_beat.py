@@ -18,13 +18,11 @@ import pytest
 
 from service.settings import Settings
 from tests.support.helpers import pg
-from tests.support.models import tiny_model
 from tests.support.stack import (
     cli,
     cli_env,
     docqueue_bin,
     new_key,
-    running_worker,
     stop_group,
     wait_job,
     worker_env,
@@ -34,17 +32,14 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def model() -> str:
-    return tiny_model()
+def model(tiny_model_path: str) -> str:
+    return tiny_model_path
 
 
 @pytest.fixture(scope="module")
-def worker(
-    settings: Settings, api_server: str, model: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Path]:
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    with running_worker(settings, model, log):
-        yield log
+def worker(tiny_worker: tuple[Any, Path]) -> Path:
+    """The module's warm tiny-model worker; its log."""
+    return tiny_worker[1]
 
 
 @pytest.fixture(scope="module")
