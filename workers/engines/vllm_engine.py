@@ -196,6 +196,10 @@ class VllmEngine:
                 return
             time.sleep(0.5)
 
+    def _core_dead(self) -> bool:
+        resources = getattr(getattr(self._engine, "engine_core", None), "resources", None)
+        return bool(getattr(resources, "engine_dead", False))
+
     def _params(self, req: GenRequest) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
@@ -212,6 +216,7 @@ class VllmEngine:
 
     def _drive(self) -> None:
         from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
 
         engine = self._engine
         pending: dict[str, tuple[Batch, int, int]] = {}
@@ -236,7 +241,13 @@ class VllmEngine:
                                     TokensPrompt(prompt_token_ids=req.prompt_token_ids),
                                     self._params(req),
                                 )
-                            except Exception as exc:  # this prompt only: the row's error
+                            except Exception as exc:
+                                if isinstance(exc, VllmDead) or self._core_dead():
+                                    # Not this prompt's fault: the engine died under it. Fail
+                                    # the whole batch (its chunk is retried), stop the driver.
+                                    batch.fail(EngineDeadError(str(exc)))
+                                    raise
+                                # This prompt only (too long, bad parameters): the row's error.
                                 batch.set(
                                     i,
                                     GenResult(
