@@ -142,6 +142,21 @@ def test_classify_output_must_be_one_of_the_labels() -> None:
     assert engine_error == RowResult(idx=2, error="engine said no", prompt_tokens=9, attempts=3)
 
 
+def test_nul_characters_in_model_output_are_dropped() -> None:
+    """PostgreSQL text cannot hold NUL: an output with one would fail the whole write."""
+    g = group(
+        [doc(1), doc(2)],
+        {},
+        [
+            (0, False, GenResult("sum\x00mary", "stop", 4, 2)),
+            (1, False, GenResult("posi\x00tive", "stop", 4, 2)),
+        ],
+    )
+    plain, labelled = row_results(g, 1, None), row_results(g, 1, ("positive", "negative"))
+    assert [r.output for r in plain] == ["summary", "positive"]
+    assert [(r.label, r.error is None) for r in labelled][1] == ("positive", True)
+
+
 def test_outputs_of_other_tasks_are_not_labels() -> None:
     g = group([doc(5)], {}, [(0, False, GenResult("negative", "stop", 3, 1))])
     (row,) = row_results(g, attempts=1, labels=None)
