@@ -33,6 +33,9 @@ class _Group(BaseModel):
 
 class DatabaseSettings(_Group):
     url: str = env("DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/docqueue")
+    # A statement waiting on a row lock longer than this fails (and is retried or reported)
+    # instead of queueing behind it: one slow tenant's lock never stalls everyone's leases.
+    lock_timeout_s: float = env("DB_LOCK_TIMEOUT_S", 10.0, gt=0)
 
 
 class BrokerSettings(_Group):
@@ -53,6 +56,14 @@ class JobSettings(_Group):
     max_chunk_size: int = env("MAX_CHUNK_SIZE", 10_000, gt=0)
     default_max_tokens: int = env("DEFAULT_MAX_TOKENS", 256, gt=0)
     summary_words: int = env("SUMMARY_WORDS", 60, gt=0)
+    # Bounds on what one upload may make PostgreSQL store beyond its documents' text: the
+    # columns of a file, and the bytes of its non-text columns (`extra`) per row.
+    max_columns: int = env("MAX_COLUMNS", 256, gt=0)
+    max_extra_bytes: int = env("MAX_EXTRA_BYTES", 64 * 1024, gt=0)
+    # A prompt template's length, and the length a rendered prompt may reach (before the
+    # tokenizer truncates it to the model's context): a row over it is that row's error.
+    max_template_chars: int = env("MAX_TEMPLATE_CHARS", 64 * 1024, gt=0)
+    max_prompt_chars: int = env("MAX_PROMPT_CHARS", 2 * MiB, gt=0)
 
 
 class ApiSettings(_Group):
@@ -61,6 +72,15 @@ class ApiSettings(_Group):
     # The API's /metrics aggregates over every job row: answer scrapes within this many seconds
     # of the last one from memory, so several scrapers (or API processes) cost one query set.
     metrics_cache_s: float = env("METRICS_CACHE_S", 5.0, ge=0)
+    # Bearer token GET /metrics requires (Prometheus: `authorization: {credentials: ...}`).
+    # None: /metrics answers 404, so a deployment never exposes it by accident.
+    metrics_token: SecretStr | None = env("METRICS_TOKEN", None)
+    # Bodies other than uploads (JSON requests) are refused past this many bytes received.
+    max_json_bytes: int = env("MAX_JSON_BYTES", 1 * MiB, gt=0)
+    # Result downloads at once per API process, and how long one may wait on a slow reader
+    # before it is cut off: each holds a database connection and a snapshot.
+    max_concurrent_exports: int = env("MAX_CONCURRENT_EXPORTS", 8, gt=0)
+    export_send_timeout_s: float = env("EXPORT_SEND_TIMEOUT_S", 60.0, gt=0)
 
 
 class ClientSettings(_Group):
@@ -85,6 +105,9 @@ class WorkerSettings(_Group):
     heartbeat_s: float = env("WORKER_HEARTBEAT_S", 10.0, gt=0)
     concurrency: int = env("WORKER_CONCURRENCY", 3, ge=1)  # chunks in flight per engine
     sub_batch_size: int = env("SUB_BATCH_SIZE", 64, ge=1)  # results are written per sub-batch
+    # A chunk whose engine produced nothing for this long (alive but hung) is given back and
+    # the worker's engine restarted; leases alone would be renewed forever.
+    progress_deadline_s: float = env("PROGRESS_DEADLINE_S", 600.0, gt=0)
     # Workers also run the reconciler in-process (at start and every reconcile_interval_s);
     # with `docqueue beat` running it is a beat task too, and this can be turned off.
     reconcile_in_workers: bool = env("RECONCILE_IN_WORKERS", True)
