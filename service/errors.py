@@ -20,6 +20,8 @@ class DocqueueError(Exception):
 
     status_code = 500
     code = "internal_error"
+    #: Extra response headers the API sends with this error (``Retry-After`` ...).
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, **where: Any) -> None:
         super().__init__(message)
@@ -74,6 +76,14 @@ class NotFoundError(BadInputError):
 class ConflictError(BadInputError):
     status_code = 409
     code = "conflict"
+
+
+class IdempotencyConflictError(ConflictError):
+    """An ``Idempotency-Key`` reused with a different request: retrying cannot succeed, so the
+    OpenAI-style ``x-should-retry: false`` tells SDKs not to."""
+
+    code = "idempotency_key_reused"
+    headers = {"x-should-retry": "false"}
 
 
 class ResultsExpiredError(BadInputError):

@@ -60,6 +60,7 @@ def _error(status: int, body: dict[str, Any]) -> JSONResponse:
 
 async def _docqueue_error(_: Request, exc: DocqueueError) -> JSONResponse:
     resp = _error(exc.status_code, exc.to_dict())
+    resp.headers.update(exc.headers)
     if exc.status_code == 401:
         resp.headers["WWW-Authenticate"] = "Bearer"
     return resp
