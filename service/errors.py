@@ -12,7 +12,8 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 
 class DocqueueError(Exception):
@@ -21,7 +22,7 @@ class DocqueueError(Exception):
     status_code = 500
     code = "internal_error"
     #: Extra response headers the API sends with this error (``Retry-After`` ...).
-    headers: dict[str, str] = {}
+    headers: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, message: str, **where: Any) -> None:
         super().__init__(message)
@@ -83,7 +84,7 @@ class IdempotencyConflictError(ConflictError):
     OpenAI-style ``x-should-retry: false`` tells SDKs not to."""
 
     code = "idempotency_key_reused"
-    headers = {"x-should-retry": "false"}
+    headers: ClassVar[Mapping[str, str]] = {"x-should-retry": "false"}
 
 
 class ResultsExpiredError(BadInputError):
