@@ -3,11 +3,14 @@ the chunk messages (after the commit)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import psycopg
 from sqlalchemy import select
@@ -16,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from service import logs
 from service.contract import ChunkMessage, make_celery, queue_for_model, send_chunks
+from service.errors import IdempotencyConflictError
 from service.jobs.ingest import IngestOptions, ingest_csv, parse_delimiter
 from service.jobs.validate import JobRequest, job_params, template_fields, validate
 from service.settings import Settings
@@ -24,13 +28,88 @@ from service.store.engine import get_engine
 from service.store.states import ChunkState, JobStatus
 from service.store.tables import Chunk, Job
 
+if TYPE_CHECKING:
+    from hashlib import _Hash
+
 log = logging.getLogger(__name__)
+
+#: Bytes per read when an upload is hashed without being ingested (a replay).
+_HASH_READ_BYTES = 1 << 20
 
 
 def find_idempotent(session: Session, tenant_id: uuid.UUID, key: str | None) -> Job | None:
     if not key:
         return None
     return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+
+
+def request_hash(req: JobRequest, delimiter: str | None, chunk_size: int) -> _Hash:
+    """A sha256 started over the job's canonical parameters; the upload's bytes follow.
+
+    The parameters are the ones that shape the job (as validated: the parsed delimiter, the
+    chunk size in effect), in canonical JSON, length-prefixed so no upload can imitate them.
+    The file's name is not among them: the same bytes under another name are the same request.
+    """
+    canonical = {
+        "task": req.task,
+        "model": req.model,
+        "params": job_params(req),
+        "priority": req.priority,
+        "text_column": req.text_column,
+        "id_column": req.id_column,
+        "delimiter": delimiter,
+        "chunk_size": chunk_size,
+    }
+    head = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
+    sha = hashlib.sha256(len(head).to_bytes(8, "big"))
+    sha.update(head)
+    return sha
+
+
+class HashingReader(io.RawIOBase):
+    """The upload as ingest reads it, hashed on the way through (it is never held whole).
+
+    ``drain`` hashes whatever ingest left unread, so the digest always covers every byte of the
+    upload. Closing this reader (ingest's text wrapper does) leaves the caller's upload open.
+    """
+
+    def __init__(self, upload: IO[bytes], sha: _Hash) -> None:
+        super().__init__()
+        self._upload = upload
+        self._sha = sha
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._upload.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self._sha.update(data)
+        return n
+
+    def drain(self) -> str:
+        """Hashes the rest of the upload; returns the hex digest of all of it."""
+        while data := self._upload.read(_HASH_READ_BYTES):
+            self._sha.update(data)
+        return self._sha.hexdigest()
+
+
+def replay(existing: Job, key: str, request_sha256: str) -> Job:
+    """The job an ``Idempotency-Key`` already names, if this request is the one that made it.
+
+    Another file or other parameters under the same key is a 409 that tells clients not to
+    retry: returning the old job would pass off its results as this request's. A job made
+    before fingerprints were kept (``request_sha256`` NULL) cannot be compared and is returned.
+    """
+    if existing.request_sha256 is not None and existing.request_sha256 != request_sha256:
+        raise IdempotencyConflictError(
+            f"Idempotency-Key {key!r} was already used for job {existing.id} with a different "
+            "request (another file or other parameters); send the same request to get that "
+            "job back, or a new key for a new job",
+            field="Idempotency-Key",
+        )
+    return existing
 
 
 def create_job(
@@ -47,11 +126,14 @@ def create_job(
     fields = template_fields(req.prompt) if req.prompt else frozenset()
     chunk_size = req.chunk_size or settings.jobs.default_chunk_size
     engine = get_engine(settings.database.url)
+    # The upload is hashed while ingest reads it, or in its own streamed pass for a replay.
+    hashing = HashingReader(upload, request_hash(req, delimiter, chunk_size))
 
-    with Session(engine, expire_on_commit=False) as session:
-        existing = find_idempotent(session, tenant_id, req.idempotency_key)
+    if req.idempotency_key:
+        with Session(engine, expire_on_commit=False) as session:
+            existing = find_idempotent(session, tenant_id, req.idempotency_key)
         if existing is not None:
-            return existing, False
+            return replay(existing, req.idempotency_key, hashing.drain()), False
 
     job_id = uuid.uuid4()
     queue = queue_for_model(req.model, req.priority)  # interactive or bulk queue, per job
@@ -82,7 +164,8 @@ def create_job(
                 max_rows=settings.jobs.max_rows_per_job,
                 max_document_bytes=settings.jobs.max_document_bytes,
             )
-            result = ingest_csv(raw, job_id, upload, opts)
+            result = ingest_csv(raw, job_id, io.BufferedReader(hashing, 1 << 16), opts)
+            job.request_sha256 = hashing.drain()
             chunks = chunk_rows(job_id, result.rows, chunk_size)
             with (
                 raw.cursor() as cur,
@@ -101,12 +184,13 @@ def create_job(
             job.status = JobStatus.QUEUED
             job.params = {**job.params, "extra_columns": result.extra_columns}
     except IntegrityError as exc:
-        # A concurrent request with the same idempotency key won the race: return its job.
+        # A concurrent request with the same idempotency key won the race: its job, if this
+        # is the same request (the winner committed before this insert could go on).
         if req.idempotency_key and "uq_jobs_tenant_idempotency_key" in str(exc.orig):
             with Session(engine, expire_on_commit=False) as session:
                 existing = find_idempotent(session, tenant_id, req.idempotency_key)
             if existing is not None:
-                return existing, False
+                return replay(existing, req.idempotency_key, hashing.drain()), False
         raise
 
     with logs.log_context(job_id=job.id):

@@ -94,6 +94,9 @@ class Job(Base):
     )
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # sha256 over the job's parameters and uploaded bytes: a replay of the idempotency key
+    # with another request is refused. NULL for jobs from before migration 0006 and schedules.
+    request_sha256: Mapped[str | None] = mapped_column(String(64))
     source_name: Mapped[str | None] = mapped_column(String(500))
     chunk_size: Mapped[int] = mapped_column(Integer)
     n_chunks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
