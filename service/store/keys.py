@@ -1,4 +1,8 @@
-"""API keys: random, shown once, stored as sha256; one key belongs to one tenant."""
+"""API keys: random, shown once, stored as sha256; one key belongs to one tenant.
+
+Operators list keys by their prefix and id (never the secret) and revoke them; ``authenticate``
+reads the key's row on every request, so a revoked key is refused from its next request on.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,12 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.errors import AuthError
+from service.errors import AuthError, ConflictError, NotFoundError
 from service.store.tables import ApiKey, Tenant
 
 KEY_PREFIX = "dq_"
@@ -20,6 +25,17 @@ KEY_PREFIX = "dq_"
 class Principal:
     tenant_id: uuid.UUID
     tenant_name: str
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What an operator may see of a key: never the key itself, nor its hash."""
+
+    id: uuid.UUID
+    prefix: str
+    tenant: str
+    created_at: datetime
+    revoked_at: datetime | None
 
 
 def hash_key(key: str) -> str:
@@ -52,3 +68,55 @@ def authenticate(session: Session, authorization: str | None) -> Principal:
     if row is None:
         raise AuthError("invalid or revoked API key")
     return Principal(tenant_id=row[0], tenant_name=row[1])
+
+
+def list_keys(session: Session, tenant_name: str | None = None) -> list[KeyInfo]:
+    """Every key (or the tenant's), oldest first. An unknown tenant is a NotFoundError."""
+    query = select(ApiKey.id, ApiKey.prefix, Tenant.name, ApiKey.created_at, ApiKey.revoked_at)
+    query = query.join(Tenant, Tenant.id == ApiKey.tenant_id)
+    if tenant_name is not None:
+        if session.scalar(select(Tenant.id).where(Tenant.name == tenant_name)) is None:
+            raise NotFoundError(f"no tenant named {tenant_name!r}")
+        query = query.where(Tenant.name == tenant_name)
+    rows = session.execute(query.order_by(ApiKey.created_at, ApiKey.id)).all()
+    return [KeyInfo(*row) for row in rows]
+
+
+def _parse_id(ref: str) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(ref)
+    except ValueError:
+        return None
+
+
+def revoke_key(session: Session, ref: str) -> tuple[KeyInfo, bool]:
+    """Revokes the key with this id or prefix; returns it and whether this call revoked it
+    (False: it already was). The key stops authenticating when the caller's transaction
+    commits.
+
+    A prefix is 7 random characters after ``dq_``: two keys may share one, and then the call
+    names their ids and revokes neither, rather than guess.
+    """
+    ref = ref.strip()
+    key_id = _parse_id(ref)
+    where = ApiKey.id == key_id if key_id is not None else ApiKey.prefix == ref
+    rows = session.execute(
+        select(ApiKey, Tenant.name)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(where)
+        .order_by(ApiKey.id)
+        .with_for_update(of=ApiKey)
+    ).all()
+    if not rows:
+        raise NotFoundError(f"no API key with id or prefix {ref!r}; see `docqueue keys list`")
+    if len(rows) > 1:
+        ids = ", ".join(str(key.id) for key, _ in rows)
+        raise ConflictError(
+            f"{len(rows)} API keys have the prefix {ref!r}; revoke one by its id: {ids}"
+        )
+    key, tenant = rows[0]
+    revoked_now = key.revoked_at is None
+    if revoked_now:
+        key.revoked_at = session.scalar(select(func.now()))
+        session.flush()
+    return KeyInfo(key.id, key.prefix, tenant, key.created_at, key.revoked_at), revoked_now
