@@ -81,6 +81,9 @@ class ApiSettings(_Group):
     # before it is cut off: each holds a database connection and a snapshot.
     max_concurrent_exports: int = env("MAX_CONCURRENT_EXPORTS", 8, gt=0)
     export_send_timeout_s: float = env("EXPORT_SEND_TIMEOUT_S", 60.0, gt=0)
+    # Processes per API process that parse uploads (service.jobs.pool), so ingest never holds
+    # the serving threads. None: one per core; 0: in the serving thread (tests, debugging).
+    submit_processes: int | None = env("SUBMIT_PROCESSES", None, ge=0)
 
 
 class ClientSettings(_Group):

@@ -62,7 +62,7 @@ def test_idempotency_key_returns_the_same_job(
 ) -> None:
     headers = {"Idempotency-Key": "nightly-2026-11-22"}
     first = submit(client, api_key, CSV, model=model_name, headers=headers)
-    second = submit(client, api_key, "text\ndifferent\n", model=model_name, headers=headers)
+    second = submit(client, api_key, CSV, model=model_name, headers=headers)
     assert first.status_code == second.status_code == 202
     assert second.json()["id"] == first.json()["id"]
     assert second.headers.get("Idempotent-Replayed") == "true"
