@@ -3,10 +3,13 @@ to fit the context. Runs on chunk threads, never on the engine's driver thread."
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from service.errors import RowError
+from service.jobs import templates
+from service.settings import get_settings
 from service.store.chunks import Doc
 
 SUMMARIZE = (
@@ -25,26 +28,44 @@ class Rendered:
     truncated: bool
 
 
-class _Fields(dict[str, Any]):
-    def __missing__(self, key: str) -> str:
-        raise RowError(f"prompt template field {{{key}}} has no value in this row")
+def _text(value: Any) -> str:
+    """A field's value as text: a column's string as is; anything else as its JSON (never a
+    Python repr)."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-def instruction(task: str, params: dict[str, Any], doc: Doc, text: str) -> str:
-    """The user message for one document (before the chat template)."""
-    template = params.get("prompt")
-    fields = _Fields(doc.extra or {})
-    fields["text"] = text
-    fields["id"] = doc.external_id if doc.external_id is not None else str(doc.idx)
+def instruction(
+    task: str, params: dict[str, Any], doc: Doc, text: str, max_chars: int | None = None
+) -> str:
+    """The user message for one document (before the chat template), rendered by the same
+    template engine the API validated the template with (``service.jobs.templates``).
+
+    A template stored before those rules (an old job row) that they refuse is this row's error,
+    as is a message longer than ``max_chars`` (default: ``DOCQUEUE_MAX_PROMPT_CHARS``), which is
+    refused before it is built."""
+    if max_chars is None:
+        max_chars = get_settings().jobs.max_prompt_chars
+    source = params.get("prompt")
+    if source is not None and not isinstance(source, str):
+        raise RowError("invalid prompt template: not a string")
+    values = {str(k): _text(v) for k, v in (doc.extra or {}).items()}
+    values["text"] = text
+    values["id"] = doc.external_id if doc.external_id is not None else str(doc.idx)
     if task == "summarize":
         language = params.get("language")
-        fields.setdefault("words", params.get("summary_words", 60))
-        fields.setdefault("language", f", in {language}" if language else "")
-        return (template or SUMMARIZE).format_map(fields)
-    if task == "classify":
-        fields.setdefault("labels", ", ".join(params.get("labels") or []))
-        return (template or CLASSIFY).format_map(fields)
-    return (template or "{text}").format_map(fields)
+        values.setdefault("words", _text(params.get("summary_words", 60)))
+        values.setdefault("language", f", in {_text(language)}" if language else "")
+        default = SUMMARIZE
+    elif task == "classify":
+        values.setdefault("labels", ", ".join(_text(v) for v in params.get("labels") or []))
+        default = CLASSIFY
+    else:
+        default = "{text}"
+    try:
+        template = templates.parse(source or default)
+    except templates.TemplateError as exc:
+        raise RowError(f"invalid prompt template: {exc.message}") from None
+    return templates.render(template, values, max_chars)
 
 
 def _encode(tokenizer: Any, user: str) -> list[int]:
@@ -59,20 +80,33 @@ def _encode(tokenizer: Any, user: str) -> list[int]:
 
 
 def render(
-    tokenizer: Any, task: str, params: dict[str, Any], doc: Doc, budget_tokens: int
+    tokenizer: Any,
+    task: str,
+    params: dict[str, Any],
+    doc: Doc,
+    budget_tokens: int,
+    max_chars: int | None = None,
 ) -> Rendered:
     """Token ids for one document. A prompt over the budget keeps the longest prefix of the
     document's tokens that fits (the instruction and template stay whole), so a truncated
     document loses as little as possible and the cut is reproducible outside docqueue:
-    ``decode(tokens[:k])`` through the chat template, with the largest such ``k``."""
+    ``decode(tokens[:k])`` through the chat template, with the largest such ``k``.
+
+    ``max_chars`` caps the rendered message before it is tokenized (default:
+    ``DOCQUEUE_MAX_PROMPT_CHARS``); a row over it is a ``RowError`` naming the limit."""
     if not doc.text.strip():
         raise RowError("empty text: nothing to process")
+    if max_chars is None:
+        max_chars = get_settings().jobs.max_prompt_chars
+    user = instruction(task, params, doc, doc.text, max_chars)
     try:
-        ids = _encode(tokenizer, instruction(task, params, doc, doc.text))
+        ids = _encode(tokenizer, user)
         if len(ids) <= budget_tokens:
             return Rendered(ids, truncated=False)
         text_ids = list(tokenizer(doc.text, add_special_tokens=False).input_ids)
-        best = _longest_prefix(tokenizer, task, params, doc, text_ids, len(ids), budget_tokens)
+        best = _longest_prefix(
+            tokenizer, task, params, doc, text_ids, len(ids), budget_tokens, max_chars
+        )
     except RowError:
         raise
     except Exception as exc:  # a tokenizer that chokes on this text
@@ -93,6 +127,7 @@ def _longest_prefix(
     text_ids: list[int],
     full_len: int,
     budget: int,
+    max_chars: int,
 ) -> list[int] | None:
     """The prompt for the largest ``k`` whose ``text_ids[:k]`` prompt fits ``budget``.
 
@@ -103,7 +138,7 @@ def _longest_prefix(
 
     def prompt(k: int) -> list[int]:
         cut = tokenizer.decode(text_ids[:k], skip_special_tokens=True)
-        return _encode(tokenizer, instruction(task, params, doc, cut))
+        return _encode(tokenizer, instruction(task, params, doc, cut, max_chars))
 
     fit, miss = 0, len(text_ids)  # k = len(text_ids) is the whole document: it did not fit
     best: list[int] | None = None

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import string
 from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import InvalidParameterError
+from service.jobs import templates
 from service.jobs.ingest import parse_delimiter
 from service.settings import Settings
 from service.store.states import Task
@@ -58,21 +58,9 @@ def parse_labels(raw: str | None) -> list[str] | None:
 
 
 def template_fields(prompt: str) -> frozenset[str]:
-    """Field names a ``str.format`` template uses; a malformed template is a 422.
-
-    Only plain names are allowed: ``{a.b}`` or ``{a[0]}`` would reach into Python objects.
-    """
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None}
-    except ValueError as exc:
-        raise InvalidParameterError(f"prompt: invalid template ({exc})", field="prompt") from exc
-    for name in names:
-        if not name or name.isdigit() or "." in name or "[" in name:
-            raise InvalidParameterError(
-                f"prompt: template field {{{name}}} must name a column, e.g. {{text}}",
-                field="prompt",
-            )
-    return frozenset(names)
+    """Field names a prompt template uses; a malformed template is a 422 naming ``prompt``
+    (the rules: ``service.jobs.templates``)."""
+    return templates.parse(prompt).fields
 
 
 #: Idempotency keys of scheduled runs (service.collections.schedules); clients may not use it.
@@ -92,8 +80,14 @@ def validate(req: JobRequest, settings: Settings) -> None:
         )
     if req.task == "classify" and req.labels is not None and len(req.labels) < 2:
         raise InvalidParameterError("classify needs at least two labels", field="labels")
-    if req.prompt is not None and req.task != "generate" and "{text}" not in req.prompt:
-        raise InvalidParameterError(f"prompt for {req.task} must contain {{text}}", field="prompt")
+    if req.prompt is not None:
+        if not isinstance(req.prompt, str):
+            raise InvalidParameterError("prompt must be a string", field="prompt")
+        template = templates.check(req.prompt, settings.jobs.max_template_chars)
+        if req.task != "generate" and "text" not in template.fields:
+            raise InvalidParameterError(
+                f"prompt for {req.task} must contain {{text}}", field="prompt"
+            )
     words = req.extra_params.get("summary_words")
     if words is not None and not 1 <= int(words) <= 10_000:
         raise InvalidParameterError(

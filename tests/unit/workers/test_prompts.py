@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from service.errors import RowError
+from service.settings import get_settings
 from service.store.chunks import Doc
 from tests.support.models import tiny_model
 from workers.prompts import instruction, render
@@ -85,3 +86,56 @@ def test_row_errors(tokenizer: Any) -> None:
         render(tokenizer, "generate", {"prompt": "{missing} {text}"}, doc("x"), 100)
     with pytest.raises(RowError, match="max_model_len - max_tokens"):
         render(tokenizer, "summarize", {}, doc("some text " * 50), 5)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{text:{text.__class__.__mro__}}",
+        "{id.__class__.__mro__} {text}",
+        "{text!r}",
+        "{text:>100000}",
+        "{0} {text}",
+        "{text",
+    ],
+)
+def test_a_stored_template_outside_the_rules_is_a_row_error(tokenizer: Any, template: str) -> None:
+    """A job row written before the template rules (or by hand) never renders padding or an
+    object's repr: the worker refuses it as that row's error, and says nothing of Python."""
+    with pytest.raises(RowError, match="invalid prompt template") as info:
+        render(tokenizer, "generate", {"prompt": template}, doc("the text"), 500)
+    assert "<class" not in str(info.value) and "object" not in str(info.value)
+
+
+def test_rendered_prompt_over_the_cap_is_a_row_error_before_it_is_built(tokenizer: Any) -> None:
+    """2,000 copies of a 10,000-character document would be 20 M characters: refused with the
+    limit named, whatever the task."""
+    big = doc("y" * 10_000)
+    for task in ("generate", "summarize", "classify"):
+        params = {"prompt": "{text}" * 2000, "labels": ["a", "b"]}
+        with pytest.raises(RowError, match="20000000 characters; the limit is 1048576"):
+            instruction(task, params, big, big.text, max_chars=1 << 20)
+    ok = instruction("generate", {"prompt": "{text}{text}"}, doc("abc"), "abc", max_chars=6)
+    assert ok == "abcabc"
+
+
+def test_the_cap_defaults_to_the_setting(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner calls render() without a cap: DOCQUEUE_MAX_PROMPT_CHARS applies."""
+    monkeypatch.setenv("DOCQUEUE_MAX_PROMPT_CHARS", "100000")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(RowError, match=r"the limit is 100000 \(DOCQUEUE_MAX_PROMPT_CHARS\)"):
+            render(tokenizer, "generate", {"prompt": "{text}" * 2000}, doc("z" * 1000), 500)
+        r = render(tokenizer, "generate", {"prompt": "{text} " * 90}, doc("z z"), 500)
+        assert r.truncated is False  # under the cap: rendered as usual
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+
+
+def test_field_values_are_text_not_templates(tokenizer: Any) -> None:
+    """A row's values containing braces are inserted as they are, never parsed again."""
+    d = doc("{id.__class__} {0} {{", note="{text!r}")
+    assert instruction("generate", {"prompt": "{note}|{text}"}, d, d.text) == (
+        "{text!r}|{id.__class__} {0} {{"
+    )

@@ -1,11 +1,13 @@
-"""Label parsing and prompt template fields of a job request."""
+"""Label parsing and the prompt template checks of a job request."""
 
 from __future__ import annotations
 
 import pytest
 
 from service.errors import InvalidParameterError
-from service.jobs.validate import parse_labels, template_fields
+from service.jobs.validate import JobRequest, parse_labels, template_fields, validate
+from service.settings import Settings
+from tests.support.helpers import override
 
 
 @pytest.mark.parametrize(
@@ -29,6 +31,38 @@ def test_parse_labels_rejects_bad_json() -> None:
 
 def test_template_fields() -> None:
     assert template_fields("Summarize {text} in {lang}. {{literal}}") == {"text", "lang"}
-    for bad in ("{}", "{0} {text}", "{text.upper}", "{row[0]}", "{text"):
-        with pytest.raises(InvalidParameterError):
+    assert template_fields("{my col}: {text}") == {"my col", "text"}
+    for bad in ("{}", "{0} {text}", "{text.upper}", "{row[0]}", "{text", "{text:>9}", "{text!r}"):
+        with pytest.raises(InvalidParameterError) as info:
             template_fields(bad)
+        assert info.value.where == {"field": "prompt"}
+
+
+def _validate(prompt: str, task: str = "generate", **jobs: int) -> None:
+    settings = override(Settings(), jobs=jobs) if jobs else Settings()
+    labels = ["a", "b"] if task == "classify" else None
+    validate(JobRequest(task=task, model="m", prompt=prompt, labels=labels), settings)
+
+
+def test_validate_parses_the_template_on_every_path() -> None:
+    """validate() is what the form, the CLI and schedules all call: the template rules live
+    there, not only in the upload path (a schedule stored ``{text.__class__}`` before)."""
+    for bad in ("{text:{text.__class__.__mro__}}", "{text.__class__}", "{text:>1000000000}"):
+        for task in ("generate", "summarize", "classify"):
+            with pytest.raises(InvalidParameterError, match=r"not a plain name|inside it") as info:
+                _validate(bad, task)
+            assert info.value.where == {"field": "prompt"}
+
+
+def test_validate_caps_the_template_length() -> None:
+    _validate("{text}" * 10, max_template_chars=60)
+    with pytest.raises(InvalidParameterError, match="the limit is 60") as info:
+        _validate("{text}" * 11, max_template_chars=60)
+    assert info.value.where == {"field": "prompt"}
+
+
+def test_an_escaped_text_is_not_the_text_field() -> None:
+    """``{{text}}`` is the literal ``{text}``: a summary prompt with only that has no document."""
+    _validate("Summarize {text}. Say {{text}} literally.", "summarize")
+    with pytest.raises(InvalidParameterError, match=r"must contain \{text\}"):
+        _validate("Summarize {{text}}", "summarize")
