@@ -228,13 +228,25 @@ def job_request(
                 f"params.{name} must be a {kind.__name__}", field=f"params.{name}"
             ) from None
 
+    def text(name: str) -> str | None:
+        """A text parameter: the prompt template or the summary language, never an object
+        whose repr would reach a prompt. The template itself is checked by ``jobs.validate``
+        (the rules of ``service.jobs.templates``), here and again at every run."""
+        value = params.get(name)
+        if value is None or isinstance(value, str):
+            return value
+        raise InvalidParameterError(f"params.{name} must be a string", field=f"params.{name}")
+
+    prompt = text("prompt")
     extra = {k: params[k] for k in ("summary_words", "language") if params.get(k) is not None}
     if "summary_words" in extra:
         extra["summary_words"] = num("summary_words", int)
+    if "language" in extra:
+        extra["language"] = text("language")
     return jobs.JobRequest(
         task=task.strip().lower(),
         model=model.strip(),
-        prompt=params.get("prompt"),
+        prompt=prompt,
         labels=labels,
         max_tokens=num("max_tokens", int),
         temperature=num("temperature", float),

@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from psycopg.types.json import Jsonb
 
 from service.settings import Settings
-from tests.support.helpers import submit, tenant_totals
+from tests.support.helpers import auth, pg, put, submit, tenant_totals
 
 CASES: list[tuple[str, bytes, dict[str, Any], int, list[str], dict[str, Any]]] = [
     (
@@ -147,7 +148,71 @@ CASES: list[tuple[str, bytes, dict[str, Any], int, list[str], dict[str, Any]]] =
         b"text\nhello\n",
         {"task": "generate", "prompt": "unclosed {text"},
         422,
-        ["invalid template"],
+        ["'{text'", "never closed"],
+        {"field": "prompt"},
+    ),
+    (
+        "template format spec that pads to a gigabyte",
+        b"text\nhello\n",
+        {"task": "generate", "prompt": "{text:>1000000000}"},
+        422,
+        ["'{text:>1000000000}'", "not a plain name"],
+        {"field": "prompt"},
+    ),
+    (
+        "template format spec that reads object reprs",
+        b"text\nhello\n",
+        {"task": "summarize", "prompt": "{text:{text.__class__.__mro__}}"},
+        422,
+        ["'{text:{text.__class__.__mro__}'", "cannot nest"],
+        {"field": "prompt"},
+    ),
+    (
+        "template conversion",
+        b"text\nhello\n",
+        {"task": "generate", "prompt": "{text!r}"},
+        422,
+        ["'{text!r}'"],
+        {"field": "prompt"},
+    ),
+    (
+        "template index",
+        b"text\nhello\n",
+        {"task": "generate", "prompt": "{text[0]} {text}"},
+        422,
+        ["'{text[0]}'"],
+        {"field": "prompt"},
+    ),
+    (
+        "template positional field",
+        b"text\nhello\n",
+        {"task": "generate", "prompt": "{} {text}"},
+        422,
+        ["'{}'", "is empty"],
+        {"field": "prompt"},
+    ),
+    (
+        "template stray closing brace",
+        b"text\nhello\n",
+        {"task": "generate", "prompt": "a } b {text}"},
+        422,
+        ["'}' at character 2 has no matching '{'"],
+        {"field": "prompt"},
+    ),
+    (
+        "template over the length limit",
+        b"text\nhello\n",
+        {"task": "generate", "prompt": "{text}" * 17},
+        422,
+        ["102 characters", "the limit is 100", "DOCQUEUE_MAX_TEMPLATE_CHARS"],
+        {"field": "prompt"},
+    ),
+    (
+        "summary template whose only {text} is an escaped literal",
+        b"text\nhello\n",
+        {"task": "summarize", "prompt": "Summarize {{text}}"},
+        422,
+        ["must contain {text}"],
         {"field": "prompt"},
     ),
     (
@@ -172,11 +237,13 @@ CASES: list[tuple[str, bytes, dict[str, Any], int, list[str], dict[str, Any]]] =
 @pytest.fixture()
 def small_limits(settings: Settings) -> Any:
     """Small limits so the size cases need only a few bytes; restored afterwards."""
-    old = (settings.jobs.max_document_bytes, settings.jobs.max_rows_per_job)
-    settings.jobs.max_document_bytes = 2048
-    settings.jobs.max_rows_per_job = 5
+    jobs = settings.jobs
+    old = (jobs.max_document_bytes, jobs.max_rows_per_job, jobs.max_template_chars)
+    jobs.max_document_bytes = 2048
+    jobs.max_rows_per_job = 5
+    jobs.max_template_chars = 100
     yield settings
-    settings.jobs.max_document_bytes, settings.jobs.max_rows_per_job = old
+    jobs.max_document_bytes, jobs.max_rows_per_job, jobs.max_template_chars = old
 
 
 @pytest.mark.parametrize(
@@ -229,4 +296,91 @@ def test_upload_over_byte_limit_is_413(
         settings.jobs.max_upload_bytes = old
     assert resp.status_code == 413, resp.text
     assert "exceeds the limit of 1000 bytes" in resp.json()["error"]["message"]
+    assert tenant_totals(settings.database.url, api_key) == (0, 0, 0)
+
+
+def test_template_fields_with_spaces_escapes_and_the_limit(
+    client: TestClient, api_key: str, small_limits: Settings, model_name: str
+) -> None:
+    """What the rules allow goes through: a column with a space, escaped braces, and a
+    template exactly at the length limit."""
+    ok = submit(
+        client,
+        api_key,
+        b"text,my col\nhello,x\n",
+        model=model_name,
+        task="generate",
+        prompt="{{json}}: {my col} {text}",
+    )
+    assert ok.status_code == 202, ok.text
+    assert ok.json()["params"]["prompt"] == "{{json}}: {my col} {text}"
+    at_limit = submit(
+        client,
+        api_key,
+        b"text\nhello\n",
+        model=model_name,
+        task="generate",
+        prompt="{text}" * 16 + "x" * 4,
+    )
+    assert at_limit.status_code == 202, at_limit.text
+
+
+# --- schedules: the same rules when a schedule is created and whenever it runs ----------------
+
+
+def _schedule(client: TestClient, key: str, model: str, params: dict[str, Any]) -> Any:
+    return client.post(
+        "/v1/schedules",
+        headers=auth(key),
+        json={"collection": "tpl", "model": model, "cron": "0 2 * * *", "params": params},
+    )
+
+
+@pytest.mark.parametrize(
+    ("params", "field", "phrase"),
+    [
+        ({"prompt": "{text:{text.__class__.__mro__}}"}, "prompt", "cannot nest"),
+        ({"prompt": "{text.__class__} {text}"}, "prompt", "'{text.__class__}'"),
+        ({"prompt": "{text:>1000000000}"}, "prompt", "not a plain name"),
+        ({"prompt": "{{text}} only"}, "prompt", "must contain {text}"),
+        ({"prompt": "{text}" * 20}, "prompt", "the limit is 100"),
+        ({"prompt": ["{text}"]}, "params.prompt", "must be a string"),
+        ({"language": {"__class__": 1}}, "params.language", "must be a string"),
+    ],
+    ids=["nested-spec", "attribute", "padding", "escaped-text", "too-long", "list", "language"],
+)
+def test_schedule_prompt_is_validated_when_created(
+    client: TestClient,
+    api_key: str,
+    small_limits: Settings,
+    model_name: str,
+    params: dict[str, Any],
+    field: str,
+    phrase: str,
+) -> None:
+    assert put(client, api_key, "tpl", "id,text\n1,a\n").status_code == 200
+    resp = _schedule(client, api_key, model_name, params)
+    assert resp.status_code == 422, resp.text
+    error = resp.json()["error"]
+    assert error["field"] == field and phrase in error["message"], error
+    assert client.get("/v1/schedules", headers=auth(api_key)).json()["data"] == []
+
+
+def test_a_schedule_stored_before_the_rules_runs_no_job(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """A schedule row holding a template the rules refuse (stored by an older version) makes
+    no job: a manual run is a 422 naming the prompt, and nothing is queued."""
+    assert put(client, api_key, "tpl", "id,text\n1,a\n2,b\n").status_code == 200
+    made = _schedule(client, api_key, model_name, {"prompt": "Summarize {text}"})
+    assert made.status_code == 201, made.text
+    sid = made.json()["id"]
+    with pg(settings.database.url) as conn:
+        conn.execute(
+            "UPDATE schedules SET params = %s WHERE id = %s",
+            (Jsonb({"prompt": "{text:{text.__class__.__mro__}} {text}"}), sid),
+        )
+    resp = client.post(f"/v1/schedules/{sid}/run", headers=auth(api_key))
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["field"] == "prompt"
     assert tenant_totals(settings.database.url, api_key) == (0, 0, 0)
