@@ -11,9 +11,27 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, ClassVar
+
+#: What an error may echo back. Messages and locations can carry user data (a column name, an
+#: id, a header line): a hostile upload must not turn into a hostile error body or log line.
+MAX_MESSAGE_CHARS = 2000
+MAX_WHERE_CHARS = 200
+
+
+def clip(value: str, limit: int) -> str:
+    """``value`` cut to at most ``limit`` characters, saying how much was left out.
+
+    Idempotent: a clipped value is within ``limit``, so clipping it again changes nothing (an
+    error rebuilt from another process's message keeps its text).
+    """
+    if len(value) <= limit:
+        return value
+    # The count left out is below len(value), so its suffix is no longer than this one.
+    keep = max(limit - len(f"... ({len(value)} more characters)"), 0)
+    return value[:keep] + f"... ({len(value) - keep} more characters)"
 
 
 class DocqueueError(Exception):
@@ -25,10 +43,15 @@ class DocqueueError(Exception):
     headers: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, message: str, **where: Any) -> None:
+        message = clip(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
-        # Where the fault is: row, line, column ... (only the keys that apply).
-        self.where = {k: v for k, v in where.items() if v is not None}
+        # Where the fault is: row, line, column ... (only the keys that apply), text clipped.
+        self.where = {
+            k: clip(v, MAX_WHERE_CHARS) if isinstance(v, str) else v
+            for k, v in where.items()
+            if v is not None
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, **self.where}
