@@ -4,31 +4,73 @@ The upload is never held whole in memory: rows flow from the (spooled) file thro
 ``csv.reader`` into COPY buffers of a few thousand rows. Every fault is reported with the row
 (1-based data row, header not counted) and the physical line where it was found, and the caller
 rolls the transaction back so nothing half-ingested stays behind.
+
+What an upload may cost is bounded before it is stored:
+
+- **Memory.** The bytes reach the text layer through ``_Source``, which counts them and refuses
+  a row (one CSV record, which quoted fields may spread over several lines) once more than
+  ``IngestOptions.max_row_bytes`` were read for it: the longest row that can legitimately be
+  stored. Lines are read with a bounded ``readline`` that the source always stops first. The
+  delimiter is sniffed from the first 16 KiB, peeked from the read buffer (parsed once per
+  candidate delimiter, never read again).
+- **Disk.** At most ``max_columns`` columns per file and ``max_extra_bytes`` of extra columns
+  per row; a row must have exactly the header's fields (a short row is an error, not padded);
+  and what the rows store (text, id, ``extra``) stays within ``_STORED_FACTOR`` times the bytes
+  read, plus ``_STORED_PER_ROW`` per row and ``_STORED_SLACK`` per file: the column names in
+  every row's ``extra`` are the one thing a file could otherwise repeat without paying for it.
+- **Dialect traps.** The reader is strict. A quoted field that never closes is an error naming
+  the line where its row (and so, almost always, the quote) began, instead of swallowing every
+  later row; so is text after a closing quote (``"abc"def``). A quote inside an unquoted field
+  is kept as a literal character, as Excel and RFC 4180-lenient readers do (``5" screen``).
+  Rows may end in ``\n`` or ``\r\n``, mixed (files are often concatenated); a lone ``\r``
+  outside quotes is an error naming its line, not a row break that would silently split its
+  row (in a classic-Mac file, whose rows end in ``\r``, the same goes for ``\n``). A row with
+  more or fewer fields than the header is an error that says which delimiter was used.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import functools
 import io
-import itertools
 import re
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import psycopg
 from psycopg import errors as pg_errors
 
-from service.errors import InvalidFileError, InvalidParameterError
+from service.errors import InvalidFileError, InvalidParameterError, clip
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 DELIMITERS = (",", ";", "\t")
-_SNIFF_LINES = 50
+_DELIM_NAMES = {",": "','", ";": "';'", "\t": "tab"}
+# The delimiter is sniffed from at most this much of the file's start (peeked, not re-read).
+_SNIFF_BYTES = 16 * 1024
+_BUFFER_BYTES = 64 * 1024
+# What the text layer may have read beyond the row it hands the csv reader: its buffer and
+# a decoded block. A row is bounded at max_row_bytes plus this.
+_READ_AHEAD_BYTES = _BUFFER_BYTES + 2 * 8192
 _COPY_BATCH_ROWS = 4000
+_COPY_BATCH_CHARS = 8 * 1024 * 1024
 # COPY text format escapes: backslash first so the others are not escaped twice.
 _COPY_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
-_DELIM_NAMES = {",": "comma", ";": "semicolon", "\t": "tab"}
+# A row's id, delimiters and quotes, beyond its document and extra columns (max_row_bytes).
+_ROW_SLACK_BYTES = 64 * 1024
+# What rows store (text, id, extra as JSON) may reach this many times the bytes read, plus a
+# little per row (the JSON braces and quotes of a row's few extra columns) and per file.
+_STORED_FACTOR = 4
+_STORED_PER_ROW = 64
+_STORED_SLACK = 64 * 1024
+# Column names an error lists, and the characters it shows of each.
+_SHOW_NAMES = 20
+_SHOW_NAME_CHARS = 64
 
 
 def parse_delimiter(raw: str | None) -> str | None:
@@ -46,12 +88,40 @@ def parse_delimiter(raw: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class IngestOptions:
+    """How to read one upload. The limits' defaults are the settings' defaults
+    (``service.settings.JobSettings``); callers build them with ``from_settings``."""
+
     text_column: str = "text"
     id_column: str | None = None
     delimiter: str | None = None  # None: sniffed from the first lines
     template_fields: frozenset[str] = frozenset()  # fields the prompt template needs
     max_rows: int = 2_000_000
     max_document_bytes: int = 1024 * 1024
+    max_columns: int = 256
+    max_extra_bytes: int = 64 * 1024
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **fields: Any) -> IngestOptions:
+        """The options with every limit from ``settings.jobs``; ``fields`` set the rest."""
+        jobs = settings.jobs
+        limits: dict[str, Any] = {
+            "max_rows": jobs.max_rows_per_job,
+            "max_document_bytes": jobs.max_document_bytes,
+            "max_columns": jobs.max_columns,
+            "max_extra_bytes": jobs.max_extra_bytes,
+        }
+        return cls(**{**limits, **fields})
+
+    @property
+    def max_row_bytes(self) -> int:
+        """The longest row (CSV record, one line or several) the reader accepts, in bytes of
+        the file; the reader never holds more of one row than that.
+
+        It is the longest row that can be stored: a document of ``max_document_bytes`` and
+        extra columns of ``max_extra_bytes``, each possibly doubled by CSV quoting (``""``),
+        plus 64 KiB for the id, the delimiters and the quotes.
+        """
+        return 2 * (self.max_document_bytes + self.max_extra_bytes) + _ROW_SLACK_BYTES
 
 
 @dataclass
@@ -69,31 +139,82 @@ def _copy_escape(value: str) -> str:
     return value
 
 
-def _lines(binary: IO[bytes]) -> Iterator[str]:
-    """Decoded lines with NUL bytes stripped (Postgres text cannot hold them).
+def _names(names: list[str]) -> str:
+    """Column names for an error: the first few, each cut short, and how many more."""
+    shown = ", ".join(repr(clip(n, _SHOW_NAME_CHARS)) for n in names[:_SHOW_NAMES])
+    more = len(names) - _SHOW_NAMES
+    return f"{shown}, ... ({more} more)" if more > 0 else shown
 
-    Invalid UTF-8 is decoded with ``surrogateescape`` so it can be reported later with the row it
-    sits in, instead of failing somewhere inside an 8 KiB decode block.
+
+class _RowTooLong(Exception):
+    """Raised by ``_Source`` through the text layer and the csv reader: the row being read has
+    passed ``max_row_bytes``."""
+
+
+class _Source(io.RawIOBase):
+    """The upload's bytes as the text layer reads them, in blocks: NUL bytes dropped
+    (PostgreSQL text cannot hold them, and UTF-8 has no other 0x00 byte), counted, and the row
+    being read bounded, so that no line or multi-line row is ever held beyond that bound.
+
+    The reader sets ``mark = count`` after each row; a row is refused once more than
+    ``max_row_bytes`` were read since (the text layer reads at most a block or two ahead, which
+    ``_READ_AHEAD_BYTES`` allows for).
     """
-    text = io.TextIOWrapper(binary, encoding="utf-8-sig", errors="surrogateescape", newline="")
-    for line in text:
-        yield line.replace("\x00", "") if "\x00" in line else line
+
+    def __init__(self, binary: IO[bytes], max_row_bytes: int) -> None:
+        super().__init__()
+        self._binary = binary
+        self._max = max_row_bytes + _READ_AHEAD_BYTES
+        self.count = 0  # bytes handed to the text layer
+        self.mark = 0  # ``count`` when the current row began (within the read-ahead)
+        self.first_read = -1  # size of the first block (smaller than asked: the whole file)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while True:
+            try:
+                data = self._binary.read(len(buffer))
+            except OSError as exc:  # pragma: no cover - a broken upload stream
+                raise InvalidFileError(f"could not read the upload: {exc}") from exc
+
+                self.first_read = len(data) if len(data) < len(buffer) else len(buffer) + 1
+            if not data:
+                return 0
+            if b"\x00" in data:
+                data = data.replace(b"\x00", b"")
+                if not data:
+                    continue
+            n = len(data)
+            buffer[:n] = data
+            self.count += n
+            if self.count - self.mark > self._max:
+                raise _RowTooLong
+            return n
 
 
-def _sniff_delimiter(sample: list[str]) -> str:
-    """The delimiter that splits the first lines into the most, and equally many, columns."""
-    best, best_score = ",", (-1, -1)
+def _sniff_delimiter(sample: list[str], complete: bool = True) -> str:
+    """The delimiter that splits the header, then under which every sampled row has the
+    header's width, then most rows do, then the widest header; ',' when nothing tells.
+
+    ``complete``: the sample is the whole file (otherwise its last row may be cut, and is
+    not counted). A file that no delimiter splits has one column: the delimiter that splits
+    none of its rows either is the one that keeps its texts whole.
+    """
+    best, best_score = ",", (False, False, -1, -1)
     for delim in DELIMITERS:
         try:
             rows = [r for r in csv.reader(sample, delimiter=delim) if r]
         except csv.Error:
             continue
+        if not complete and len(rows) > 1:
+            rows.pop()
         if not rows:
             continue
         width = len(rows[0])
-        # The last sampled row may be cut in the middle of a multi-line field; ignore it.
-        consistent = sum(1 for r in rows[:-1] if len(r) == width) if len(rows) > 1 else 1
-        score = (consistent if width > 1 else 0, width)
+        matching = sum(1 for r in rows[1:] if len(r) == width)
+        score = (width > 1, matching == len(rows) - 1, matching, width)
         if score > best_score:
             best, best_score = delim, score
     return best
@@ -107,54 +228,239 @@ def _first_bad_utf8(value: str) -> int | None:
     return None
 
 
+class CsvReader:
+    """An upload's header and its data rows, checked as they are read.
+
+    Iterating yields the data rows, each a list of exactly ``width`` fields; ``row`` and
+    ``line`` are those of the last row read (``row`` 1-based, the header not counted; ``line``
+    the physical line where the row ends). Every fault is an ``InvalidFileError`` naming them.
+    """
+
+    def __init__(self, binary: IO[bytes], opts: IngestOptions) -> None:
+        csv.field_size_limit(max(opts.max_document_bytes, 1024))
+        self.opts = opts
+        self.source = _Source(binary, opts.max_row_bytes)
+        buffered = io.BufferedReader(self.source, _BUFFER_BYTES)
+        # The first block, peeked: it stays in the buffer for the reader.
+        block = buffered.peek(_BUFFER_BYTES)
+        head = block[:_SNIFF_BYTES].removeprefix(codecs.BOM_UTF8)
+        # Rows end in \n or \r\n, or in a classic-Mac file in \r: whichever ends more lines.
+        lone_cr = head.count(b"\r") - head.count(b"\r\n")
+        self.newline = "\r" if lone_cr > head.count(b"\n") else "\n"
+        self.sniffed = opts.delimiter is None
+        if opts.delimiter is None:
+            whole = len(block) < _BUFFER_BYTES and len(block) <= _SNIFF_BYTES
+            sample = _split_lines(head.decode("utf-8", "replace"), self.newline)
+            self.delimiter = _sniff_delimiter(sample, complete=whole)
+        else:
+            self.delimiter = opts.delimiter
+        # newline="\n" (or "\r"): lines split there only and are passed on untranslated, so a
+        # stray line break of the other kind inside an unquoted field is a csv.Error (reported
+        # with its row), never a silent split of that row. Outside quotes, csv reads \r\n as
+        # one line end, so \n and \r\n may mix.
+        text = io.TextIOWrapper(
+            buffered, encoding="utf-8-sig", errors="surrogateescape", newline=self.newline
+        )
+        # A line this long has had more than max_row_bytes read since its row began, so the
+        # source has refused it already: readline never returns a line cut at this limit.
+        line_limit = opts.max_row_bytes + 2 * _READ_AHEAD_BYTES + 1
+        lines = iter(functools.partial(text.readline, line_limit), "")
+        self.reader = csv.reader(lines, delimiter=self.delimiter, strict=True)
+        self.row = 0
+        self.line = 0
+        self.header: list[str] = []  # empty while it is being read
+        self.header = self._read_header()
+        self.width = len(self.header)
+
+    def _read_header(self) -> list[str]:
+        reader, source = self.reader, self.source
+        record: list[str] = []
+        while not record:
+            try:
+                record = next(reader)
+            except StopIteration:
+                raise InvalidFileError(
+                    "the file is empty: expected a header row and at least one data row"
+                ) from None
+            except csv.Error as exc:
+                self._malformed(str(exc), self.line + 1)
+            except _RowTooLong:
+                self._too_long(self.line + 1)
+            source.mark = source.count
+            self.line = reader.line_num
+        if len(record) > self.opts.max_columns:
+            raise InvalidFileError(
+                f"the header has {len(record)} columns; the limit is {self.opts.max_columns} "
+                f"columns per file{self.hint()}",
+                line=self.line,
+            )
+        if _first_bad_utf8("".join(record)) is not None:
+            raise InvalidFileError("invalid UTF-8 in the header row", row=0, line=self.line)
+        header = [h.strip() for h in record]
+        seen: set[str] = set()
+        for name in header:
+            if name in seen:
+                raise InvalidFileError(
+                    f"duplicate column name {clip(name, _SHOW_NAME_CHARS)!r} in the header",
+                    line=self.line,
+                )
+            seen.add(name)
+        return header
+
+    def hint(self) -> str:
+        """Which delimiter the file was read with, and how to choose another."""
+        name = _DELIM_NAMES[self.delimiter]
+        if self.sniffed:
+            return (
+                f" (read with delimiter {name}, sniffed from the first lines; if the file uses "
+                "another, set the delimiter field to ',', ';' or 'tab')"
+            )
+        return f" (read with delimiter {name}, as given)"
+
+    def __iter__(self) -> Iterator[list[str]]:
+        reader, source, width = self.reader, self.source, self.width
+        line = self.line
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                self._malformed(str(exc), line + 1)
+            except _RowTooLong:
+                self._too_long(line + 1)
+            source.mark = source.count
+            line = self.line = reader.line_num
+            if not record:
+                continue  # a blank line
+            self.row += 1
+            if len(record) != width:
+                self._wrong_width(record)
+            yield record
+
+    # --- errors: the rare path -----------------------------------------------------------------
+
+    def _fail(self, message: str, line: int) -> NoReturn:
+        if self.header:
+            raise InvalidFileError(f"row {self.row + 1}: {message}", row=self.row + 1, line=line)
+        raise InvalidFileError(f"the header: {message}", line=line)
+
+    def _malformed(self, msg: str, start: int) -> NoReturn:
+        """A csv.Error while reading the row that began on line ``start``."""
+        now = max(self.reader.line_num, start)
+        lines = f"line {start}" if now == start else f"lines {start}-{now}"
+        if msg == "unexpected end of data":
+            self._fail(
+                f"the quoted field opened on line {start} is never closed (a quote inside a "
+                'quoted field is written twice: "")',
+                start,
+            )
+        if "field larger than field limit" in msg:
+            if now > start:  # a quoted field ran on over lines: it most likely never closes
+                self._fail(
+                    f"the quoted field opened on line {start} is still open after "
+                    f"{self.opts.max_document_bytes} characters (at line {now}); is its closing "
+                    "quote missing?",
+                    start,
+                )
+            what = "a field" if self.header else "a column name"
+            self._fail(
+                f"{what} on line {now} exceeds the limit of {self.opts.max_document_bytes} bytes",
+                now,
+            )
+        if "expected after" in msg:
+            if now > start:  # most likely the quote that opened the row's field never closed
+                self._fail(
+                    f"the quoted field opened on line {start} is likely never closed: a quote "
+                    f"on line {now} ends it, but text follows that quote (a quote inside a "
+                    'quoted field is written twice: "")',
+                    start,
+                )
+            self._fail(
+                f"text follows the closing quote of a quoted field on line {now} (a quote "
+                'inside a quoted field is written twice: "")',
+                now,
+            )
+        if "new-line character seen in unquoted field" in msg:
+            stray, usual = ("\\r", "\\n or \\r\\n") if self.newline == "\n" else ("\\n", "\\r")
+            self._fail(
+                f"a line break ({stray}) inside an unquoted field on line {now}, in a file whose "
+                f"rows end with {usual}; quote that field or remove the stray line break",
+                now,
+            )
+        self._fail(f"malformed CSV on {lines}: {msg}", now)
+
+    def _too_long(self, start: int) -> NoReturn:
+        """The source refused the row that began on line ``start``: it passed max_row_bytes."""
+        now = self.reader.line_num + 1  # the line being read
+        limit = self.opts.max_row_bytes
+        if now > start:
+            self._fail(
+                f"the row is longer than {limit} bytes by line {now}; the quoted field opened "
+                f"on line {start} is likely never closed",
+                start,
+            )
+        self._fail(
+            f"line {now} is longer than {limit} bytes, more than any row may be "
+            f"({self.opts.max_document_bytes} bytes of text and {self.opts.max_extra_bytes} "
+            "of other columns)",
+            now,
+        )
+
+    def _wrong_width(self, record: list[str]) -> NoReturn:
+        n, width = len(record), self.width
+        fix = (
+            "every row needs a value, empty or not, for each column"
+            if n < width
+            else "a field that contains the delimiter must be quoted"
+        )
+        raise InvalidFileError(
+            f"row {self.row}: {n} fields, but the header has {width}; {fix}{self.hint()}",
+            row=self.row,
+            line=self.line,
+        )
+
+
+def _split_lines(text: str, newline: str) -> list[str]:
+    """``text`` split after each ``newline`` (str.splitlines also splits at \\x0b, \\x1c ...)."""
+    parts = text.split(newline)
+    lines = [part + newline for part in parts[:-1]]
+    if parts[-1]:
+        lines.append(parts[-1])
+    return lines
+
+
 def read_rows(binary: IO[bytes], opts: IngestOptions) -> tuple[list[str], str, Iterator[list[str]]]:
     """Header, delimiter and an iterator of data rows; raises on an empty file or bad header."""
-    lines = _lines(binary)
-    try:
-        sample = list(itertools.islice(lines, _SNIFF_LINES))
-    except OSError as exc:  # pragma: no cover - a broken upload stream
-        raise InvalidFileError(f"could not read the upload: {exc}") from exc
-    if not any(line.strip() for line in sample):
-        raise InvalidFileError("the file is empty: expected a header row and at least one data row")
-    delimiter = opts.delimiter or _sniff_delimiter(sample)
-    reader = csv.reader(itertools.chain(sample, lines), delimiter=delimiter, strict=False)
-    header = next((row for row in reader if row), None)
-    if header is None:
-        raise InvalidFileError("the file is empty: expected a header row and at least one data row")
-    header = [h.strip() for h in header]
-    if _first_bad_utf8("".join(header)) is not None:
-        raise InvalidFileError("invalid UTF-8 in the header row", row=0, line=1)
-    seen: set[str] = set()
-    for name in header:
-        if name in seen:
-            raise InvalidFileError(f"duplicate column name {name!r} in the header", line=1)
-        seen.add(name)
-    return header, delimiter, reader
+    reader = CsvReader(binary, opts)
+    return reader.header, reader.delimiter, iter(reader)
 
 
 def ingest_csv(
     conn: psycopg.Connection[Any], job_id: uuid.UUID, binary: IO[bytes], opts: IngestOptions
 ) -> IngestResult:
     """Loads the upload's rows into ``documents`` for ``job_id`` inside the caller's transaction."""
-    csv.field_size_limit(max(opts.max_document_bytes, 1024))
-    header, delimiter, reader = read_rows(binary, opts)
-    found = ", ".join(repr(h) for h in header)
-    hint = f" (delimiter: {_DELIM_NAMES[delimiter]})" if delimiter in _DELIM_NAMES else ""
+    reader = CsvReader(binary, opts)
+    header, delimiter = reader.header, reader.delimiter
+    found = _names(header)
+    hint = reader.hint()
     if opts.text_column not in header:
         raise InvalidFileError(
-            f"text column {opts.text_column!r} not found; columns found: {found}{hint}",
+            f"text column {clip(opts.text_column, _SHOW_NAME_CHARS)!r} not found; "
+            f"columns found: {found}{hint}",
             column=opts.text_column,
         )
     if opts.id_column is not None and opts.id_column not in header:
         raise InvalidFileError(
-            f"id column {opts.id_column!r} not found; columns found: {found}{hint}",
+            f"id column {clip(opts.id_column, _SHOW_NAME_CHARS)!r} not found; "
+            f"columns found: {found}{hint}",
             column=opts.id_column,
         )
     known = set(header) | {"text", "id"}
     unknown = sorted(opts.template_fields - known)
     if unknown:
         raise InvalidParameterError(
-            f"prompt template field {{{unknown[0]}}} is not a column; "
+            f"prompt template field {{{clip(unknown[0], _SHOW_NAME_CHARS)}}} is not a column; "
             f"use {{text}}, {{id}} or one of: {found}",
             field="prompt",
         )
@@ -165,97 +471,94 @@ def ingest_csv(
         (i, name) for i, name in enumerate(header) if i != text_pos and i != id_pos and name
     ]
     extra_keys = [(i, encode_basestring(name) + ": ") for i, name in extra_cols]
-    width = len(header)
+    max_extra = opts.max_extra_bytes
+    # The JSON of a row's extra columns with every value empty: what the names alone take.
+    keys_json = "{" + ", ".join(k + '""' for _, k in extra_keys) + "}" if extra_keys else ""
+    keys_bytes = len(keys_json.encode("utf-8", "surrogateescape"))
+    if keys_bytes > max_extra:
+        raise InvalidFileError(
+            f"the names of the {len(extra_keys)} columns besides text and id take {keys_bytes} "
+            f"bytes in every row; the limit is {max_extra} bytes of other columns per row: "
+            "drop the columns the job does not need or shorten their names",
+            line=reader.line,
+        )
+    # Stored sizes are counted in characters, cheaply; the names, repeated in every row, in
+    # bytes: this many more per row.
+    names_extra_bytes = keys_bytes - len(keys_json)
     prefix = f"{job_id}\t"
     limit = opts.max_document_bytes
     char_guard = limit // 4  # below this many characters a field cannot exceed `limit` bytes
-
-    def copy_lines() -> Iterator[tuple[int, int, str]]:
-        idx = 0
-        rows: Iterable[list[str]] = reader
-        while True:
-            try:
-                row = next(rows)  # type: ignore[call-overload]
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                line = reader.line_num  # type: ignore[attr-defined]
-                msg = str(exc)
-                if "field larger than field limit" in msg:
-                    raise InvalidFileError(
-                        f"row {idx + 1}: a field exceeds the {limit}-byte limit per document",
-                        row=idx + 1,
-                        line=line,
-                    ) from exc
-                raise InvalidFileError(
-                    f"row {idx + 1}: malformed CSV: {msg}", row=idx + 1, line=line
-                ) from exc
-            if not row:
-                continue  # blank line
-            idx += 1
-            line = reader.line_num  # type: ignore[attr-defined]
-            if idx > opts.max_rows:
-                raise InvalidFileError(
-                    f"more than {opts.max_rows} rows: the limit per job is {opts.max_rows}",
-                    row=idx,
-                    line=line,
-                )
-            if len(row) != width:
-                if len(row) > width:
-                    raise InvalidFileError(
-                        f"row {idx}: {len(row)} fields, but the header has {width}",
-                        row=idx,
-                        line=line,
-                    )
-                row.extend([""] * (width - len(row)))
-            text = row[text_pos]
-            if len(text) > char_guard and len(text.encode("utf-8", "surrogateescape")) > limit:
-                raise InvalidFileError(
-                    f"row {idx}: column {opts.text_column!r} is "
-                    f"{len(text.encode('utf-8', 'surrogateescape'))} bytes; "
-                    f"the limit is {limit} bytes per document",
-                    row=idx,
-                    line=line,
-                    column=opts.text_column,
-                )
-            if id_pos is not None:
-                ext = row[id_pos].strip()
-                if not ext:
-                    raise InvalidFileError(
-                        f"row {idx}: empty id in column {opts.id_column!r}",
-                        row=idx,
-                        line=line,
-                        column=opts.id_column,
-                    )
-                ext = _copy_escape(ext)
-            else:
-                ext = "\\N"
-            if extra_keys:
-                # The JSON object built by hand with pre-encoded keys: the same text as
-                # json.dumps(..., ensure_ascii=False), at a twentieth of its per-row cost.
-                extra = _copy_escape(
-                    "{" + ", ".join([k + encode_basestring(row[i]) for i, k in extra_keys]) + "}"
-                )
-            else:
-                extra = "\\N"
-            yield idx, line, f"{prefix}{idx}\t{ext}\t{_copy_escape(text)}\t{extra}\n"
+    extra_guard = max_extra // 4
+    source = reader.source
+    stored = 0  # text, id and extra JSON of the rows so far
+    flush_at = _COPY_BATCH_CHARS
 
     rows = 0
     cur = conn.cursor()
     try:
         with cur.copy("COPY documents (job_id, idx, external_id, text, extra) FROM STDIN") as cp:
             batch: list[str] = []
-            where: list[tuple[int, int]] = []
-            for idx, line, data in copy_lines():
-                batch.append(data)
-                where.append((idx, line))
-                if len(batch) >= _COPY_BATCH_ROWS:
-                    cp.write(_encode_batch(batch, where, header))
+            where: list[int] = []  # the line of each row in the batch
+            idx = 0
+            for row in reader:
+                idx += 1  # == reader.row
+                if idx > opts.max_rows:
+                    raise InvalidFileError(
+                        f"more than {opts.max_rows} rows: the limit per job is {opts.max_rows}",
+                        row=idx,
+                        line=reader.line,
+                    )
+                text = row[text_pos]
+                if len(text) > char_guard and len(text.encode("utf-8", "surrogateescape")) > limit:
+                    raise InvalidFileError(
+                        f"row {idx}: column {clip(opts.text_column, _SHOW_NAME_CHARS)!r} is "
+                        f"{len(text.encode('utf-8', 'surrogateescape'))} bytes; "
+                        f"the limit is {limit} bytes per document",
+                        row=idx,
+                        line=reader.line,
+                        column=opts.text_column,
+                    )
+                stored += len(text)
+                if id_pos is not None:
+                    ext = row[id_pos].strip()
+                    if not ext:
+                        raise InvalidFileError(
+                            f"row {idx}: empty id in column "
+                            f"{clip(opts.id_column or '', _SHOW_NAME_CHARS)!r}",
+                            row=idx,
+                            line=reader.line,
+                            column=opts.id_column,
+                        )
+                    stored += len(ext)
+                    ext = _copy_escape(ext)
+                else:
+                    ext = "\\N"
+                if extra_keys:
+                    # The JSON object built by hand with pre-encoded keys: the same text as
+                    # json.dumps(..., ensure_ascii=False), at a twentieth of its per-row cost.
+                    extra = (
+                        "{"
+                        + ", ".join([k + encode_basestring(row[i]) for i, k in extra_keys])
+                        + "}"
+                    )
+                    if len(extra) > extra_guard:
+                        _check_extra(extra, max_extra, idx, reader.line)
+                    stored += len(extra) + names_extra_bytes
+                    extra = _copy_escape(extra)
+                else:
+                    extra = "\\N"
+                batch.append(f"{prefix}{idx}\t{ext}\t{_copy_escape(text)}\t{extra}\n")
+                where.append(reader.line)
+                if stored >= flush_at or len(batch) >= _COPY_BATCH_ROWS:
+                    _check_stored(stored, source.count, idx, reader.line)
+                    cp.write(_encode_batch(batch, idx - len(batch) + 1, where))
                     rows += len(batch)
                     batch.clear()
                     where.clear()
+                    flush_at = stored + _COPY_BATCH_CHARS
             if batch:
-                cp.write(_encode_batch(batch, where, header))
+                _check_stored(stored, source.count, idx, reader.line)
+                cp.write(_encode_batch(batch, rows + 1, where))
                 rows += len(batch)
     except pg_errors.UniqueViolation as exc:
         raise _duplicate_error(exc, opts.id_column) from exc
@@ -269,14 +572,39 @@ def ingest_csv(
     )
 
 
-def _encode_batch(batch: list[str], where: list[tuple[int, int]], header: list[str]) -> bytes:
+def _check_extra(extra: str, limit: int, idx: int, line: int) -> None:
+    size = len(extra.encode("utf-8", "surrogateescape"))
+    if size > limit:
+        raise InvalidFileError(
+            f"row {idx}: its columns besides text and id take {size} bytes (as JSON, names "
+            f"included); the limit is {limit} bytes per row",
+            row=idx,
+            line=line,
+        )
+
+
+def _check_stored(stored: int, read: int, rows: int, line: int) -> None:
+    """What the rows so far store against what was read: a file that repeats long column
+    names in every short row must not make PostgreSQL store many times its size."""
+    if stored > _STORED_FACTOR * read + _STORED_PER_ROW * rows + _STORED_SLACK:
+        raise InvalidFileError(
+            f"row {rows}: the {rows} rows so far would store {stored} bytes for the {read} "
+            f"read, more than {_STORED_FACTOR} times the file: every row stores the names of "
+            "its columns besides text and id; drop the columns the job does not need or "
+            "shorten their names",
+            row=rows,
+            line=line,
+        )
+
+
+def _encode_batch(batch: list[str], first_idx: int, where: list[int]) -> bytes:
     try:
         return "".join(batch).encode("utf-8")
     except UnicodeEncodeError:
-        # Rare path: find the row (and column) that carries the undecodable bytes.
-        for data, (idx, line) in zip(batch, where, strict=True):
-            pos = _first_bad_utf8(data)
-            if pos is not None:
+        # Rare path: find the row that carries the undecodable bytes.
+        for i, (data, line) in enumerate(zip(batch, where, strict=True)):
+            if _first_bad_utf8(data) is not None:
+                idx = first_idx + i
                 raise InvalidFileError(
                     f"row {idx}: invalid UTF-8 (the file must be UTF-8 encoded)",
                     row=idx,
@@ -293,12 +621,13 @@ def _duplicate_error(exc: pg_errors.UniqueViolation, id_column: str | None) -> I
     detail = exc.diag.message_detail or ""
     context = exc.diag.context or ""
     m_id, m_line = _DUP_DETAIL.search(detail), _COPY_LINE.search(context)
-    dup = m_id.group("id") if m_id else "?"
+    dup = clip(m_id.group("id"), _SHOW_NAME_CHARS) if m_id else "?"
     # Each COPY line is one data row, so the COPY line number is the row number.
     row = int(m_line.group("line")) if m_line else None
     at = f"row {row}: " if row else ""
     return InvalidFileError(
-        f"{at}duplicate id {dup!r} in column {id_column!r} (ids must be unique within a job)",
+        f"{at}duplicate id {dup!r} in column {clip(id_column or '', _SHOW_NAME_CHARS)!r} "
+        "(ids must be unique within a job)",
         row=row,
         column=id_column,
     )

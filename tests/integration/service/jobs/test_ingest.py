@@ -86,10 +86,10 @@ def test_backslashes_and_tabs_survive_copy(
     assert rows[1][2] == "\\N"  # a literal \N is text, not NULL
 
 
-def test_custom_text_column_short_rows_and_blank_lines(
+def test_custom_text_column_and_blank_lines(
     client: TestClient, api_key: str, settings: Settings, model_name: str
 ) -> None:
-    body = "body,extra\nfirst,x\n\nsecond\n"
+    body = "body,extra\nfirst,x\n\nsecond,\n"
     resp = submit(client, api_key, body, model=model_name, text_column="body")
     assert resp.status_code == 202, resp.text
     rows = documents(settings.database.url, resp.json()["id"])
@@ -97,6 +97,20 @@ def test_custom_text_column_short_rows_and_blank_lines(
         (1, "first", {"extra": "x"}),
         (2, "second", {"extra": ""}),
     ]
+
+
+def test_a_short_row_is_refused_not_padded(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """A row missing fields is usually a broken file (or a wrong delimiter): padding it hid
+    that, and let a file of empty lines store every column name in every row."""
+    body = "body,extra\nfirst,x\n\nsecond\n"
+    resp = submit(client, api_key, body, model=model_name, text_column="body")
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert (err["row"], err["line"]) == (2, 4)
+    assert "1 fields, but the header has 2" in err["message"]
+    assert "delimiter ','" in err["message"]
 
 
 def test_chunks_cover_every_document_once(
