@@ -16,6 +16,7 @@ PostgreSQL decides who owns a chunk (the lease); Redis only delivers the news th
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +39,23 @@ log = logging.getLogger(__name__)
 ERROR_CHARS = 2000
 #: Advisory lock that lets one process at a time expire leases.
 _EXPIRE_LOCK = 0x64710001
+#: What a PostgreSQL ``text`` cannot hold: NUL, and UTF-16 surrogates (not encodable as UTF-8).
+_NOT_PG_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def pg_text(value: str | None) -> str | None:
+    """``value`` as PostgreSQL can store it: NUL dropped, a surrogate pair joined into its
+    character, a lone surrogate (``'\\ud800'``) replaced with U+FFFD. A model's output or an
+    error message with either would otherwise fail the whole write (psycopg cannot encode it),
+    again on every attempt of the chunk."""
+    if value is None or not _NOT_PG_TEXT.search(value):
+        return value
+    value = value.replace("\x00", "")
+    return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _error_text(error: str | None) -> str | None:
+    return pg_text(error[:ERROR_CHARS]) if error else None
 
 
 @dataclass(frozen=True)
@@ -177,7 +195,9 @@ class PgChunkStore:
     def from_settings(cls, settings: Settings, db: Engine | None = None) -> PgChunkStore:
         """The store with the deployment's lease length and attempts (``settings.worker``)."""
         return cls(
-            db if db is not None else get_engine(settings.database.url),
+            db
+            if db is not None
+            else get_engine(settings.database.url, settings.database.lock_timeout_s),
             lease_s=settings.worker.lease_s,
             max_attempts=settings.worker.max_attempts,
         )
@@ -272,18 +292,35 @@ class PgChunkStore:
 
     def renew(self, leases: Iterable[Lease]) -> set[uuid.UUID]:
         """Extends the leases still held; returns the tokens of those that were lost (a token
-        names one lease: one process may hold, then lose, two leases on one chunk)."""
+        names one lease: one process may hold, then lose, two leases on one chunk).
+
+        One statement per batch, and it never waits: a chunk row another transaction has
+        locked (its own runner closing it, a finalize waiting on a collection) is skipped, not
+        waited for, so one slow transaction cannot make every lease of this worker, other
+        tenants' too, expire behind it. A skipped lease is not lost: only a lease whose token
+        no longer matches is reported; the next beat renews the skipped one."""
         held = list(leases)
         if not held:
             return set()
         with self._tx() as conn:
-            kept = conn.execute(
+            lost = conn.execute(
                 text(
                     """
-                    UPDATE chunks c SET lease_expires_at = now() + make_interval(secs => :lease_s)
-                    FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS uuid[])) AS t(id, token)
-                    WHERE c.id = t.id AND c.lease_token = t.token AND c.state = 'leased'
-                    RETURNING c.lease_token
+                    WITH t AS (
+                      SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:tokens AS uuid[]))
+                        AS t(id, token)
+                    ), mine AS (
+                      SELECT c.id FROM chunks c JOIN t ON c.id = t.id
+                      WHERE c.lease_token = t.token AND c.state = 'leased'
+                      FOR UPDATE OF c SKIP LOCKED
+                    ), renewed AS (  -- a data-modifying CTE runs whether or not it is read
+                      UPDATE chunks c
+                      SET lease_expires_at = now() + make_interval(secs => :lease_s)
+                      FROM mine WHERE c.id = mine.id
+                    )
+                    SELECT t.token FROM t
+                    WHERE NOT EXISTS (SELECT 1 FROM chunks c WHERE c.id = t.id
+                                      AND c.lease_token = t.token AND c.state = 'leased')
                     """
                 ),
                 {
@@ -292,8 +329,7 @@ class PgChunkStore:
                     "lease_s": self.lease_s,
                 },
             ).scalars()
-            kept_tokens = set(kept)
-        return {x.token for x in held} - kept_tokens
+            return set(lost)
 
     def write(self, lease: Lease, results: Sequence[RowResult]) -> Written:
         """Inserts results (a row that already has one is skipped) and moves the job's counters
@@ -333,7 +369,7 @@ class PgChunkStore:
                     "lease_expires_at = NULL, error = :err, enqueued_at = now(), "
                     "updated_at = now() WHERE id = :id AND lease_token = :token"
                 ),
-                {"id": lease.chunk_id, "token": lease.token, "err": error[:ERROR_CHARS]},
+                {"id": lease.chunk_id, "token": lease.token, "err": _error_text(error)},
             )
             return Released(lease.attempts, requeued=True)
 
@@ -409,8 +445,11 @@ class PgChunkStore:
 
     def expire(self) -> Expired:
         """Leases whose worker stopped renewing them: the chunk is queued again, or ``failed``
-        once it used up its attempts, or ``cancelled`` if its job is being cancelled. One
-        process at a time (an advisory lock); a second one skips the pass."""
+        once it used up its attempts, or ``cancelled`` if its job is being cancelled. Then the
+        queued chunks of ``cancelling`` jobs are closed, and such a job with nothing open is
+        finalized ``cancelled`` (no claim will ever come for a chunk whose message was lost,
+        and ``unsent`` re-sends only open jobs' chunks). One process at a time (an advisory
+        lock); a second one skips the pass."""
         report = Expired()
         with self._tx() as conn:
             locked = conn.execute(
@@ -466,6 +505,7 @@ class PgChunkStore:
                     report.requeued.append(
                         Unsent(chunk_id, job_id, c.seq, c.n_chunks, c.queue, c.priority, False)
                     )
+            report.cancelled += _close_cancelling(conn)
         return report
 
     # --- messages -------------------------------------------------------------------------
@@ -540,6 +580,33 @@ def _hold(conn: Connection, lease: Lease) -> JobStatus:
     if status is None or row is None or not row.owned:
         _refuse(lease, "gone" if row is None else f"{row.state}, worker {row.worker}")
     return JobStatus(status)
+
+
+def _close_cancelling(conn: Connection) -> int:
+    """Closes the queued chunks of ``cancelling`` jobs and finalizes those jobs with nothing
+    open left; returns the chunks closed. Leased chunks are left to their runner or their
+    lease's expiry. Only reached through ``expire`` (under its advisory lock)."""
+    jobs = (
+        conn.execute(text("SELECT id FROM jobs WHERE status = 'cancelling' ORDER BY id"))
+        .scalars()
+        .all()
+    )
+    closed = 0
+    for job_id in jobs:
+        status = conn.execute(
+            text("SELECT status FROM jobs WHERE id = :j FOR NO KEY UPDATE"), {"j": job_id}
+        ).scalar()
+        if status != JobStatus.CANCELLING:
+            continue
+        queued = conn.execute(
+            text("SELECT id FROM chunks WHERE job_id = :j AND state = 'queued' ORDER BY seq"),
+            {"j": job_id},
+        ).scalars()
+        for chunk_id in list(queued):
+            _close(conn, chunk_id, job_id, ChunkState.CANCELLED)
+            closed += 1
+        _finalize(conn, job_id)  # a no-op while a chunk is still leased
+    return closed
 
 
 def _refuse(lease: Lease, where: str) -> NoReturn:
@@ -630,14 +697,14 @@ def _insert_results(
         return Written(status)
     cols: dict[str, list[Any]] = {
         "idx": [r.idx for r in results],
-        "output": [r.output for r in results],
-        "label": [r.label for r in results],
+        "output": [pg_text(r.output) for r in results],
+        "label": [pg_text(r.label) for r in results],
         "confidence": [r.confidence for r in results],
-        "finish_reason": [r.finish_reason for r in results],
+        "finish_reason": [pg_text(r.finish_reason) for r in results],
         "prompt_tokens": [r.prompt_tokens for r in results],
         "completion_tokens": [r.completion_tokens for r in results],
         "truncated": [r.truncated for r in results],
-        "error": [r.error for r in results],
+        "error": [pg_text(r.error) for r in results],
         "attempts": [r.attempts for r in results],
         "latency_ms": [r.latency_ms for r in results],
     }
@@ -673,7 +740,7 @@ def _close(
             "WHERE id = :id AND state NOT IN ('done', 'failed', 'cancelled') "
             "RETURNING start_idx, end_idx, attempts"
         ),
-        {"id": chunk_id, "state": state, "err": error[:ERROR_CHARS] if error else None},
+        {"id": chunk_id, "state": state, "err": _error_text(error)},
     ).first()
     if chunk is None:
         return  # closed already

@@ -13,9 +13,24 @@ from service.settings import get_settings
 
 
 @lru_cache(maxsize=8)
-def get_engine(url: str | None = None) -> Engine:
-    url = url or get_settings().database.url
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, future=True)
+def get_engine(url: str | None = None, lock_timeout_s: float | None = None) -> Engine:
+    """The process's engine for ``url``. Every connection waits at most ``lock_timeout_s``
+    (default ``settings.database.lock_timeout_s``) for a row or table lock, then fails with
+    a driver ``OperationalError`` (the store's ``StoreUnavailableError``, the API's 503): a
+    lock held long by one transaction never stalls every other one behind it. Statement
+    parameters (document texts, outputs, keys) never appear in SQLAlchemy's errors or logs."""
+    settings = get_settings()
+    url = url or settings.database.url
+    if lock_timeout_s is None:
+        lock_timeout_s = settings.database.lock_timeout_s
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=10,
+        hide_parameters=True,
+        connect_args={"options": f"-c lock_timeout={max(1, round(lock_timeout_s * 1000))}"},
+    )
 
 
 @contextmanager

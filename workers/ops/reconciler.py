@@ -2,6 +2,8 @@
 
 - A chunk whose lease expired (its worker died) is queued again, or failed once it used up its
   attempts, or cancelled if its job is being cancelled.
+- A ``cancelling`` job's queued chunks are closed ``cancelled`` and the job finalized (no claim
+  comes for a chunk whose message was lost, and lost messages are re-sent for open jobs only).
 - A queued chunk whose message is gone from Redis (flushed, restarted without persistence, or
   never sent because Redis was down at submit time) is sent again.
 Runs at worker start and every ``reconcile_interval_s`` in each worker, and as a beat task in

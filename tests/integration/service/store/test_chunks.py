@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import threading
 import time
+import traceback
 import uuid
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import DataError
 
-from service.errors import LeaseLostError
+from service.errors import ConflictError, LeaseLostError, StoreUnavailableError
 from service.settings import Settings
 from service.store.chunks import ClaimOutcome, PgChunkStore, RowResult
 from service.store.engine import get_engine
@@ -308,3 +310,194 @@ def test_cancel_counts_only_rows_without_a_result(
     assert job["status"] == "cancelled"
     assert job["counts"] == {"total": 4, "succeeded": 2, "failed": 0, "cancelled": 2}
     assert job["percent"] == 100.0
+
+
+# --- races and faults ---------------------------------------------------------------------------
+
+
+def run_with_deadline(fn: Any, seconds: float) -> list[Any]:
+    """Runs ``fn`` in a thread; the outcome (a value or the exception), or [] if it was still
+    running after ``seconds`` (a hang)."""
+    out: list[Any] = []
+
+    def target() -> None:
+        try:
+            out.append(fn())
+        except Exception as exc:
+            out.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return out
+
+
+def test_renew_skips_a_chunk_locked_elsewhere_and_renews_the_others_at_once(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """A transaction holding one chunk's row (a finalize waiting on a collection lock) must not
+    hold up the renewal of this worker's other leases, nor make the held one count as lost."""
+    job_id = submit(client, api_key, "text\na\nb\n", model=model_name, chunk_size=1).json()["id"]
+    first, second = chunk_rows(settings, job_id)
+    store = make_store(settings)
+    a = store.claim(first[0], "w").lease
+    b = store.claim(second[0], "w").lease
+    assert a is not None and b is not None
+    with pg(settings.database.url) as conn:
+        conn.execute(
+            "UPDATE chunks SET lease_expires_at = now() + interval '1 second' WHERE id = %s",
+            (second[0],),
+        )
+    with pg(settings.database.url) as holder, holder.transaction():
+        holder.execute("SELECT 1 FROM chunks WHERE id = %s FOR UPDATE", (first[0],))
+        started = time.monotonic()
+        outcome = run_with_deadline(lambda: store.renew([a, b]), 3.0)
+        assert outcome == [set()], "renewal blocked behind a locked chunk row"
+        assert time.monotonic() - started < 2.0
+    with pg(settings.database.url) as conn:
+        left = conn.execute(
+            "SELECT extract(epoch FROM lease_expires_at - now()) FROM chunks WHERE id = %s",
+            (second[0],),
+        ).fetchone()
+    assert left is not None and left[0] > 20  # renewed to lease_s (30 s)
+    assert store.renew([a, b]) == set()  # and the skipped one next time
+
+
+def test_a_lock_wait_past_lock_timeout_is_a_transient_error_that_hides_the_values(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """A write stuck behind another transaction's lock gives up after lock_timeout with the
+    store's transient error (the runner gives the chunk back and retries), never a hang; and
+    neither the error nor its cause shows the statement's values (a model's output here)."""
+    job_id = submit(client, api_key, "text\na\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    store = PgChunkStore(
+        get_engine(settings.database.url, lock_timeout_s=0.5), lease_s=30, max_attempts=3
+    )
+    lease = store.claim(chunk[0], "w").lease
+    assert lease is not None
+    secret = "SECRET-OUTPUT-4711"
+    with pg(settings.database.url) as holder, holder.transaction():
+        # Another writer of the same row, not yet committed: the insert must wait on it.
+        holder.execute(
+            "INSERT INTO results (job_id, idx, output) VALUES (%s, 1, 'other')", (job_id,)
+        )
+        started = time.monotonic()
+        outcome = run_with_deadline(
+            lambda: store.write(lease, [RowResult(idx=1, output=secret)]), 5.0
+        )
+        assert outcome, "the write hung behind a lock"
+        assert time.monotonic() - started < 3.0
+    (exc,) = outcome
+    assert isinstance(exc, StoreUnavailableError), exc
+    assert "lock timeout" in str(exc)
+    shown = "".join(traceback.format_exception(exc))
+    assert secret not in shown and "parameters hidden" in shown
+
+
+def test_sql_errors_never_carry_parameter_values(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """A statement that fails on its data (here a token count out of range) raises an error
+    that names the statement but not its values: documents and outputs never reach logs."""
+    job_id = submit(client, api_key, "text\na\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    store = make_store(settings)
+    lease = store.claim(chunk[0], "w").lease
+    assert lease is not None
+    secret = "PRIVATE-DOCUMENT-TEXT-0815"
+    with pytest.raises(DataError) as info:
+        store.write(lease, [RowResult(idx=1, output=secret, prompt_tokens=2**40)])
+    shown = "".join(traceback.format_exception(info.value))
+    assert "INSERT INTO results" in shown
+    assert secret not in shown and "parameters hidden" in shown
+
+
+def race_cancel_against_close(store: PgChunkStore, last: Any) -> object:
+    """Closes the job's last chunk and cancels the job at the same instant; the cancel's
+    outcome (a status or the ConflictError)."""
+    barrier = threading.Barrier(2)
+    outcome: list[object] = []
+
+    def close() -> None:
+        barrier.wait()
+        store.close(last, ChunkState.DONE)
+
+    def cancel() -> None:
+        barrier.wait()
+        try:
+            outcome.append(store.cancel(last.job_id))
+        except ConflictError as exc:
+            outcome.append(exc)
+
+    threads = [threading.Thread(target=close), threading.Thread(target=cancel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    (result,) = outcome
+    return result
+
+
+def test_cancel_racing_the_last_close_never_cancels_a_completed_job(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """Cancel and the last chunk's close, started together many times: a job the close
+    completed stays completed (the cancel is a 409), a job the cancel reached first ends
+    cancelled; either way the counts add up to the total and percent never passes 100. The
+    closing chunk was given back once after writing a row, so its rows are partly written."""
+    store = make_store(settings)
+    for _ in range(12):
+        body = "text\na\nb\nc\nd\n"
+        job_id = submit(client, api_key, body, model=model_name, chunk_size=2).json()["id"]
+        first, second = chunk_rows(settings, job_id)
+        done = store.claim(first[0], "w").lease
+        assert done is not None
+        store.write(done, [RowResult(idx=1, output="A"), RowResult(idx=2, output="B")])
+        store.close(done, ChunkState.DONE)
+        given_back = store.claim(second[0], "w").lease
+        assert given_back is not None
+        store.write(given_back, [RowResult(idx=3, output="C")])
+        store.release(given_back, "StoreUnavailableError: away")
+        last = store.claim(second[0], "w2").lease
+        assert last is not None
+        store.write(last, [RowResult(idx=4, output="D")])
+
+        outcome = race_cancel_against_close(store, last)
+        job = job_view(client, api_key, job_id)
+        counts = job["counts"]
+        assert counts["succeeded"] + counts["failed"] + counts["cancelled"] == counts["total"]
+        assert counts == {"total": 4, "succeeded": 4, "failed": 0, "cancelled": 0}
+        assert job["percent"] <= 100.0
+        if isinstance(outcome, ConflictError):
+            assert job["status"] == "completed"
+        else:
+            assert outcome == JobStatus.CANCELLING
+            assert job["status"] == "cancelled"
+
+
+def test_model_output_with_a_lone_surrogate_or_nul_is_written(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """PostgreSQL text holds neither NUL nor a lone UTF-16 surrogate; a row with either, in
+    its output or its error, is written with U+FFFD (NUL dropped) instead of failing the whole
+    write on every attempt of the chunk."""
+    job_id = submit(client, api_key, "text\na\nb\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    store = make_store(settings)
+    lease = store.claim(chunk[0], "w").lease
+    assert lease is not None
+    written = store.write(
+        lease,
+        [
+            RowResult(idx=1, output="half \ud800 a pair\x00, \ud83d\ude00 whole"),
+            RowResult(idx=2, error="engine rejected \udfff\x00"),
+        ],
+    )
+    assert (written.succeeded, written.failed) == (1, 1)
+    store.close(lease, ChunkState.DONE)
+    body = client.get(f"/v1/jobs/{job_id}/results?format=jsonl", headers=auth(api_key)).text
+    rows = [json.loads(line) for line in body.splitlines()]
+    assert rows[0]["output"] == "half \ufffd a pair, \U0001f600 whole"
+    assert rows[1]["error"] == "engine rejected \ufffd"
+    assert job_view(client, api_key, job_id)["status"] == "completed"

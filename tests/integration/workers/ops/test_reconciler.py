@@ -149,3 +149,40 @@ def test_a_chunk_never_sent_is_left_to_its_submitter_until_requeue_after_s(
         assert chunk_ids_in_broker(redis_client, [queue]) == {str(chunk[0])}
     finally:
         app.close()
+
+
+def test_reconciler_closes_the_queued_chunks_of_a_cancelling_job(
+    client: TestClient,
+    api_key: str,
+    settings: Settings,
+    model_name: str,
+    redis_client: redis.Redis,
+) -> None:
+    """A cancelling job whose queued chunk's message was lost: no claim will ever come to close
+    that chunk, and lost messages are re-sent for open jobs only, so without the reconciler the
+    job stays ``cancelling`` forever. (Today's cancel closes queued chunks itself; jobs cancelled
+    by an earlier version, whose cancel left them to their claims, are in this state.)"""
+    job_id = submit(client, api_key, "text\na\nb\n", model=model_name, chunk_size=1).json()["id"]
+    first, second = chunk_rows(settings, job_id)
+    queue = queue_for_model(model_name)
+    redis_client.delete(queue)  # every message lost
+    app = make_celery(settings)
+    s = override(settings, worker={"requeue_after_s": 0})
+    store = make_store(s)
+    assert store.claim(first[0], "worker-that-dies").outcome == ClaimOutcome.LEASED
+    with pg(settings.database.url) as conn:  # the earlier cancel: status only
+        conn.execute("UPDATE jobs SET status = 'cancelling' WHERE id = %s", (job_id,))
+    try:
+        report = reconcile(store, app, s)
+        assert report.cancelled >= 1 and str(second[0]) not in report.resent_ids
+        assert [c[2] for c in chunk_rows(settings, job_id)] == ["leased", "cancelled"]
+        assert job_view(client, api_key, job_id)["status"] == "cancelling"  # one still runs
+        expire_lease(settings, first[0])  # its worker died
+        reconcile(store, app, s)
+        job = job_view(client, api_key, job_id)
+        assert job["status"] == "cancelled" and job["finished_at"] is not None
+        assert job["counts"] == {"total": 2, "succeeded": 0, "failed": 0, "cancelled": 2}
+        # Nothing of the cancelled job was re-sent (other tests' leftovers may have been).
+        assert not {str(first[0]), str(second[0])} & chunk_ids_in_broker(redis_client, [queue])
+    finally:
+        app.close()
