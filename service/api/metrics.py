@@ -9,18 +9,29 @@ aggregates over ``jobs`` (one row per job) and over the unfinished chunks only.
 The ``_total`` families are sums over the job rows, which retention keeps (it purges results and
 documents, not jobs), so they only grow; were job rows ever deleted, Prometheus would read the
 drop as a counter reset. Workers serve their own throughput figures (``workers.metrics``).
+
+Exposure: ``/metrics`` exists only when ``DOCQUEUE_METRICS_TOKEN`` is set (otherwise 404, so a
+deployment never publishes it by accident) and then answers only ``Authorization: Bearer
+<token>`` (Prometheus: ``authorization: {credentials: ...}``), compared in constant time.
+
+Label values never come from a string a tenant chose: a job's model is whatever its submitter
+typed, so the ``model`` label takes only the models workers serve (the ``workers`` registry,
+which only workers write) and the default model; every other model's chunks are counted under
+``other``, and no other model's Redis queue is read. A tenant submitting ten thousand model
+names adds no series and no Redis round trips to a scrape.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Annotated, Any
 
 import redis
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Header, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -32,6 +43,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, text
 
 from service.contract import queues_for_model
+from service.errors import AuthError
 from service.settings import Settings
 from service.store.registry import live_horizon_s
 from service.store.states import JobStatus
@@ -43,14 +55,18 @@ JOB_DURATION_BUCKETS_S = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 216
 #: kombu's Redis transport keeps priorities in sibling lists named queue + sep + step.
 _PRIORITY_SEP = "\x06\x16"
 _PRIORITY_STEPS = (3, 6, 9)
-ACTIVE_STATUSES = [str(s) for s in JobStatus if not s.terminal]
+#: The ``model`` label of every model outside the allowlist (served models, the default model).
+OTHER_MODEL = "other"
 
 
 class StoreCollector(Collector):
     """Collects docqueue's figures from PostgreSQL and Redis each time it is scraped."""
 
-    def __init__(self, db: Engine, redis_url: str, live_horizon_s: float) -> None:
+    def __init__(
+        self, db: Engine, redis_url: str, live_horizon_s: float, default_model: str
+    ) -> None:
         self.db = db
+        self.default_model = default_model  # a label value even before a worker serves it
         self.live_horizon_s = live_horizon_s  # a worker silent for longer counts as gone
         self.redis = redis.Redis.from_url(redis_url, socket_connect_timeout=2, socket_timeout=2)
 
@@ -103,17 +119,18 @@ class StoreCollector(Collector):
                     "  FROM jobs WHERE finished_at IS NOT NULL) t GROUP BY task"
                 )
             ).all()
+            # The models a label may name: those workers serve (the registry, written by
+            # workers only) and the default; a tenant's free-form model name is not one of them.
+            served = conn.execute(text("SELECT DISTINCT model FROM workers")).scalars().all()
+            allowed = sorted({*served, self.default_model})
             chunks = conn.execute(
                 text(
-                    "SELECT j.model, c.state, count(*) FROM chunks c JOIN jobs j ON j.id = c.job_id"
-                    " WHERE c.state IN ('queued', 'leased') GROUP BY j.model, c.state"
-                )
+                    "SELECT CASE WHEN j.model = ANY(:allowed) THEN j.model ELSE :other END AS m,"
+                    " c.state, count(*) FROM chunks c JOIN jobs j ON j.id = c.job_id"
+                    " WHERE c.state IN ('queued', 'leased') GROUP BY m, c.state"
+                ),
+                {"allowed": allowed, "other": OTHER_MODEL},
             ).all()
-            active = conn.execute(
-                text("SELECT DISTINCT model, queue FROM jobs WHERE status = ANY(:active)"),
-                {"active": ACTIVE_STATUSES},
-            ).all()
-            served = conn.execute(text("SELECT DISTINCT model FROM workers")).scalars().all()
             workers = conn.execute(
                 text(
                     "SELECT model, count(*) FILTER (WHERE engine_ready) FROM workers "
@@ -121,11 +138,10 @@ class StoreCollector(Collector):
                 ),
                 {"h": self.live_horizon_s},
             ).all()
-        # A served model's both queues (interactive and bulk) always have a series, so a
-        # dashboard sees 0 rather than a gap while no bulk job exists.
-        queues = sorted(
-            {(m, q) for m, q in active} | {(m, q) for m in served for q in queues_for_model(m)}
-        )
+        # Both queues (interactive and bulk) of every allowed model have a series, so a
+        # dashboard sees 0 rather than a gap while no bulk job exists. Only these queues are
+        # read: a job's queue is a function of its model, so no other queue is listed.
+        queues = [(m, q) for m in allowed for q in queues_for_model(m)]
 
         jobs = GaugeMetricFamily("docqueue_jobs", "Jobs by status.", labels=["status"])
         for status in JobStatus:
@@ -173,7 +189,7 @@ class StoreCollector(Collector):
         for model, n in workers:
             live.add_metric([model], n)
         families: list[Metric] = [jobs, ingested, written, tokens, duration, pending, live]
-        return families, [(m, q) for m, q in queues]
+        return families, queues
 
     def _queue_depth(self, queues: list[tuple[str, str]]) -> Metric:
         """Messages waiting in Redis per model queue (priority sub-queues included)."""
@@ -197,15 +213,30 @@ class StoreCollector(Collector):
 
 
 def install(app: FastAPI, settings: Settings, db: Engine) -> None:
-    """Adds ``GET /metrics`` (Prometheus text format, no API key: aggregates, no tenant data)."""
+    """Adds ``GET /metrics`` (Prometheus text format) when ``settings.api.metrics_token`` is
+    set; without a token the route does not exist (404)."""
+    token = settings.api.metrics_token
+    expected = token.get_secret_value().strip().encode() if token is not None else b""
+    if not expected:  # an empty token would let "Bearer " in: the same as no token
+        if token is not None:
+            log.warning("DOCQUEUE_METRICS_TOKEN is empty: /metrics is off")
+        return
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StoreCollector(db, settings.broker.url, live_horizon_s(settings)))
+    registry.register(
+        StoreCollector(
+            db, settings.broker.url, live_horizon_s(settings), settings.jobs.default_model
+        )
+    )
 
     lock = threading.Lock()
     cached: list[Any] = [float("-inf"), b""]  # (monotonic time made, body)
 
     @app.get("/metrics", tags=["ops"], include_in_schema=False)
-    def metrics() -> Response:
+    def metrics(authorization: Annotated[str | None, Header()] = None) -> Response:
+        scheme, _, given = (authorization or "").partition(" ")
+        # compare_digest: the time taken says nothing about how much of the token matched.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise AuthError("/metrics needs 'Authorization: Bearer <DOCQUEUE_METRICS_TOKEN>'")
         with lock:  # one query set at a time; concurrent scrapes share its answer
             if time.monotonic() - cached[0] >= settings.api.metrics_cache_s:
                 cached[1] = generate_latest(registry)
