@@ -8,8 +8,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Form, Header, Query, Response, UploadFile
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
+from service.api import schemas
 from service.api.deps import Auth, Db, SettingsDep, Store, tx
 from service.api.schemas import ERRORS, JobList, JobOut
 from service.contract import parse_priority
@@ -21,24 +22,64 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
 
 class JobForm(BaseModel):
-    """The form fields of ``POST /v1/jobs`` next to the file. Ranges are declared here; checks
-    that span fields or need the settings are in ``service.jobs.validate``."""
+    """The form fields of ``POST /v1/jobs`` next to the file. Ranges and hostile values (too
+    long, control characters) are refused here, a 422 naming the field; checks that span
+    fields or need the settings are in ``service.jobs.validate``."""
 
     file: UploadFile = Field(description="CSV of documents, UTF-8, with a header")
-    task: str = Field(description="generate | summarize | classify")
-    model: str | None = Field(default=None, max_length=500)
-    text_column: str = Field(default="text", max_length=256)
-    id_column: str | None = Field(default=None, max_length=256)
-    prompt: str | None = Field(default=None, description="template with {text} and columns")
-    labels: str | None = Field(default=None, description="a,b,c or a JSON list")
+    task: str = Field(max_length=32, description="generate | summarize | classify")
+    model: str | None = Field(
+        default=None,
+        max_length=schemas.MAX_MODEL_CHARS,
+        description="a hub id or a local path a worker serves; default: the server's",
+    )
+    text_column: Annotated[str, AfterValidator(schemas.no_control)] = Field(
+        default="text", max_length=schemas.MAX_COLUMN_CHARS
+    )
+    id_column: Annotated[str, AfterValidator(schemas.no_control)] | None = Field(
+        default=None, max_length=schemas.MAX_COLUMN_CHARS
+    )
+    prompt: Annotated[str, AfterValidator(schemas.no_nul)] | None = Field(
+        default=None, description="template with {text} and columns"
+    )
+    labels: str | None = Field(
+        default=None, max_length=64 * 1024, description="a,b,c or a JSON list"
+    )
     max_tokens: int | None = None
     temperature: float | None = None
     seed: int | None = None
     chunk_size: int | None = None
-    priority: str | None = Field(default=None, description="interactive (default) | bulk")
-    delimiter: str | None = Field(default=None, description="',', ';' or tab; default: sniffed")
+    priority: str | None = Field(
+        default=None, max_length=32, description="interactive (default) | bulk"
+    )
+    delimiter: str | None = Field(
+        default=None, max_length=8, description="',', ';' or tab; default: sniffed"
+    )
     summary_words: int | None = Field(default=None, description="summarize: length")
-    language: str | None = Field(default=None, max_length=64, description="summarize: language")
+    language: Annotated[str, AfterValidator(schemas.no_control)] | None = Field(
+        default=None, max_length=schemas.MAX_LANGUAGE_CHARS, description="summarize: language"
+    )
+
+    @field_validator("file")
+    @classmethod
+    def _file_name(cls, file: UploadFile) -> UploadFile:
+        file.filename = schemas.upload_name(file.filename)
+        return file
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, model: str | None) -> str | None:
+        return schemas.model_name(model) if model else None  # "" or none: the default
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, raw: str | None) -> str | None:
+        try:
+            labels = validate.parse_labels(raw)
+        except InvalidParameterError as exc:
+            raise ValueError(exc.message) from None
+        schemas.check_labels(labels or [])
+        return raw
 
 
 @router.post("", status_code=202, response_model=JobOut)
@@ -52,6 +93,7 @@ def submit_job(
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobOut:
     """Submit a CSV of documents; answers 202 with the queued job."""
+    idempotency_key = schemas.check_idempotency_key(idempotency_key)
     try:
         priority = parse_priority(form.priority)
     except ValueError as exc:

@@ -12,6 +12,7 @@ from service.api.schemas import (
     ScheduleList,
     ScheduleOut,
     ScheduleRun,
+    check_schedule_params,
 )
 from service.collections import documents, schedules
 from service.jobs import submit
@@ -22,6 +23,7 @@ router = APIRouter(prefix="/v1/schedules", tags=["schedules"], responses=ERRORS)
 @router.post("", status_code=201, response_model=ScheduleOut)
 def create_schedule(body: ScheduleIn, who: Auth, settings: SettingsDep, db: Db) -> ScheduleOut:
     """Validates cron and timezone (422 naming the field) and the job parameters."""
+    check_schedule_params(body.params)
     with tx(db) as session:
         s = schedules.create_schedule(
             session,

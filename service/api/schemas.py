@@ -7,14 +7,18 @@ the way they always were (``datetime.isoformat()``, an explicit ``+00:00`` offse
 
 from __future__ import annotations
 
+import math
+import re
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
 
 from service.collections.documents import CollectionCounts, UpsertCounts
 from service.contract import priority_class
+from service.errors import InvalidParameterError
 from service.jobs.queries import progress
 from service.store.states import JobStatus, Task
 from service.store.tables import Collection, CollectionDocument, Job, Schedule, Worker
@@ -22,6 +26,133 @@ from service.store.tables import Collection, CollectionDocument, Job, Schedule, 
 #: An instant, written as ``isoformat()`` (what clients have always parsed).
 Instant = Annotated[datetime, PlainSerializer(lambda d: d.isoformat(), return_type=str)]
 PriorityClass = Literal["interactive", "bulk"]
+
+
+# --- field checks: hostile values are a 422 naming the field, before anything is stored --------
+
+MAX_MODEL_CHARS = 500  # jobs.model, schedules.model, workers.model
+MAX_COLLECTION_CHARS = 128  # collections.name
+MAX_FILENAME_CHARS = 255
+MAX_IDEMPOTENCY_KEY_CHARS = 255  # jobs.idempotency_key
+MAX_LABELS = 256
+MAX_LABEL_CHARS = 200
+MAX_LANGUAGE_CHARS = 64
+MAX_COLUMN_CHARS = 256
+
+# A hub id (org/name-1.5b) or a local path, in ASCII: what a worker's --model can be.
+_MODEL = re.compile(r"[A-Za-z0-9._/:@+~-]+")
+_COLLECTION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # C0 controls and DEL; PostgreSQL refuses NUL
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?")  # printable ASCII
+
+
+def no_control(value: str) -> str:
+    """Refuses control characters: NUL cannot be stored, the others are never meant."""
+    bad = _CONTROL.search(value)
+    if bad is not None:
+        raise ValueError(
+            f"control character {bad.group()!r} at position {bad.start()} is not allowed"
+        )
+    return value
+
+
+def no_nul(value: str) -> str:
+    """Refuses NUL only (a prompt may hold newlines and tabs)."""
+    if "\x00" in value:
+        raise ValueError(f"NUL character at position {value.index(chr(0))} is not allowed")
+    return value
+
+
+def model_name(value: str) -> str:
+    if not _MODEL.fullmatch(value):
+        raise ValueError(
+            "a model is a hub id (org/name-1.5b) or a local path: ASCII letters, digits and "
+            "'._/:@+~-', no spaces or control characters"
+        )
+    return value
+
+
+def collection_name(value: str) -> str:
+    if not _COLLECTION.fullmatch(value):
+        raise ValueError(
+            f"a collection name is 1-{MAX_COLLECTION_CHARS} letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def check_labels(labels: Sequence[str]) -> None:
+    """Labels reach every prompt of a classify job: a bounded list of short, printable ones."""
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"{len(labels)} labels; at most {MAX_LABELS}")
+    for label in labels:
+        if len(label) > MAX_LABEL_CHARS:
+            raise ValueError(f"label {label[:40]!r}... is longer than {MAX_LABEL_CHARS} characters")
+        no_control(label)
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    """1-255 printable ASCII characters (a header value; the column holds 255)."""
+    if key is None:
+        return None
+    if len(key) > MAX_IDEMPOTENCY_KEY_CHARS or not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise InvalidParameterError(
+            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_CHARS} printable ASCII characters "
+            f"(got {len(key)} characters)",
+            field="Idempotency-Key",
+        )
+    return key
+
+
+def upload_name(filename: str | None) -> str | None:
+    """The upload's name as stored: its last path component (a client's paths are none of our
+    business), at most 255 characters, no control characters."""
+    if filename is None:
+        return None
+    no_control(filename)
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    if len(base) > MAX_FILENAME_CHARS:
+        raise ValueError(f"file name longer than {MAX_FILENAME_CHARS} characters")
+    return base or None
+
+
+def check_schedule_params(params: dict[str, Any]) -> None:
+    """A schedule's parameters are JSON scalars (labels: a list of strings); the labels and the
+    language get the same bounds as a job's. Raises a 422 naming the parameter."""
+    for key, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidParameterError(
+                f"params.{key} must be a finite number", field=f"params.{key}"
+            )
+        listed = key == "labels" and isinstance(value, list)
+        if isinstance(value, dict) or (isinstance(value, list) and not listed):
+            raise InvalidParameterError(
+                f"params.{key} must be a string or a number", field=f"params.{key}"
+            )
+    try:
+        labels = params.get("labels")
+        if isinstance(labels, list):
+            check_labels([str(v) for v in labels])
+        elif isinstance(labels, str):
+            check_labels(labels.split(","))
+    except ValueError as exc:
+        raise InvalidParameterError(f"labels: {exc}", field="labels") from None
+    language = params.get("language")
+    if isinstance(language, str):
+        try:
+            no_control(language)
+            if len(language) > MAX_LANGUAGE_CHARS:
+                raise ValueError(f"longer than {MAX_LANGUAGE_CHARS} characters")
+        except ValueError as exc:
+            raise InvalidParameterError(f"language: {exc}", field="language") from None
+
+
+ModelName = Annotated[
+    str, Field(min_length=1, max_length=MAX_MODEL_CHARS), AfterValidator(model_name)
+]
+CollectionName = Annotated[
+    str, Field(min_length=1, max_length=MAX_COLLECTION_CHARS), AfterValidator(collection_name)
+]
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -318,11 +449,9 @@ class CollectionDeleted(BaseModel):
 class ScheduleIn(BaseModel):
     """A schedule: run ``task`` over the collection's new and changed documents at ``cron``."""
 
-    collection: str = Field(max_length=128)
+    collection: CollectionName
     task: Task = Task.SUMMARIZE
-    model: str | None = Field(
-        default=None, max_length=500, description="default: the server's default model"
-    )
+    model: ModelName | None = Field(default=None, description="default: the server's default model")
     params: dict[str, Any] = Field(
         default_factory=dict,
         description="job parameters: prompt, labels, max_tokens, temperature, seed, "
@@ -330,7 +459,9 @@ class ScheduleIn(BaseModel):
     )
     cron: str = Field(description="five fields, in `timezone`, e.g. '0 2 * * *' or @daily")
     timezone: str = Field(default="UTC", description="IANA name, e.g. Europe/Berlin")
-    priority: str = Field(default="bulk", description="bulk (default) or interactive")
+    priority: str = Field(
+        default="bulk", max_length=32, description="bulk (default) or interactive"
+    )
 
 
 class ScheduleOut(BaseModel):

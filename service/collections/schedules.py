@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -135,14 +136,27 @@ def parse_cron(expr: str) -> Cron:
     )
 
 
+_MAX_TIMEZONE = 64  # the length of schedules.timezone
+# IANA names: Europe/Berlin, America/Port-au-Prince, Etc/GMT+5. ZoneInfo opens the name as a
+# path under TZPATH and tzdata: no dots ('..'), no NUL, nothing a filesystem would refuse.
+_TIMEZONE = re.compile(r"[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*")
+
+
 def parse_timezone(name: str) -> ZoneInfo:
+    """The zone named, or a 422 naming ``timezone``: never the OSError (a name too long for the
+    filesystem, a directory such as 'Europe') or ValueError ZoneInfo raises on hostile names."""
+    key = name.strip()
+    shown = key if len(key) <= 60 else key[:60] + "..."
+    unknown = InvalidParameterError(
+        f"unknown timezone {shown!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'",
+        field="timezone",
+    )
+    if len(key) > _MAX_TIMEZONE or not _TIMEZONE.fullmatch(key):
+        raise unknown
     try:
-        return ZoneInfo(name.strip())
-    except (ZoneInfoNotFoundError, ValueError):
-        raise InvalidParameterError(
-            f"unknown timezone {name!r}; use an IANA name such as 'UTC' or 'Europe/Berlin'",
-            field="timezone",
-        ) from None
+        return ZoneInfo(key)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise unknown from None
 
 
 def next_run(cron: Cron, tz: ZoneInfo, after: datetime) -> datetime:
