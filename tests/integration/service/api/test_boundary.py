@@ -463,3 +463,19 @@ def test_nul_in_a_document_id_is_422(client: TestClient, api_key: str, collectio
             method, f"/v1/collections/{collection}/documents/a%00b", headers=auth(api_key)
         )
         assert_field(resp, "external_id")
+
+
+def test_database_down_at_the_key_check_is_503_not_500(settings: Settings, api_key: str) -> None:
+    """The key is checked in front of the app now, outside its exception handlers: a database
+    that does not answer must still read as "retry later"."""
+    down = settings.model_copy(
+        update={
+            "database": settings.database.model_copy(
+                update={"url": "postgresql+psycopg://postgres@127.0.0.1:1/none"}
+            )
+        }
+    )
+    with TestClient(create_app(down)) as c:
+        resp = c.post("/v1/jobs", headers=auth(api_key), files={"file": ("a.csv", b"text\nx\n")})
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"]["code"] == "unavailable"
