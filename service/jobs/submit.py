@@ -156,13 +156,12 @@ def create_job(
             session.flush()  # the documents' foreign key needs the job row
             # The psycopg connection under the session's transaction, for COPY.
             raw = cast("psycopg.Connection[Any]", session.connection().connection.dbapi_connection)
-            opts = IngestOptions(
+            opts = IngestOptions.from_settings(
+                settings,
                 text_column=req.text_column,
                 id_column=req.id_column,
                 delimiter=delimiter,
                 template_fields=fields,
-                max_rows=settings.jobs.max_rows_per_job,
-                max_document_bytes=settings.jobs.max_document_bytes,
             )
             result = ingest_csv(raw, job_id, io.BufferedReader(hashing, 1 << 16), opts)
             job.request_sha256 = hashing.drain()
