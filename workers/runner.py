@@ -14,6 +14,7 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,6 +40,13 @@ class RetryChunk(TransientError):
         super().__init__(f"{type(cause).__name__}: {cause}".strip()[:500])
         self.cause = cause
         self.countdown_s = countdown_s
+
+
+class EngineStalledError(EngineDeadError):
+    """The engine is alive but returned nothing for the chunk within ``progress_deadline_s``
+    (the heartbeat's verdict). Handled as a dead engine: the chunk is given back, its attempt
+    counted (a chunk that hangs every engine ends ``failed`` after ``max_attempts`` instead of
+    looping), and the process restarts with a fresh engine."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,12 @@ class Context(Protocol):
 
     def lost(self, lease: Lease) -> bool:
         """The heartbeat found this lease taken over."""
+
+    def watch(self, lease: Lease, batches: Sequence[Batch]) -> None:
+        """The engine batches the lease's chunk now waits on (for the progress deadline)."""
+
+    def stalled(self, lease: Lease) -> bool:
+        """The heartbeat gave up on this lease: its engine made no progress in time."""
 
 
 def generation(task: str, params: dict[str, Any], tokenizer: Any, default: int) -> Generation:
@@ -186,6 +200,7 @@ def run_lease(ctx: Context, lease: Lease, docs: list[Doc]) -> str:
         _submit(engine, tokenizer, lease, docs[start : start + ctx.sub_batch_size], params, gen)
         for start in range(0, len(docs), ctx.sub_batch_size)
     ]
+    ctx.watch(lease, [g.batch for g in groups])
     try:
         for n, group in enumerate(groups):
             if not _wait(ctx, lease, group):
@@ -238,9 +253,15 @@ def _submit(
 
 def _wait(ctx: Context, lease: Lease, group: Group) -> bool:
     """Waits for a sub-batch; False if the job was cancelled meanwhile. A lease the heartbeat
-    found lost raises at once, so a paused worker stops instead of finishing for nothing."""
+    found lost raises at once, so a paused worker stops instead of finishing for nothing; one
+    it found stalled (no engine progress in time) raises ``EngineStalledError``."""
     last_poll = time.monotonic()
     while not group.batch.wait(0.5):
+        if ctx.stalled(lease):
+            raise EngineStalledError(
+                f"chunk {lease.chunk_id}: the engine made no progress within the progress "
+                "deadline (alive but hung); restarting it"
+            )
         if time.monotonic() - last_poll >= POLL_S:
             last_poll = time.monotonic()
             if ctx.lost(lease):

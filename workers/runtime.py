@@ -10,7 +10,9 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine as DbEngine
@@ -22,7 +24,7 @@ from service.store.chunks import Lease, PgChunkStore
 from service.store.engine import get_engine
 from service.store.registry import heartbeat, register_worker, unregister_worker
 from workers import metrics as worker_metrics
-from workers.engines import Engine, build_engine
+from workers.engines import Batch, Engine, build_engine
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,13 @@ class Runtime:
     # By lease token, not chunk id: one process may hold, lose and retake the same chunk.
     leases: dict[uuid.UUID, Lease] = field(default_factory=dict)
     lost_leases: set[uuid.UUID] = field(default_factory=set)
+    # The progress deadline: when each lease was taken, the engine batches its chunk waits on,
+    # the leases given up on as stalled, and when the engine last returned anything for a
+    # chunk that is no longer held (all by lease token; times on the monotonic clock).
+    held_since: dict[uuid.UUID, float] = field(default_factory=dict)
+    batches: dict[uuid.UUID, list[Batch]] = field(default_factory=dict)
+    stalled_leases: set[uuid.UUID] = field(default_factory=set)
+    engine_progress_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
 
@@ -66,20 +75,75 @@ class Runtime:
     def hold(self, lease: Lease) -> None:
         with self.lock:
             self.leases[lease.token] = lease
+            self.held_since[lease.token] = time.monotonic()
+
+    def watch(self, lease: Lease, batches: Sequence[Batch]) -> None:
+        """The engine batches the lease's chunk waits on: the heartbeat gives the chunk up if
+        the engine returns nothing for ``progress_deadline_s`` while they are unfinished."""
+        with self.lock:
+            self.batches[lease.token] = list(batches)
 
     def drop(self, lease: Lease) -> None:
         with self.lock:
             self.leases.pop(lease.token, None)
             self.lost_leases.discard(lease.token)
+            self.stalled_leases.discard(lease.token)
+            self.held_since.pop(lease.token, None)
+            for b in self.batches.pop(lease.token, []):
+                if b.progressed_at is not None:
+                    self.engine_progress_at = max(self.engine_progress_at, b.progressed_at)
 
     def lost(self, lease: Lease) -> bool:
         with self.lock:
             return lease.token in self.lost_leases
 
-    def beat_once(self) -> None:
-        """Renews this process's leases (noting those taken over) and its registration."""
+    def stalled(self, lease: Lease) -> bool:
+        """The heartbeat gave up on this lease: its engine made no progress in time."""
         with self.lock:
-            held = list(self.leases.values())
+            return lease.token in self.stalled_leases
+
+    def _find_stalled(self, now: float) -> set[uuid.UUID]:
+        """Leases waiting on unfinished engine batches while the engine returned nothing, for
+        any chunk of this process, for ``progress_deadline_s`` (counted from the lease's start
+        at the earliest). Engine-wide on purpose: a chunk whose requests wait their turn behind
+        another chunk's that decode is not hung, and restarting the engine would throw the
+        other chunk's work away. Call with ``lock`` held."""
+        deadline = self.settings.worker.progress_deadline_s
+        engine_last = max(
+            [self.engine_progress_at]
+            + [
+                b.progressed_at
+                for bs in self.batches.values()
+                for b in bs
+                if b.progressed_at is not None
+            ]
+        )
+        return {
+            token
+            for token, bs in self.batches.items()
+            if token not in self.stalled_leases
+            and any(not b.done for b in bs)
+            and now - max(self.held_since.get(token, now), engine_last) > deadline
+        }
+
+    def beat_once(self) -> None:
+        """Renews this process's leases (noting those taken over) and its registration.
+
+        A lease whose engine stopped progressing (``progress_deadline_s``) is not renewed: it
+        is marked stalled, and its runner gives the chunk back at its next poll as an engine
+        failure (an attempt counted, the process restarted with a fresh engine). Should the
+        runner never get there, the lease expires and the reconciler re-queues the chunk."""
+        with self.lock:
+            stalled = self._find_stalled(time.monotonic())
+            self.stalled_leases |= stalled
+            held = [x for t, x in self.leases.items() if t not in self.stalled_leases]
+            chunks = sorted(str(x.chunk_id) for t, x in self.leases.items() if t in stalled)
+        if stalled:
+            log.error(
+                "engine made no progress for %.0f s; giving up chunks %s and restarting",
+                self.settings.worker.progress_deadline_s,
+                chunks,
+            )
         lost = self.store.renew(held)
         if lost:
             chunks = sorted(str(x.chunk_id) for x in held if x.token in lost)
@@ -165,7 +229,7 @@ def start(hostname: str | None = None, settings: Settings | None = None) -> Runt
         enforce_eager=settings.engine.enforce_eager,
         tensor_parallel_size=settings.engine.tensor_parallel_size,
     )
-    db = get_engine(settings.database.url)
+    db = get_engine(settings.database.url, settings.database.lock_timeout_s)
     _runtime = Runtime(
         settings=settings,
         model=model,

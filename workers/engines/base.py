@@ -8,6 +8,7 @@ each sub-batch as it completes. Engines never touch the database.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,11 +42,20 @@ class Batch:
         self._lock = threading.Lock()
         self.failure: BaseException | None = None  # the engine died under this batch
         self.request_ids: list[str] = []
+        # When the engine last returned anything for this batch (a token or a finished
+        # request), on the monotonic clock; None: nothing yet. The worker's heartbeat gives
+        # back a chunk whose engine stops progressing (``workers.runtime``).
+        self.progressed_at: float | None = None
         if n == 0:
             self._done.set()
 
+    def progress(self) -> None:
+        """The engine produced output (a token) for one of this batch's requests."""
+        self.progressed_at = time.monotonic()
+
     def set(self, i: int, result: GenResult) -> None:
         with self._lock:
+            self.progressed_at = time.monotonic()
             if self.results[i] is None:
                 self.results[i] = result
                 self._left -= 1

@@ -29,10 +29,17 @@ class WhitespaceTokenizer:
 
 
 class BenchEngine:
-    def __init__(self, model: str, max_model_len: int = 1_000_000) -> None:
+    """Answers every prompt at once; with ``hang``, never answers at all.
+
+    The hang mode stands for an engine that is alive but makes no progress (a wedged GPU, a
+    deadlocked scheduler): vLLM itself cannot be made to hang on demand, so the heartbeat's
+    progress deadline (``workers.runtime``) is tested with this one."""
+
+    def __init__(self, model: str, max_model_len: int = 1_000_000, hang: bool = False) -> None:
         self.model = model
         self.max_model_len = max_model_len
         self.device = "bench"
+        self.hang = hang
         self._tok = WhitespaceTokenizer()
 
     def tokenizer(self) -> Any:
@@ -40,6 +47,8 @@ class BenchEngine:
 
     def submit(self, requests: list[GenRequest]) -> Batch:
         batch = Batch(len(requests))
+        if self.hang:
+            return batch  # accepted, never answered
         for i, req in enumerate(requests):
             label = req.choices[0] if req.choices else None
             batch.set(

@@ -270,12 +270,15 @@ class VllmEngine:
                 if not engine.has_unfinished_requests():
                     continue
                 for out in engine.step():
-                    if not out.finished:
+                    slot = pending.get(out.request_id)
+                    if slot is None:
                         continue
-                    slot = pending.pop(out.request_id, None)
-                    if slot is not None:
-                        batch, i, n_prompt = slot
-                        batch.set(i, _convert(out, n_prompt))
+                    batch, i, n_prompt = slot
+                    if not out.finished:
+                        batch.progress()  # a token: the engine is not hung
+                        continue
+                    del pending[out.request_id]
+                    batch.set(i, _convert(out, n_prompt))
         except BaseException as exc:  # the engine died: fail what is in flight, loudly
             log.exception("vllm engine driver stopped")
             self._dead = exc

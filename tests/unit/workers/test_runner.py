@@ -333,6 +333,12 @@ class Worker:
     def lost(self, lease: Lease) -> bool:
         return False
 
+    def watch(self, lease: Lease, batches: Sequence[Batch]) -> None:
+        return None
+
+    def stalled(self, lease: Lease) -> bool:
+        return False
+
 
 class DyingEngine(BenchEngine):
     """The bench engine, dead: every batch fails as the vLLM driver's do when the engine dies."""
