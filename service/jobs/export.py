@@ -1,35 +1,60 @@
 """Results export, streamed in input order straight out of PostgreSQL ``COPY ... TO STDOUT``.
 
 PostgreSQL formats every row (CSV quoting, JSON escaping) in C, and this module only batches the
-bytes, so memory stays flat and the export runs at COPY speed. Rows that are not done yet are
-simply absent, so a running job downloads what is finished so far.
+bytes, so the export runs at COPY speed. Rows that are not done yet are simply absent, so a
+running job downloads what is finished so far.
+
+The export is read in pages of input order (``idx`` ranges), each whole, in its own short
+transaction, at PostgreSQL's speed: the connection goes back to the pool before the client is
+sent a byte of the page, so a slow reader holds neither a connection nor a snapshot, and the
+next page is read while this one is sent. Pages are sized to about ``_PAGE_BYTES`` from the bytes
+per row seen so far, so a download holds two pages of memory; a page that passes
+``_MAX_BUFFER_BYTES`` anyway (rows much longer than before) is read again in a shorter range.
+Results of a finished job never change, so the pages add up to exactly what one snapshot would
+give; for a running job each page shows the rows done when it is read (every row at most once,
+in order). A purge by retention during the download (it marks the job before deleting a row)
+aborts the transfer instead of ending it short.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Literal
 
 from sqlalchemy import Engine
 
+from service.errors import ResultsExpiredError
+
 Format = Literal["csv", "jsonl"]
 MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
 _FLUSH_BYTES = 256 * 1024
+_PAGE_BYTES = 2 * 1024 * 1024  # what a page aims at (one is sent while the next is read)
+_MAX_BUFFER_BYTES = 8 * 1024 * 1024  # a page past this is read again in a shorter range
+_FIRST_PAGE_ROWS = 5_000
+_MAX_PAGE_ROWS = 200_000
+# Characters a spreadsheet reads as the start of a formula (OWASP "CSV injection"): = + - @,
+# and tab and carriage return, which some spreadsheets skip before looking for one.
+_FORMULA_STARTS = r"'=', '+', '-', '@', E'\t', E'\r'"  # as SQL literals
 
 _FROM = (
     "FROM results r JOIN documents d ON d.job_id = r.job_id AND d.idx = r.idx "
-    "WHERE r.job_id = %(job)s ORDER BY r.idx"
+    "WHERE r.job_id = %(job)s AND r.idx > %(lo)s AND r.idx <= %(hi)s "
+    # The same range on documents: PostgreSQL does not carry range conditions across the join.
+    "AND d.job_id = %(job)s AND d.idx > %(lo)s AND d.idx <= %(hi)s ORDER BY r.idx"
 )
 _ID = "coalesce(d.external_id, d.idx::text)"
 
 
 def _safe_cell(expr: str) -> str:
-    """Spreadsheet formula neutralisation: a cell starting with = + - @ gets a leading quote."""
-    return f"CASE WHEN left({expr}, 1) IN ('=', '+', '-', '@') THEN '''' || {expr} ELSE {expr} END"
+    """Spreadsheet formula neutralisation: a cell starting with = + - @ tab or carriage return
+    gets a leading quote."""
+    return f"CASE WHEN left({expr}, 1) IN ({_FORMULA_STARTS}) THEN '''' || {expr} ELSE {expr} END"
 
 
-def _csv_query() -> str:
+def _csv_query(header: bool) -> str:
     cols = [
         f"{_safe_cell(_ID)} AS id",
         f"{_safe_cell('r.output')} AS output",
@@ -41,7 +66,10 @@ def _csv_query() -> str:
         "CASE WHEN r.truncated THEN 'true' ELSE 'false' END AS truncated",
         f"{_safe_cell('r.error')} AS error",
     ]
-    return f"COPY (SELECT {', '.join(cols)} {_FROM}) TO STDOUT WITH (FORMAT csv, HEADER true)"
+    return (
+        f"COPY (SELECT {', '.join(cols)} {_FROM}) TO STDOUT "
+        f"WITH (FORMAT csv, HEADER {'true' if header else 'false'})"
+    )
 
 
 def _jsonl_query() -> str:
@@ -60,26 +88,121 @@ def _jsonl_query() -> str:
     )
 
 
-QUERIES = {"csv": _csv_query(), "jsonl": _jsonl_query()}
+#: (first page's query, every later page's query) per format: the CSV header comes once.
+QUERIES = {"csv": (_csv_query(True), _csv_query(False)), "jsonl": (_jsonl_query(),) * 2}
 
 
 def stream_results(engine: Engine, job_id: uuid.UUID, fmt: Format) -> Iterator[bytes]:
-    """Yields the job's results as ``fmt`` in ~256 KiB pieces from one COPY."""
+    """Yields the job's results as ``fmt`` in ~256 KiB pieces, a page at a time; the next page
+    is read (in a thread of its own) while this one is sent."""
+    last_idx = _last_idx(engine, job_id)
+    first_query, query = QUERIES[fmt]
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="export-page")
+    try:
+        next_page: Future[_Page] | None = ahead.submit(
+            _read_page, engine, first_query, job_id, 0, _FIRST_PAGE_ROWS, last_idx
+        )
+        while next_page is not None:
+            page = next_page.result()
+            next_page = None
+            if page.hi < last_idx:
+                next_page = ahead.submit(
+                    _read_page, engine, query, job_id, page.hi, page.next_rows, last_idx
+                )
+            yield from page.pieces
+    finally:
+        # Never waits: a download cut off mid-way must not block whoever closes it; a page
+        # still being read gives its connection back when it is done.
+        ahead.shutdown(wait=False, cancel_futures=True)
+    if _expired(engine, job_id):
+        # Retention marks a job before it deletes a row: pages read after that may miss rows.
+        raise ResultsExpiredError(f"the results of job {job_id} expired during the download")
+
+
+@dataclass
+class _Page:
+    hi: int  # the last idx this page covers
+    next_rows: int  # how many idx the next page should cover
+    pieces: list[bytes]
+
+
+class _PageTooBig(Exception):
+    pass
+
+
+def _read_page(
+    engine: Engine, query: str, job_id: uuid.UUID, lo: int, rows: int, last_idx: int
+) -> _Page:
+    """The page after ``lo``, about ``rows`` idx long, read whole in one short transaction.
+    One that passes _MAX_BUFFER_BYTES (rows much longer than the last page's) is dropped and
+    read again in a range an eighth as long; a single row is read whatever its size."""
+    while True:
+        hi = min(lo + rows, last_idx)
+        try:
+            pieces, size = _copy(engine, query, job_id, lo, hi, limit=rows > 1)
+        except _PageTooBig:
+            rows = max(1, rows // 8)
+            continue
+        # The next page from the bytes per row of this one: about _PAGE_BYTES, at most twice
+        # as many rows as this page (a stretch of unfinished rows reads as empty).
+        grow = min(2 * rows, rows * _PAGE_BYTES // size) if size else 2 * rows
+        return _Page(hi, max(1, min(grow, _MAX_PAGE_ROWS)), pieces)
+
+
+def _copy(
+    engine: Engine, query: str, job_id: uuid.UUID, lo: int, hi: int, *, limit: bool
+) -> tuple[list[bytes], int]:
+    pieces: list[bytes] = []
+    buf: list[bytes] = []
+    size = total = 0
     conn = engine.raw_connection()
     try:
         cur = conn.cursor()
-        buf: list[bytes] = []
-        size = 0
-        with cur.copy(QUERIES[fmt], {"job": job_id}) as copy:
+        with cur.copy(query, {"job": job_id, "lo": lo, "hi": hi}) as copy:
             for data in copy:
                 buf.append(bytes(data))
                 size += len(data)
                 if size >= _FLUSH_BYTES:
-                    yield b"".join(buf)
+                    pieces.append(b"".join(buf))
                     buf.clear()
+                    total += size
                     size = 0
-        if buf:
-            yield b"".join(buf)
+                    if limit and total > _MAX_BUFFER_BYTES:
+                        raise _PageTooBig  # psycopg cancels the COPY on the way out
+        conn.commit()
+    except _PageTooBig:
+        conn.rollback()
+        raise
+    finally:
+        conn.close()
+    if buf:
+        pieces.append(b"".join(buf))
+    return pieces, total + size
+
+
+def _last_idx(engine: Engine, job_id: uuid.UUID) -> int:
+    conn = engine.raw_connection()
+    try:
+        row = (
+            conn.cursor()
+            .execute("SELECT max(idx) FROM documents WHERE job_id = %s", (job_id,))
+            .fetchone()
+        )
         conn.commit()
     finally:
         conn.close()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def _expired(engine: Engine, job_id: uuid.UUID) -> bool:
+    conn = engine.raw_connection()
+    try:
+        row = (
+            conn.cursor()
+            .execute("SELECT results_expired_at IS NOT NULL FROM jobs WHERE id = %s", (job_id,))
+            .fetchone()
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    return bool(row[0]) if row else True

@@ -8,9 +8,13 @@ import json
 import uuid
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
+from service.errors import ResultsExpiredError
+from service.jobs import export
 from service.settings import Settings
+from service.store.engine import get_engine
 from tests.support.helpers import auth, pg, submit
 
 # The result fields and their order, as the API promises them (written out, not imported).
@@ -158,3 +162,98 @@ def test_empty_results_while_queued_and_bad_format(
     assert client.get(f"/v1/jobs/{job_id}/results?format=jsonl", headers=auth(api_key)).text == ""
     bad = client.get(f"/v1/jobs/{job_id}/results?format=xml", headers=auth(api_key))
     assert bad.status_code == 422 and "format" in bad.json()["error"]["message"]
+
+
+def test_csv_guard_covers_leading_tab_and_carriage_return(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """Some spreadsheets skip a leading tab or CR and then read a formula (OWASP CSV
+    injection): those cells get the quote too, in every text column; JSONL stays exact."""
+    body = "id,text\n@x,a\nplain,b\n"  # ids are stripped at upload: no tab can lead one
+    job_id: str = submit(client, api_key, body, model=model_name, id_column="id").json()["id"]
+    _write_results(
+        settings.database.url,
+        job_id,
+        [
+            {"idx": 1, "output": "\t=cmd|' /C calc'!A0", "label": "\rx", "error": "\t-1"},
+            {"idx": 2, "output": '\r=HYPERLINK("http://evil")', "label": "tab\tinside"},
+        ],
+    )
+    resp = client.get(f"/v1/jobs/{job_id}/results?format=csv", headers=auth(api_key))
+    rows = list(csv.DictReader(io.StringIO(resp.text, newline="")))
+    assert [(r["id"], r["output"], r["label"], r["error"]) for r in rows] == [
+        ("'@x", "'\t=cmd|' /C calc'!A0", "'\rx", "'\t-1"),
+        ("plain", '\'\r=HYPERLINK("http://evil")', "tab\tinside", ""),
+    ]
+    resp = client.get(f"/v1/jobs/{job_id}/results?format=jsonl", headers=auth(api_key))
+    objs = [json.loads(line) for line in resp.text.splitlines()]
+    assert [o["output"] for o in objs] == ["\t=cmd|' /C calc'!A0", '\r=HYPERLINK("http://evil")']
+
+
+def _small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pages of a few KiB instead of MiB, so a small job crosses many page boundaries, a run of
+    unfinished rows and a page too big to keep (read again in a shorter range)."""
+    monkeypatch.setattr(export, "_FLUSH_BYTES", 1024)
+    monkeypatch.setattr(export, "_PAGE_BYTES", 8 * 1024)
+    monkeypatch.setattr(export, "_MAX_BUFFER_BYTES", 32 * 1024)
+    monkeypatch.setattr(export, "_FIRST_PAGE_ROWS", 7)
+
+
+def test_paged_export_is_whole_in_order_and_once(
+    client: TestClient,
+    api_key: str,
+    settings: Settings,
+    model_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Short rows, then a stretch not done yet, then rows 200 times longer (with newlines,
+    quotes and formulas): every done row comes once, in input order, the CSV header once."""
+    _small_pages(monkeypatch)
+    n = 3000
+    body = "text\n" + "".join(f"d{i}\n" for i in range(n))
+    job_id = submit(client, api_key, body, model=model_name).json()["id"]
+    long = "=x\n" + 'say "hi", ' * 200
+    with pg(settings.database.url) as conn:
+        conn.execute(
+            "INSERT INTO results (job_id, idx, output) SELECT job_id, idx, "
+            "CASE WHEN idx <= 1000 THEN 'o' || idx ELSE idx || %s END FROM documents "
+            "WHERE job_id = %s AND (idx <= 1000 OR idx > 2000)",
+            (long, uuid.UUID(job_id)),
+        )
+    expected = [(str(i), f"o{i}") for i in range(1, 1001)] + [
+        (str(i), f"{i}{long}") for i in range(2001, n + 1)
+    ]
+    resp = client.get(f"/v1/jobs/{job_id}/results?format=csv", headers=auth(api_key))
+    assert resp.text.count("id,output,label") == 1
+    rows = list(csv.DictReader(io.StringIO(resp.text, newline="")))
+    assert [(r["id"], r["output"]) for r in rows] == expected
+    resp = client.get(f"/v1/jobs/{job_id}/results?format=jsonl", headers=auth(api_key))
+    objs = [json.loads(line) for line in resp.text.splitlines()]
+    assert [(o["id"], o["output"]) for o in objs] == expected
+
+
+def test_purge_during_download_aborts_it(
+    client: TestClient,
+    api_key: str,
+    settings: Settings,
+    model_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Retention marks the job, then deletes its rows page by page behind the download's back:
+    the download must break, not end as a shorter file that looks complete."""
+    _small_pages(monkeypatch)
+    body = "text\n" + "".join(f"d{i}\n" for i in range(500))
+    job_id = submit(client, api_key, body, model=model_name).json()["id"]
+    with pg(settings.database.url) as conn:
+        conn.execute(
+            "INSERT INTO results (job_id, idx, output) SELECT job_id, idx, repeat('y', 100) "
+            "FROM documents WHERE job_id = %s",
+            (uuid.UUID(job_id),),
+        )
+    pieces = export.stream_results(get_engine(settings.database.url), uuid.UUID(job_id), "csv")
+    next(pieces)
+    with pg(settings.database.url) as conn:
+        conn.execute("UPDATE jobs SET results_expired_at = now() WHERE id = %s", (job_id,))
+        conn.execute("DELETE FROM results WHERE job_id = %s AND idx > 250", (job_id,))
+    with pytest.raises(ResultsExpiredError):
+        list(pieces)
