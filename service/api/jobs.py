@@ -47,7 +47,7 @@ class JobForm(BaseModel):
     )
     max_tokens: int | None = None
     temperature: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=schemas.MAX_SEED)
     chunk_size: int | None = None
     priority: str | None = Field(
         default=None, max_length=32, description="interactive (default) | bulk"

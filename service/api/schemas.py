@@ -38,6 +38,7 @@ MAX_LABELS = 256
 MAX_LABEL_CHARS = 200
 MAX_LANGUAGE_CHARS = 64
 MAX_COLUMN_CHARS = 256
+MAX_SEED = 2**63 - 1  # what the engine's generator takes (a larger int overflows there)
 
 # A hub id (org/name-1.5b) or a local path, in ASCII: what a worker's --model can be.
 _MODEL = re.compile(r"[A-Za-z0-9._/:@+~-]+")
@@ -124,6 +125,8 @@ def check_schedule_params(params: dict[str, Any]) -> None:
             raise InvalidParameterError(
                 f"params.{key} must be a finite number", field=f"params.{key}"
             )
+        if key == "seed" and isinstance(value, int | float) and not 0 <= value <= MAX_SEED:
+            raise InvalidParameterError(f"seed must be between 0 and {MAX_SEED}", field="seed")
         listed = key == "labels" and isinstance(value, list)
         if isinstance(value, dict) or (isinstance(value, list) and not listed):
             raise InvalidParameterError(

@@ -400,6 +400,8 @@ def test_hostile_idempotency_key_is_422(
         ("labels", json.dumps(["a", "b\x00"])),
         ("task", LONG),
         ("priority", LONG),
+        ("seed", str(10**30)),  # past what the engine's generator takes
+        ("seed", "-1"),
     ],
 )
 def test_hostile_job_fields_are_422(
@@ -420,6 +422,7 @@ def test_hostile_job_fields_are_422(
         ({"max_tokens": float("inf")}, "params.max_tokens"),
         ({"temperature": float("nan")}, "params.temperature"),
         ({"seed": {"nested": [1]}}, "params.seed"),
+        ({"seed": 10**30}, "seed"),
     ],
 )
 def test_hostile_schedule_params_are_422(
