@@ -81,6 +81,11 @@ def upsert_documents(
     caught by a unique index) into a transaction-local TEMP table that shadows ``documents``
     for this transaction only (Postgres searches the temporary schema first), and from there
     one ``INSERT ... ON CONFLICT`` upserts it. A rejected upload changes nothing.
+
+    The collection's row lock (which serializes uploads, and which a scheduled job's
+    finalization takes to write its summaries back) is taken only after the whole upload is
+    ingested, for the short merge: a slow upload never holds it while it streams, so a job's
+    finalization, and the chunk it closes, never wait on a client's upload speed.
     """
     validate_name(name)
     if not id_column:
@@ -88,17 +93,6 @@ def upsert_documents(
     delimiter = parse_delimiter(delimiter)
     engine = get_engine(settings.database.url)
     with Session(engine, expire_on_commit=False) as session, session.begin():
-        session.execute(
-            pg_insert(Collection)
-            .values(id=uuid.uuid4(), tenant_id=tenant_id, name=name)
-            .on_conflict_do_nothing(constraint="uq_collections_tenant_name")
-        )
-        # Locked: concurrent uploads to one collection apply one after the other.
-        coll = session.scalars(
-            select(Collection)
-            .where(Collection.tenant_id == tenant_id, Collection.name == name)
-            .with_for_update()
-        ).one()
         raw = cast("psycopg.Connection[Any]", session.connection().connection.dbapi_connection)
         raw.execute(
             "CREATE TEMP TABLE documents (LIKE public.documents INCLUDING DEFAULTS "
@@ -112,6 +106,18 @@ def upsert_documents(
             max_document_bytes=settings.jobs.max_document_bytes,
         )
         result = ingest_csv(raw, uuid.uuid4(), upload, opts)
+        # Only now the collection: created on first use, then locked for the merge, so that
+        # concurrent uploads to one collection apply one after the other.
+        session.execute(
+            pg_insert(Collection)
+            .values(id=uuid.uuid4(), tenant_id=tenant_id, name=name)
+            .on_conflict_do_nothing(constraint="uq_collections_tenant_name")
+        )
+        coll = session.scalars(
+            select(Collection)
+            .where(Collection.tenant_id == tenant_id, Collection.name == name)
+            .with_for_update()
+        ).one()
         hash_sql = CONTENT_HASH_SQL.format(col="d.text")
         row = session.execute(
             text(

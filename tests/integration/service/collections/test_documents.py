@@ -3,9 +3,14 @@ tenant isolation, bad CSVs."""
 
 from __future__ import annotations
 
+import io
+import threading
+
 from fastapi.testclient import TestClient
 
+from service.collections.documents import UpsertCounts, upsert_documents
 from service.settings import Settings
+from service.store.keys import hash_key
 from tests.support.helpers import auth, pg, put, sha
 
 
@@ -161,3 +166,62 @@ def test_get_and_delete_one_document(client: TestClient, api_key: str) -> None:
     assert coll["counts"]["documents"] == 1
     missing = client.get("/v1/collections/nope/documents/b", headers=h)
     assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
+
+
+class SlowUpload:
+    """An upload that stalls after its first block until ``gate`` opens: a slow client, or a
+    big file still being parsed and copied."""
+
+    def __init__(self, data: bytes) -> None:
+        self._buf = io.BytesIO(data)
+        self._calls = 0
+        self.stalled = threading.Event()
+        self.gate = threading.Event()
+
+    def read(self, n: int = -1) -> bytes:
+        self._calls += 1
+        if self._calls == 2:
+            self.stalled.set()
+            self.gate.wait(30)
+        return self._buf.read(n)
+
+
+def test_an_upload_in_progress_does_not_hold_the_collection_lock(
+    client: TestClient, api_key: str, settings: Settings
+) -> None:
+    """The collection's row lock is what a scheduled job's finalization waits on (holding its
+    chunk and job rows). An upload takes it only for the merge after its ingest, so while it
+    streams anyone else gets the lock at once; the upload still applies in full."""
+    assert put(client, api_key, "busy", "id,text\nseed,Seed\n").status_code == 200
+    with pg(settings.database.url) as conn:
+        row = conn.execute(
+            "SELECT tenant_id FROM api_keys WHERE key_hash = %s", (hash_key(api_key),)
+        ).fetchone()
+    assert row is not None
+    upload = SlowUpload(
+        ("id,text\n" + "".join(f"doc-{i:06d},text number {i}\n" for i in range(20000))).encode()
+    )
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(upsert_documents(row[0], "busy", upload, settings))  # type: ignore[arg-type]
+        except Exception as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert upload.stalled.wait(30)
+        with pg(settings.database.url) as other, other.transaction():
+            locked = other.execute(
+                "SELECT name FROM collections WHERE name = 'busy' FOR UPDATE NOWAIT"
+            ).fetchone()
+            assert locked == ("busy",)
+    finally:
+        upload.gate.set()
+        thread.join(60)
+    (counts,) = outcome
+    assert counts == UpsertCounts(inserted=20000, updated=0, unchanged=0)
+    info = client.get("/v1/collections/busy", headers=auth(api_key)).json()
+    assert info["counts"]["documents"] == 20001
