@@ -36,6 +36,11 @@ class DatabaseSettings(_Group):
     # A statement waiting on a row lock longer than this fails (and is retried or reported)
     # instead of queueing behind it: one slow tenant's lock never stalls everyone's leases.
     lock_timeout_s: float = env("DB_LOCK_TIMEOUT_S", 10.0, gt=0)
+    # The role the API, workers and beat connect as: `docqueue db upgrade` (run as the schema's
+    # owner) creates it, or resets its password, with rights on rows only (no DDL, no
+    # ownership, not a superuser). Unset: `db upgrade` only migrates.
+    app_role: str | None = env("DB_APP_ROLE", None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    app_password: SecretStr | None = env("DB_APP_PASSWORD", None)
 
 
 class BrokerSettings(_Group):

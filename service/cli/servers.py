@@ -12,10 +12,11 @@ import sys
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from service.cli.output import err, fail, out, redact_url
 from service.errors import ConfigError
-from service.settings import get_settings
+from service.settings import DatabaseSettings, get_settings
 
 #: Merged into the root app; the order here is the order ``docqueue --help`` lists them.
 app = typer.Typer()
@@ -146,13 +147,42 @@ def flower(
 
 
 @db_app.command("upgrade")
-def db_upgrade(revision: Annotated[str, typer.Argument(help="Target revision.")] = "head") -> None:
-    """Apply migrations up to REVISION (default: head)."""
-    from service.store.migrate import upgrade
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+    app_role: Annotated[
+        str | None,
+        typer.Option(
+            help="Role the API and workers connect as, made or updated after migrating "
+            "(default: DOCQUEUE_DB_APP_ROLE; its password from DOCQUEUE_DB_APP_PASSWORD only)."
+        ),
+    ] = None,
+) -> None:
+    """Apply migrations up to REVISION (default: head) as the schema's owner, then create or
+    update the application's role (rights on rows only) when one is configured."""
+    from service.store.migrate import ensure_app_role, upgrade
 
-    url = get_settings().database.url
+    s = get_settings()
+    url = s.database.url
+    role = app_role or s.database.app_role
+    password = s.database.app_password.get_secret_value() if s.database.app_password else ""
+    if app_role is not None:
+        try:  # the rule DOCQUEUE_DB_APP_ROLE follows
+            DatabaseSettings(app_role=app_role)
+        except ValidationError:
+            fail(f"--app-role {app_role!r}: lowercase letters, digits and '_', not first a digit")
+    if role is not None and not password:
+        fail(f"role {role!r} needs DOCQUEUE_DB_APP_PASSWORD", code=2)
     try:
         upgrade(url, revision)
     except Exception as exc:  # connection refused, missing database ...
         fail(f"migration failed: {exc}")
     out.print(f"database at {redact_url(url)} is at revision {revision}")
+    if role is None:
+        return
+    try:
+        ensure_app_role(url, role, password)
+    except ConfigError as exc:
+        fail(str(exc), code=2)
+    except Exception as exc:  # not the database's owner, connection lost ...
+        fail(f"setting up role {role!r} failed: {exc}")
+    out.print(f"role {role} may read and write docqueue's rows (no DDL, not a superuser)")
