@@ -57,6 +57,8 @@ _BUFFER_BYTES = 64 * 1024
 # What the text layer may have read beyond the row it hands the csv reader: its buffer and
 # a decoded block. A row is bounded at max_row_bytes plus this.
 _READ_AHEAD_BYTES = _BUFFER_BYTES + 2 * 8192
+# An unclosed quote's line is found in at most this much of its row's start (kept in memory).
+_KEEP_BYTES = 256 * 1024
 _COPY_BATCH_ROWS = 4000
 _COPY_BATCH_CHARS = 8 * 1024 * 1024
 # COPY text format escapes: backslash first so the others are not escaped twice.
@@ -158,7 +160,8 @@ class _Source(io.RawIOBase):
 
     The reader sets ``mark = count`` after each row; a row is refused once more than
     ``max_row_bytes`` were read since (the text layer reads at most a block or two ahead, which
-    ``_READ_AHEAD_BYTES`` allows for).
+    ``_READ_AHEAD_BYTES`` allows for). The blocks where the current row begins are kept, up to
+    ``_KEEP_BYTES``, for an error to say on which line an unclosed quote opened.
     """
 
     def __init__(self, binary: IO[bytes], max_row_bytes: int) -> None:
@@ -167,7 +170,11 @@ class _Source(io.RawIOBase):
         self._max = max_row_bytes + _READ_AHEAD_BYTES
         self.count = 0  # bytes handed to the text layer
         self.mark = 0  # ``count`` when the current row began (within the read-ahead)
-        self.first_read = -1  # size of the first block (smaller than asked: the whole file)
+        self.newline = b""  # b"\n", or b"\r" in a classic-Mac file: decided on the first block
+        self._newlines = 0  # line ends in the blocks read so far
+        self._kept: list[tuple[int, int, bytes]] = []  # (offset, first line, block)
+        self._kept_bytes = 0
+        self._kept_mark = 0
 
     def readable(self) -> bool:
         return True
@@ -178,20 +185,56 @@ class _Source(io.RawIOBase):
                 data = self._binary.read(len(buffer))
             except OSError as exc:  # pragma: no cover - a broken upload stream
                 raise InvalidFileError(f"could not read the upload: {exc}") from exc
-
-                self.first_read = len(data) if len(data) < len(buffer) else len(buffer) + 1
             if not data:
                 return 0
             if b"\x00" in data:
                 data = data.replace(b"\x00", b"")
                 if not data:
                     continue
-            n = len(data)
+            if not self.newline:
+                self.newline = _newline_of(data[:_SNIFF_BYTES])
+            n, offset = len(data), self.count
             buffer[:n] = data
             self.count += n
+            self._keep(offset, data)
+            self._newlines += data.count(self.newline)
             if self.count - self.mark > self._max:
                 raise _RowTooLong
             return n
+
+    def _keep(self, offset: int, data: bytes) -> None:
+        kept = self._kept
+        if self.mark != self._kept_mark:  # rows were read: drop the blocks before this one's
+            self._kept_mark = self.mark
+            while kept and kept[0][0] + len(kept[0][2]) < self.mark - _READ_AHEAD_BYTES:
+                self._kept_bytes -= len(kept.pop(0)[2])
+        if self._kept_bytes < _KEEP_BYTES:
+            kept.append((offset, self._newlines + 1, data))
+            self._kept_bytes += len(data)
+
+    def text_from(self, line: int) -> str | None:
+        """The file from the start of ``line``, as far as the kept blocks go; None if they
+        do not hold it."""
+        nl, kept = self.newline, self._kept
+        for i, (offset, first, data) in enumerate(kept):
+            if first <= line <= first + data.count(nl):
+                pos = 0
+                for _ in range(line - first):
+                    pos = data.index(nl, pos) + 1
+                chunks, end = [data[pos:]], offset + len(data)
+                for next_offset, _, more in kept[i + 1 :]:
+                    if next_offset != end:
+                        break
+                    chunks.append(more)
+                    end += len(more)
+                return b"".join(chunks).decode("utf-8", "replace")
+        return None
+
+
+def _newline_of(head: bytes) -> bytes:
+    """Rows end in \n or \r\n, or in a classic-Mac file in \r: whichever ends more lines."""
+    lone_cr = head.count(b"\r") - head.count(b"\r\n")
+    return b"\r" if lone_cr > head.count(b"\n") else b"\n"
 
 
 def _sniff_delimiter(sample: list[str], complete: bool = True) -> str:
@@ -204,11 +247,15 @@ def _sniff_delimiter(sample: list[str], complete: bool = True) -> str:
     """
     best, best_score = ",", (False, False, -1, -1)
     for delim in DELIMITERS:
+        rows: list[list[str]] = []
+        cut = not complete
         try:
-            rows = [r for r in csv.reader(sample, delimiter=delim) if r]
-        except csv.Error:
-            continue
-        if not complete and len(rows) > 1:
+            for row in csv.reader(sample, delimiter=delim):
+                if row:
+                    rows.append(row)
+        except csv.Error:  # a field past the size limit: the row it is in was not read
+            cut = False
+        if cut and len(rows) > 1:
             rows.pop()
         if not rows:
             continue
@@ -244,9 +291,7 @@ class CsvReader:
         # The first block, peeked: it stays in the buffer for the reader.
         block = buffered.peek(_BUFFER_BYTES)
         head = block[:_SNIFF_BYTES].removeprefix(codecs.BOM_UTF8)
-        # Rows end in \n or \r\n, or in a classic-Mac file in \r: whichever ends more lines.
-        lone_cr = head.count(b"\r") - head.count(b"\r\n")
-        self.newline = "\r" if lone_cr > head.count(b"\n") else "\n"
+        self.newline = (self.source.newline or b"\n").decode()
         self.sniffed = opts.delimiter is None
         if opts.delimiter is None:
             whole = len(block) < _BUFFER_BYTES and len(block) <= _SNIFF_BYTES
@@ -345,23 +390,55 @@ class CsvReader:
             raise InvalidFileError(f"row {self.row + 1}: {message}", row=self.row + 1, line=line)
         raise InvalidFileError(f"the header: {message}", line=line)
 
+    def _open_line(self, start: int, through: int) -> int:
+        """The line where the quote still open at the end of line ``through`` opened, in the
+        row that began on line ``start``, read again from the kept blocks as the csv reader
+        read it; ``start`` where those no longer hold the row's start."""
+        text = self.source.text_from(start) if through > start else None
+        if text is None:
+            return start
+        nl, delim = self.newline, self.delimiter
+        line, open_at, in_quotes, field_start = start, start, False, True
+        i, n = 0, len(text)
+        while i < n and line <= through:
+            c = text[i]
+            i += 1
+            if in_quotes:
+                if c == '"':
+                    if i < n and text[i] == '"':
+                        i += 1  # an escaped quote
+                    else:
+                        in_quotes = False
+                elif c == nl:
+                    line += 1
+            elif c == '"' and field_start:
+                in_quotes, open_at = True, line
+            elif c == nl:
+                line += 1
+                field_start = True
+                continue
+            field_start = c == delim
+        return open_at if in_quotes else start
+
     def _malformed(self, msg: str, start: int) -> NoReturn:
         """A csv.Error while reading the row that began on line ``start``."""
         now = max(self.reader.line_num, start)
         lines = f"line {start}" if now == start else f"lines {start}-{now}"
         if msg == "unexpected end of data":
+            at = self._open_line(start, now)
             self._fail(
-                f"the quoted field opened on line {start} is never closed (a quote inside a "
+                f"the quoted field opened on line {at} is never closed (a quote inside a "
                 'quoted field is written twice: "")',
-                start,
+                at,
             )
         if "field larger than field limit" in msg:
             if now > start:  # a quoted field ran on over lines: it most likely never closes
+                at = self._open_line(start, now)
                 self._fail(
-                    f"the quoted field opened on line {start} is still open after "
+                    f"the quoted field opened on line {at} is still open after "
                     f"{self.opts.max_document_bytes} characters (at line {now}); is its closing "
                     "quote missing?",
-                    start,
+                    at,
                 )
             what = "a field" if self.header else "a column name"
             self._fail(
@@ -370,11 +447,12 @@ class CsvReader:
             )
         if "expected after" in msg:
             if now > start:  # most likely the quote that opened the row's field never closed
+                at = self._open_line(start, now - 1)
                 self._fail(
-                    f"the quoted field opened on line {start} is likely never closed: a quote "
+                    f"the quoted field opened on line {at} is likely never closed: a quote "
                     f"on line {now} ends it, but text follows that quote (a quote inside a "
                     'quoted field is written twice: "")',
-                    start,
+                    at,
                 )
             self._fail(
                 f"text follows the closing quote of a quoted field on line {now} (a quote "
@@ -395,9 +473,10 @@ class CsvReader:
         now = self.reader.line_num + 1  # the line being read
         limit = self.opts.max_row_bytes
         if now > start:
+            at = self._open_line(start, now)
             self._fail(
-                f"the row is longer than {limit} bytes by line {now}; the quoted field opened "
-                f"on line {start} is likely never closed",
+                f"the row that begins on line {start} is longer than {limit} bytes by line "
+                f"{now}: is the quoted field opened on line {at} missing its closing quote?",
                 start,
             )
         self._fail(

@@ -107,6 +107,23 @@ def test_unclosed_quote_names_the_line_it_opened_on() -> None:
     assert "opened on line 3" in err.message
 
 
+@pytest.mark.parametrize("tail_lines", [3, 5000])
+def test_an_unclosed_quote_after_a_closed_multiline_field_names_its_own_line(
+    tail_lines: int,
+) -> None:
+    """The row begins on line 2, its first quoted field spans lines 2-3 and closes; the one that
+    never closes opens on line 3. With a long tail the field limit or the row bound stops the
+    read: the line is the same."""
+    opts = {"max_document_bytes": 8 * 1024, "max_extra_bytes": 1024}
+    body = 'id,text,note\n1,"multi\nline","never closed\n' + "2,more text,x\n" * tail_lines
+    err = error_of(body, **opts)
+    assert (err.where["row"], err.where["line"]) == (1, 3), err.message
+    assert "opened on line 3" in err.message
+    # Closed on a later line, with text after the closing quote: the same line.
+    err = error_of('id,text,note\n1,"multi\nline","never closed\n2,"x",y\n', **opts)
+    assert (err.where["row"], err.where["line"]) == (1, 3), err.message
+
+
 def test_text_after_a_closing_quote_is_an_error_not_merged() -> None:
     err = error_of('id,text\n1,"abc"def\n')
     assert (err.where["row"], err.where["line"]) == (1, 2)
@@ -156,7 +173,7 @@ def test_a_row_of_many_short_quoted_lines_is_bounded_too() -> None:
     body = "text\n" + '"\n",' * (2 * bound) + "x\n"
     err = error_of(body, delimiter=",", **opts)
     assert err.where["row"] == 1 and err.where["line"] == 2
-    assert "opened on line 2" in err.message
+    assert f"the row that begins on line 2 is longer than {bound} bytes" in err.message
 
 
 def test_a_huge_header_is_a_small_error() -> None:
