@@ -16,24 +16,32 @@ class _Encoded:
         self.input_ids = ids
 
 
+#: A document with this word makes the bench engine hang on its batch (see ``BenchEngine``).
+HANG_WORD = "docqueue-bench-engine-hangs-here"
+#: Its token id, outside the 16-bit range of every other word's: no other word can collide.
+HANG_TOKEN = 0x10000
+
+
 class WhitespaceTokenizer:
     """Just enough of a tokenizer for prompt rendering: one token per word, no chat template."""
 
     chat_template = None
 
     def __call__(self, text: str, add_special_tokens: bool = True) -> _Encoded:
-        return _Encoded([hash(w) & 0xFFFF for w in text.split()])
+        return _Encoded([HANG_TOKEN if w == HANG_WORD else hash(w) & 0xFFFF for w in text.split()])
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return " ".join("w" for _ in ids)
 
 
 class BenchEngine:
-    """Answers every prompt at once; with ``hang``, never answers at all.
+    """Answers every prompt at once; with ``hang``, or for a batch with a prompt that contains
+    ``HANG_WORD``, never answers at all.
 
-    The hang mode stands for an engine that is alive but makes no progress (a wedged GPU, a
+    The hang stands for an engine that is alive but makes no progress (a wedged GPU, a
     deadlocked scheduler): vLLM itself cannot be made to hang on demand, so the heartbeat's
-    progress deadline (``workers.runtime``) is tested with this one."""
+    progress deadline (``workers.runtime``) is tested with this one, in-process (``hang``) and
+    in a real worker process (a document with ``HANG_WORD``)."""
 
     def __init__(self, model: str, max_model_len: int = 1_000_000, hang: bool = False) -> None:
         self.model = model
@@ -47,7 +55,7 @@ class BenchEngine:
 
     def submit(self, requests: list[GenRequest]) -> Batch:
         batch = Batch(len(requests))
-        if self.hang:
+        if self.hang or any(HANG_TOKEN in r.prompt_token_ids for r in requests):
             return batch  # accepted, never answered
         for i, req in enumerate(requests):
             label = req.choices[0] if req.choices else None
