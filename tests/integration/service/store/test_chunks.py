@@ -19,7 +19,7 @@ from service.settings import Settings
 from service.store.chunks import ClaimOutcome, PgChunkStore, RowResult
 from service.store.engine import get_engine
 from service.store.states import ChunkState, JobStatus
-from tests.support.helpers import auth, chunk_rows, expire_lease, job_view, pg, submit
+from tests.support.helpers import auth, chunk_rows, expire_lease, job_view, pg, put, submit
 
 
 def make_store(settings: Settings, lease_s: float = 30, max_attempts: int = 3) -> PgChunkStore:
@@ -501,3 +501,56 @@ def test_model_output_with_a_lone_surrogate_or_nul_is_written(
     assert rows[0]["output"] == "half \ufffd a pair, \U0001f600 whole"
     assert rows[1]["error"] == "engine rejected \ufffd"
     assert job_view(client, api_key, job_id)["status"] == "completed"
+
+
+def test_a_finalize_stuck_on_its_collection_lock_stalls_no_renewal_and_times_out(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """The scenario of the lost leases: a scheduled job's last close finalizes the job, which
+    writes the summaries back under the collection's lock, holding the chunk's row meanwhile.
+    With that lock held elsewhere, the worker's batched renewal (this chunk's lease with
+    another tenant's) still goes through at once, and the close gives up after lock_timeout
+    with a transient error; once the lock is free, the close goes through."""
+    assert put(client, api_key, "slowcoll", "id,text\na,Alpha\nb,Beta\n").status_code == 200
+    schedule = client.post(
+        "/v1/schedules",
+        headers=auth(api_key),
+        json={
+            "collection": "slowcoll",
+            "model": model_name,
+            "task": "summarize",
+            "cron": "0 2 * * *",
+        },
+    ).json()
+    run = client.post(f"/v1/schedules/{schedule['id']}/run", headers=auth(api_key)).json()
+    job_id = run["job"]["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    other_job = submit(client, api_key, "text\nx\n", model=model_name).json()["id"]
+    (other_chunk,) = chunk_rows(settings, other_job)
+    store = PgChunkStore(
+        get_engine(settings.database.url, lock_timeout_s=2.0), lease_s=30, max_attempts=3
+    )
+    lease = store.claim(chunk[0], "w").lease
+    other = store.claim(other_chunk[0], "w").lease
+    assert lease is not None and other is not None
+    store.write(lease, [RowResult(idx=1, output="sum a"), RowResult(idx=2, output="sum b")])
+    outcome: list[Any] = []
+
+    def close() -> None:
+        outcome.extend(run_with_deadline(lambda: store.close(lease, ChunkState.DONE), 6.0))
+
+    with pg(settings.database.url) as holder, holder.transaction():
+        holder.execute("SELECT 1 FROM collections WHERE name = 'slowcoll' FOR UPDATE")
+        closing = threading.Thread(target=close)
+        closing.start()
+        time.sleep(0.3)  # the close now holds the chunk's row and waits for the collection
+        started = time.monotonic()
+        assert run_with_deadline(lambda: store.renew([lease, other]), 1.5) == [set()]
+        assert time.monotonic() - started < 1.0
+        closing.join(8)
+        assert outcome, "the close hung on the collection lock"
+        assert isinstance(outcome[0], StoreUnavailableError) and "lock timeout" in str(outcome[0])
+    store.close(lease, ChunkState.DONE)
+    assert job_view(client, api_key, job_id)["status"] == "completed"
+    docs = client.get("/v1/collections/slowcoll/documents", headers=auth(api_key)).json()
+    assert [d["summary"]["text"] for d in docs["data"]] == ["sum a", "sum b"]
