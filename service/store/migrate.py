@@ -105,9 +105,15 @@ def _apply_role(conn: psycopg.Connection[Any], role: str, password: str) -> None
             "and may act as it: revoke the membership or give DOCQUEUE_DB_APP_ROLE a new name"
         )
     verifier = conn.pgconn.encrypt_password(password.encode(), role.encode(), b"scram-sha-256")
-    attrs = sql.SQL(
-        "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS PASSWORD {}"
-    ).format(sql.Literal(verifier.decode()))
+    # Only a superuser may name SUPERUSER, REPLICATION or BYPASSRLS at all, even to switch them
+    # off; an owner that is not one (a managed database's admin with CREATEROLE) cannot have
+    # given them to the role either, and a new role starts without them.
+    restricted = (
+        "NOSUPERUSER NOREPLICATION NOBYPASSRLS " if _one(conn, "SHOW is_superuser") == "on" else ""
+    )
+    attrs = sql.SQL("LOGIN NOCREATEDB NOCREATEROLE " + restricted + "PASSWORD {}").format(
+        sql.Literal(verifier.decode())
+    )
     verb = "CREATE" if row is None else "ALTER"
     conn.execute(sql.SQL(verb + " ROLE {} {}").format(name, attrs))
 

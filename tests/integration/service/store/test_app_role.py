@@ -267,3 +267,35 @@ def test_db_upgrade_with_a_role_and_no_password_changes_nothing(scratch_role: st
         assert tables == (True,) and role == (0,)
     finally:
         drop_database(name)
+
+
+def test_an_owner_that_is_no_superuser_can_set_up_the_role(scratch_role: str) -> None:
+    """A managed database's admin (CREATEROLE, owns the database, no superuser) runs the same
+    upgrade: the attributes only a superuser may name are left out, and the role is as narrow."""
+    from service.store.migrate import ensure_app_role, upgrade
+
+    owner = f"docqueue_owner_{secrets.token_hex(4)}"
+    name = f"docqueue_test_{secrets.token_hex(4)}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{owner}" LOGIN CREATEROLE')
+        conn.execute(f'CREATE DATABASE "{name}" OWNER "{owner}"')
+    owner_url = (
+        make_url(PG_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1))
+        .set(username=owner, database=name)
+        .render_as_string(hide_password=False)
+    )
+    try:
+        upgrade(owner_url)
+        ensure_app_role(owner_url, scratch_role, "a-long-random-password")
+        ensure_app_role(owner_url, scratch_role, "another-long-password")  # a second upgrade
+        app_url = make_url(owner_url).set(username=scratch_role)
+        with psycopg.connect(_psycopg(app_url.render_as_string(False)), autocommit=True) as conn:
+            assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+            with pytest.raises(errors.InsufficientPrivilege):
+                conn.execute("CREATE TABLE stolen (x int)")
+            with pytest.raises(errors.InsufficientPrivilege):
+                conn.execute("DROP TABLE documents")
+    finally:
+        drop_database(name)
+        _drop_role(scratch_role)
+        _drop_role(owner)
