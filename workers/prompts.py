@@ -48,19 +48,24 @@ def instruction(
     source = params.get("prompt")
     if source is not None and not isinstance(source, str):
         raise RowError("invalid prompt template: not a string")
-    values = {str(k): _text(v) for k, v in (doc.extra or {}).items()}
-    values["text"] = text
-    values["id"] = doc.external_id if doc.external_id is not None else str(doc.idx)
+    task_values: dict[str, str] = {}
     if task == "summarize":
         language = params.get("language")
-        values.setdefault("words", _text(params.get("summary_words", 60)))
-        values.setdefault("language", f", in {_text(language)}" if language else "")
+        task_values["words"] = _text(params.get("summary_words", 60))
+        task_values["language"] = f", in {_text(language)}" if language else ""
         default = SUMMARIZE
     elif task == "classify":
-        values.setdefault("labels", ", ".join(_text(v) for v in params.get("labels") or []))
+        task_values["labels"] = ", ".join(_text(v) for v in params.get("labels") or [])
         default = CLASSIFY
     else:
         default = "{text}"
+    columns = {str(k): _text(v) for k, v in (doc.extra or {}).items()}
+    # A user's template may name a column that shadows a task field ({language} the column);
+    # the built-in instructions always take the job's own values (a CSV column named
+    # 'language' or 'words' must not rewrite "in at most 60 words").
+    values = {**task_values, **columns} if source else {**columns, **task_values}
+    values["text"] = text
+    values["id"] = doc.external_id if doc.external_id is not None else str(doc.idx)
     try:
         template = templates.parse(source or default)
     except templates.TemplateError as exc:

@@ -139,3 +139,15 @@ def test_field_values_are_text_not_templates(tokenizer: Any) -> None:
     assert instruction("generate", {"prompt": "{note}|{text}"}, d, d.text) == (
         "{text!r}|{id.__class__} {0} {{"
     )
+
+
+def test_columns_do_not_rewrite_the_built_in_instructions() -> None:
+    """A CSV with columns named ``words``, ``language`` or ``labels`` (common in real data)
+    leaves the built-in instructions alone; a user's own template may still name them."""
+    d = doc("The text.", words="many", language="en", labels="x")
+    summary = instruction("summarize", {"summary_words": 30, "language": "German"}, d, d.text)
+    assert "at most 30 words, in German." in summary
+    cls = instruction("classify", {"labels": ["pos", "neg"]}, d, d.text)
+    assert "exactly one of: pos, neg." in cls
+    own = instruction("summarize", {"prompt": "{language}/{words}: {text}"}, d, d.text)
+    assert own == "en/many: The text."
