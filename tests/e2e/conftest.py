@@ -23,6 +23,7 @@ def api_server(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
         **os.environ,
         "DOCQUEUE_DATABASE_URL": settings.database.url,
         "DOCQUEUE_REDIS_URL": settings.broker.url,
+        "DOCQUEUE_METRICS_TOKEN": "e2e-metrics-token",  # test_flower.py scrapes /metrics with it
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(

@@ -32,6 +32,7 @@ from tests.support.stack import (
 pytestmark = pytest.mark.e2e
 
 AUTH = ("ops", "s3cret-pass")
+METRICS_TOKEN = "e2e-metrics-token"  # the api_server fixture's DOCQUEUE_METRICS_TOKEN
 
 
 @pytest.fixture(scope="module")
@@ -268,7 +269,13 @@ def test_worker_logs_are_json_lines_with_job_and_chunk(
 
 
 def test_api_metrics_over_http(api_server: str, finished_job: dict[str, Any], model: str) -> None:
-    text = httpx.get(f"{api_server}/metrics", timeout=10).text
+    """A scrape as Prometheus makes it (the api_server fixture sets DOCQUEUE_METRICS_TOKEN);
+    without the token the real server refuses it."""
+    url = f"{api_server}/metrics"
+    assert httpx.get(url, timeout=10).status_code == 401
+    resp = httpx.get(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10)
+    assert resp.status_code == 200
+    text = resp.text
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for fam in text_string_to_metric_families(text)
