@@ -26,6 +26,7 @@ from typing import IO, Any
 
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from service import logs
 from service.errors import DocqueueError, StoreUnavailableError
 from service.jobs.validate import JobRequest
 from service.settings import Settings
@@ -47,21 +48,58 @@ class _Failure:
         return exc
 
 
+class _Capture(logging.Handler):
+    """Keeps a pool process's log records, made picklable, for the API process to emit: its
+    logs (format, destination, job ids) stay the one place a submission is logged."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logs.ContextFilter().filter(record)  # job_id and chunk_id from this process's context
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        self.records.append(record)
+
+
+_Outcome = tuple[uuid.UUID, bool] | _Failure
+
+
 def _create_job(
     tenant_id: uuid.UUID, req: JobRequest, path: str, settings: Settings
-) -> tuple[uuid.UUID, bool] | _Failure:
+) -> tuple[_Outcome, list[logging.LogRecord]]:
     """Runs in a pool process: the whole submission, in its own transaction."""
     from service.jobs.submit import create_job
 
+    root, capture = logging.getLogger(), _Capture()
+    root.setLevel(settings.logs.level)
+    root.addHandler(capture)
     try:
         with open(path, "rb") as upload:
             job, created = create_job(tenant_id, req, upload, settings)
-        return job.id, created
+        return (job.id, created), capture.records
     except DocqueueError as exc:
-        return _Failure(type(exc), exc.message, exc.where)
+        return _Failure(type(exc), exc.message, exc.where), capture.records
     except (OperationalError, InterfaceError) as exc:
         log.warning("database unavailable during a submission: %s", exc)
-        return _Failure(StoreUnavailableError, "database unavailable; retry later", {})
+        failure = _Failure(StoreUnavailableError, "database unavailable; retry later", {})
+        return failure, capture.records
+    finally:
+        root.removeHandler(capture)
+
+
+def _outcome(result: tuple[_Outcome, list[logging.LogRecord]]) -> tuple[uuid.UUID, bool]:
+    """Emits the pool process's log lines here, then returns or raises its outcome."""
+    outcome, records = result
+    for record in records:
+        with logs.log_context(job_id=getattr(record, "job_id", None)):
+            logging.getLogger(record.name).handle(record)
+    if isinstance(outcome, _Failure):
+        raise outcome.rebuild()
+    return outcome
 
 
 def _warm() -> int:
@@ -100,12 +138,8 @@ class SubmitPool:
 
             job, created = create_job(tenant_id, req, upload, settings)
             return job.id, created
-        outcome = self._pool.submit(
-            _create_job, tenant_id, req, _shareable_path(upload), settings
-        ).result()
-        if isinstance(outcome, _Failure):
-            raise outcome.rebuild()
-        return outcome
+        path = _shareable_path(upload)
+        return _outcome(self._pool.submit(_create_job, tenant_id, req, path, settings).result())
 
     async def create_job_async(
         self, tenant_id: uuid.UUID, req: JobRequest, upload: IO[bytes], settings: Settings
@@ -117,10 +151,7 @@ class SubmitPool:
             return await run_in_threadpool(self.create_job, tenant_id, req, upload, settings)
         path = _shareable_path(upload)
         future = self._pool.submit(_create_job, tenant_id, req, path, settings)
-        outcome = await asyncio.wrap_future(future)
-        if isinstance(outcome, _Failure):
-            raise outcome.rebuild()
-        return outcome
+        return _outcome(await asyncio.wrap_future(future))
 
     def close(self) -> None:
         if self._pool is not None:
