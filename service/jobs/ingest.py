@@ -54,9 +54,11 @@ _DELIM_NAMES = {",": "','", ";": "';'", "\t": "tab"}
 # The delimiter is sniffed from at most this much of the file's start (peeked, not re-read).
 _SNIFF_BYTES = 16 * 1024
 _BUFFER_BYTES = 64 * 1024
+# What the text layer decodes at a time (its default, 8 KiB, costs a tenth more CPU per row).
+_TEXT_CHUNK_BYTES = 64 * 1024
 # What the text layer may have read beyond the row it hands the csv reader: its buffer and
-# a decoded block. A row is bounded at max_row_bytes plus this.
-_READ_AHEAD_BYTES = _BUFFER_BYTES + 2 * 8192
+# a decoded chunk, with room to spare. A row is bounded at max_row_bytes plus this.
+_READ_AHEAD_BYTES = 2 * (_BUFFER_BYTES + _TEXT_CHUNK_BYTES)
 # An unclosed quote's line is found in at most this much of its row's start (kept in memory).
 _KEEP_BYTES = 256 * 1024
 _COPY_BATCH_ROWS = 4000
@@ -153,28 +155,40 @@ class _RowTooLong(Exception):
     passed ``max_row_bytes``."""
 
 
+class _Progress:
+    """Where the csv reader is: the line where its last row ended. Written once per row by
+    the reader, read once per block by the source (a slot: the cheapest attribute there is)."""
+
+    __slots__ = ("line",)
+
+    def __init__(self) -> None:
+        self.line = 0
+
+
 class _Source(io.RawIOBase):
     """The upload's bytes as the text layer reads them, in blocks: NUL bytes dropped
     (PostgreSQL text cannot hold them, and UTF-8 has no other 0x00 byte), counted, and the row
     being read bounded, so that no line or multi-line row is ever held beyond that bound.
 
-    The reader sets ``mark = count`` after each row; a row is refused once more than
-    ``max_row_bytes`` were read since (the text layer reads at most a block or two ahead, which
-    ``_READ_AHEAD_BYTES`` allows for). The blocks where the current row begins are kept, up to
-    ``_KEEP_BYTES``, for an error to say on which line an unclosed quote opened.
+    A row is refused once more than ``max_row_bytes`` were read since the block at which the
+    previous row was seen done (``progress``): those bytes all belong to the row, so no row
+    within the bound is ever refused, and no more than ``_READ_AHEAD_BYTES`` (what the text
+    layer reads ahead) beyond it is ever held. The blocks where the current row begins are
+    kept, up to ``_KEEP_BYTES``, for an error to say on which line an unclosed quote opened.
     """
 
-    def __init__(self, binary: IO[bytes], max_row_bytes: int) -> None:
+    def __init__(self, binary: IO[bytes], max_row_bytes: int, progress: _Progress) -> None:
         super().__init__()
         self._binary = binary
-        self._max = max_row_bytes + _READ_AHEAD_BYTES
+        self._max = max_row_bytes
+        self._progress = progress
+        self._row_line = 0  # progress.line as last seen
+        self._row_bytes = 0  # bytes read since then
         self.count = 0  # bytes handed to the text layer
-        self.mark = 0  # ``count`` when the current row began (within the read-ahead)
         self.newline = b""  # b"\n", or b"\r" in a classic-Mac file: decided on the first block
         self._newlines = 0  # line ends in the blocks read so far
         self._kept: list[tuple[int, int, bytes]] = []  # (offset, first line, block)
         self._kept_bytes = 0
-        self._kept_mark = 0
 
     def readable(self) -> bool:
         return True
@@ -196,21 +210,24 @@ class _Source(io.RawIOBase):
             n, offset = len(data), self.count
             buffer[:n] = data
             self.count += n
-            self._keep(offset, data)
+            if self._progress.line != self._row_line:  # rows were read since the last block
+                self._row_line = self._progress.line
+                self._row_bytes = 0
+                self._drop_kept(offset - _READ_AHEAD_BYTES)
+            if self._kept_bytes < _KEEP_BYTES:
+                self._kept.append((offset, self._newlines + 1, data))
+                self._kept_bytes += n
             self._newlines += data.count(self.newline)
-            if self.count - self.mark > self._max:
+            self._row_bytes += n
+            if self._row_bytes > self._max:
                 raise _RowTooLong
             return n
 
-    def _keep(self, offset: int, data: bytes) -> None:
+    def _drop_kept(self, before: int) -> None:
+        """Forgets the kept blocks that end before offset ``before``."""
         kept = self._kept
-        if self.mark != self._kept_mark:  # rows were read: drop the blocks before this one's
-            self._kept_mark = self.mark
-            while kept and kept[0][0] + len(kept[0][2]) < self.mark - _READ_AHEAD_BYTES:
-                self._kept_bytes -= len(kept.pop(0)[2])
-        if self._kept_bytes < _KEEP_BYTES:
-            kept.append((offset, self._newlines + 1, data))
-            self._kept_bytes += len(data)
+        while kept and kept[0][0] + len(kept[0][2]) < before:
+            self._kept_bytes -= len(kept.pop(0)[2])
 
     def text_from(self, line: int) -> str | None:
         """The file from the start of ``line``, as far as the kept blocks go; None if they
@@ -278,15 +295,16 @@ def _first_bad_utf8(value: str) -> int | None:
 class CsvReader:
     """An upload's header and its data rows, checked as they are read.
 
-    Iterating yields the data rows, each a list of exactly ``width`` fields; ``row`` and
-    ``line`` are those of the last row read (``row`` 1-based, the header not counted; ``line``
-    the physical line where the row ends). Every fault is an ``InvalidFileError`` naming them.
+    Iterating yields the data rows, each a list of exactly ``width`` fields; ``line`` is the
+    physical line where the last one read ends (rows are counted by the caller: 1-based, the
+    header not counted). Every fault is an ``InvalidFileError`` naming the row and the line.
     """
 
     def __init__(self, binary: IO[bytes], opts: IngestOptions) -> None:
         csv.field_size_limit(max(opts.max_document_bytes, 1024))
         self.opts = opts
-        self.source = _Source(binary, opts.max_row_bytes)
+        self.progress = _Progress()
+        self.source = _Source(binary, opts.max_row_bytes, self.progress)
         buffered = io.BufferedReader(self.source, _BUFFER_BYTES)
         # The first block, peeked: it stays in the buffer for the reader.
         block = buffered.peek(_BUFFER_BYTES)
@@ -306,19 +324,19 @@ class CsvReader:
         text = io.TextIOWrapper(
             buffered, encoding="utf-8-sig", errors="surrogateescape", newline=self.newline
         )
+        text._CHUNK_SIZE = _TEXT_CHUNK_BYTES  # type: ignore[attr-defined]
         # A line this long has had more than max_row_bytes read since its row began, so the
         # source has refused it already: readline never returns a line cut at this limit.
         line_limit = opts.max_row_bytes + 2 * _READ_AHEAD_BYTES + 1
         lines = iter(functools.partial(text.readline, line_limit), "")
         self.reader = csv.reader(lines, delimiter=self.delimiter, strict=True)
         self.row = 0
-        self.line = 0
         self.header: list[str] = []  # empty while it is being read
         self.header = self._read_header()
         self.width = len(self.header)
 
     def _read_header(self) -> list[str]:
-        reader, source = self.reader, self.source
+        reader = self.reader
         record: list[str] = []
         while not record:
             try:
@@ -331,8 +349,7 @@ class CsvReader:
                 self._malformed(str(exc), self.line + 1)
             except _RowTooLong:
                 self._too_long(self.line + 1)
-            source.mark = source.count
-            self.line = reader.line_num
+            self.progress.line = reader.line_num
         if len(record) > self.opts.max_columns:
             raise InvalidFileError(
                 f"the header has {len(record)} columns; the limit is {self.opts.max_columns} "
@@ -352,6 +369,11 @@ class CsvReader:
             seen.add(name)
         return header
 
+    @property
+    def line(self) -> int:
+        """The line where the last row read ends."""
+        return self.progress.line
+
     def hint(self) -> str:
         """Which delimiter the file was read with, and how to choose another."""
         name = _DELIM_NAMES[self.delimiter]
@@ -363,23 +385,26 @@ class CsvReader:
         return f" (read with delimiter {name}, as given)"
 
     def __iter__(self) -> Iterator[list[str]]:
-        reader, source, width = self.reader, self.source, self.width
-        line = self.line
+        reader, progress, width = self.reader, self.progress, self.width
+        next_record = reader.__next__
+        line, row = progress.line, self.row
         while True:
             try:
-                record = next(reader)
+                record = next_record()
             except StopIteration:
                 return
             except csv.Error as exc:
+                self.row = row
                 self._malformed(str(exc), line + 1)
             except _RowTooLong:
+                self.row = row
                 self._too_long(line + 1)
-            source.mark = source.count
-            line = self.line = reader.line_num
+            line = progress.line = reader.line_num
             if not record:
                 continue  # a blank line
-            self.row += 1
+            row += 1
             if len(record) != width:
+                self.row = row
                 self._wrong_width(record)
             yield record
 
@@ -568,7 +593,7 @@ def ingest_csv(
     limit = opts.max_document_bytes
     char_guard = limit // 4  # below this many characters a field cannot exceed `limit` bytes
     extra_guard = max_extra // 4
-    source = reader.source
+    source, progress = reader.source, reader.progress
     stored = 0  # text, id and extra JSON of the rows so far
     flush_at = _COPY_BATCH_CHARS
 
@@ -627,7 +652,7 @@ def ingest_csv(
                 else:
                     extra = "\\N"
                 batch.append(f"{prefix}{idx}\t{ext}\t{_copy_escape(text)}\t{extra}\n")
-                where.append(reader.line)
+                where.append(progress.line)
                 if stored >= flush_at or len(batch) >= _COPY_BATCH_ROWS:
                     _check_stored(stored, source.count, idx, reader.line)
                     cp.write(_encode_batch(batch, idx - len(batch) + 1, where))
