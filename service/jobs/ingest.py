@@ -67,8 +67,10 @@ _COPY_BATCH_CHARS = 8 * 1024 * 1024
 _COPY_ESCAPES = (("\\", "\\\\"), ("\t", "\\t"), ("\n", "\\n"), ("\r", "\\r"))
 # A row's id, delimiters and quotes, beyond its document and extra columns (max_row_bytes).
 _ROW_SLACK_BYTES = 64 * 1024
-# What rows store (text, id, extra as JSON) may reach this many times the bytes read, plus a
-# little per row (the JSON braces and quotes of a row's few extra columns) and per file.
+# What rows store (text, id and extra as JSON, counted in characters, the column names in
+# bytes) may reach this many times the bytes read, plus a little per row (the JSON braces and
+# quotes of a row's few extra columns) and per file. PostgreSQL's own per-row overhead (tuple
+# header, job id, idx: about 60 bytes) comes on top, bounded by max_rows.
 _STORED_FACTOR = 4
 _STORED_PER_ROW = 64
 _STORED_SLACK = 64 * 1024
