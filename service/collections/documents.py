@@ -98,12 +98,8 @@ def upsert_documents(
             "CREATE TEMP TABLE documents (LIKE public.documents INCLUDING DEFAULTS "
             "INCLUDING INDEXES) ON COMMIT DROP"
         )
-        opts = IngestOptions(
-            text_column=text_column,
-            id_column=id_column,
-            delimiter=delimiter,
-            max_rows=settings.jobs.max_rows_per_job,
-            max_document_bytes=settings.jobs.max_document_bytes,
+        opts = IngestOptions.from_settings(
+            settings, text_column=text_column, id_column=id_column, delimiter=delimiter
         )
         result = ingest_csv(raw, uuid.uuid4(), upload, opts)
         # Only now the collection: created on first use, then locked for the merge, so that
