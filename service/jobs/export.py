@@ -31,8 +31,8 @@ from service.errors import ResultsExpiredError
 Format = Literal["csv", "jsonl"]
 MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson"}
 _FLUSH_BYTES = 256 * 1024
-_PAGE_BYTES = 2 * 1024 * 1024  # what a page aims at (one is sent while the next is read)
-_MAX_BUFFER_BYTES = 8 * 1024 * 1024  # a page past this is read again in a shorter range
+_PAGE_BYTES = 8 * 1024 * 1024  # what a page aims at (one is sent while the next is read)
+_MAX_BUFFER_BYTES = 16 * 1024 * 1024  # a page past this is read again in a shorter range
 _FIRST_PAGE_ROWS = 5_000
 _MAX_PAGE_ROWS = 200_000
 # Characters a spreadsheet reads as the start of a formula (OWASP "CSV injection"): = + - @,
@@ -46,6 +46,10 @@ _FROM = (
     "AND d.job_id = %(job)s AND d.idx > %(lo)s AND d.idx <= %(hi)s ORDER BY r.idx"
 )
 _ID = "coalesce(d.external_id, d.idx::text)"
+# A page is two ordered index range scans merged, like the whole export in one query. With a
+# range on both sides the planner misjudges the join as a few hundred rows and hashes and sorts
+# the page instead (about a third slower), so this transaction rules that out.
+_PLAN = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_sort = off"
 
 
 def _safe_cell(expr: str) -> str:
@@ -158,6 +162,7 @@ def _copy(
     conn = engine.raw_connection()
     try:
         cur = conn.cursor()
+        cur.execute(_PLAN)
         with cur.copy(query, {"job": job_id, "lo": lo, "hi": hi}) as copy:
             for data in copy:
                 buf.append(bytes(data))
