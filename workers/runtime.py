@@ -229,7 +229,13 @@ def start(hostname: str | None = None, settings: Settings | None = None) -> Runt
         enforce_eager=settings.engine.enforce_eager,
         tensor_parallel_size=settings.engine.tensor_parallel_size,
     )
-    db = get_engine(settings.database.url, settings.database.lock_timeout_s)
+    # A frozen worker's open transaction ends after a quarter lease: it must not hold its job's
+    # row lock (and every other worker's progress on that job) until it wakes up.
+    db = get_engine(
+        settings.database.url,
+        settings.database.lock_timeout_s,
+        idle_in_transaction_s=settings.worker.lease_s / 4,
+    )
     _runtime = Runtime(
         settings=settings,
         model=model,

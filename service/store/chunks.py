@@ -144,6 +144,7 @@ class Expired:
     failed: int = 0
     cancelled: int = 0
     skipped: bool = False  # another process holds the pass
+    busy_jobs: int = 0  # expired leases left to the next pass: their job was locked elsewhere
 
 
 class Unsent(NamedTuple):
@@ -465,9 +466,17 @@ class PgChunkStore:
                 )
             ).all()
             for chunk_id, job_id in expired:
-                conn.execute(
-                    text("SELECT 1 FROM jobs WHERE id = :j FOR NO KEY UPDATE"), {"j": job_id}
-                )
+                # A job locked elsewhere (its worker frozen mid-transaction) waits for the
+                # next pass; waiting here would stall expiry for every other job.
+                if (
+                    conn.execute(
+                        text("SELECT 1 FROM jobs WHERE id = :j FOR NO KEY UPDATE SKIP LOCKED"),
+                        {"j": job_id},
+                    ).first()
+                    is None
+                ):
+                    report.busy_jobs += 1
+                    continue
                 c = conn.execute(
                     text(
                         """
@@ -594,9 +603,10 @@ def _close_cancelling(conn: Connection) -> int:
     closed = 0
     for job_id in jobs:
         status = conn.execute(
-            text("SELECT status FROM jobs WHERE id = :j FOR NO KEY UPDATE"), {"j": job_id}
+            text("SELECT status FROM jobs WHERE id = :j FOR NO KEY UPDATE SKIP LOCKED"),
+            {"j": job_id},
         ).scalar()
-        if status != JobStatus.CANCELLING:
+        if status != JobStatus.CANCELLING:  # finished, or locked elsewhere: the next pass
             continue
         queued = conn.execute(
             text("SELECT id FROM chunks WHERE job_id = :j AND state = 'queued' ORDER BY seq"),
