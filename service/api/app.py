@@ -28,6 +28,7 @@ from service.errors import (
     PayloadTooLargeError,
     StoreUnavailableError,
 )
+from service.jobs import pool
 from service.settings import Settings, get_settings
 from service.store.chunks import PgChunkStore
 from service.store.engine import get_engine
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.db = db
     app.state.store = PgChunkStore.from_settings(settings, db)
+    pool.shared(settings)  # the submit processes start now, not under the first uploads
     app.add_exception_handler(DocqueueError, _docqueue_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

@@ -9,14 +9,19 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Form, Header, Query, Response, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import AfterValidator, BaseModel, Field, field_validator
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
 
 from service.api import schemas
 from service.api.deps import Auth, Db, SettingsDep, Store, tx
+from service.api.downloads import ExportResponse, Slots
 from service.api.schemas import ERRORS, JobList, JobOut
 from service.contract import parse_priority
 from service.errors import InvalidParameterError, ResultsExpiredError
-from service.jobs import export, queries, submit, validate
+from service.jobs import export, pool, queries, submit, validate
+from service.settings import Settings
 from service.store.states import JobStatus
+from service.store.tables import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
@@ -83,7 +88,7 @@ class JobForm(BaseModel):
 
 
 @router.post("", status_code=202, response_model=JobOut)
-def submit_job(
+async def submit_job(
     who: Auth,
     settings: SettingsDep,
     db: Db,
@@ -123,7 +128,13 @@ def submit_job(
         source_name=form.file.filename,
         extra_params={k: v for k, v in extra.items() if v is not None},
     )
-    job, created = submit.create_job(who.tenant_id, req, form.file.file, settings)
+    # Async, and parsed in a pool process: an upload neither holds the GIL here nor one of the
+    # threads that status polls are served from while it waits for its turn to be parsed.
+    submissions = pool.shared(settings)
+    job_id, created = await submissions.create_job_async(
+        who.tenant_id, req, form.file.file, settings
+    )
+    job, served = await run_in_threadpool(_job_and_served, db, who.tenant_id, job_id, settings)
     if created:
         # Messages go out after the response: the client does not wait on Redis, and a crash
         # in between leaves enqueued_at NULL for the reconciler to send.
@@ -131,9 +142,16 @@ def submit_job(
     else:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    with tx(db) as session:
-        served = {w.model for w in queries.live_workers(session, settings)}
     return JobOut.of(job, served)
+
+
+def _job_and_served(
+    db: Engine, tenant_id: uuid.UUID, job_id: uuid.UUID, settings: Settings
+) -> tuple[Job, set[str]]:
+    with tx(db) as session:
+        job = queries.get_job(session, tenant_id, job_id)
+        served = {w.model for w in queries.live_workers(session, settings)}
+    return job, served
 
 
 @router.get("", response_model=JobList)
@@ -183,15 +201,22 @@ def job_results(
     who: Auth,
     settings: SettingsDep,
     db: Db,
+    slots: Slots,
     format: Annotated[export.Format, Query()] = "csv",
 ) -> StreamingResponse:
-    """Results in input order, streamed; while the job runs, the rows done so far."""
+    """Results in input order, streamed; while the job runs, the rows done so far. At most
+    ``max_concurrent_exports`` at once per API process (503 with ``Retry-After`` past that); a
+    client that takes nothing for ``export_send_timeout_s`` is cut off."""
     with tx(db) as session:
         job = queries.get_job(session, who.tenant_id, job_id)
     if job.results_expired_at is not None:  # purged by retention: 410, the job stays
         raise ResultsExpiredError.for_job(job.id, job.results_expired_at, settings.retention.days)
-    return StreamingResponse(
+    slots.acquire(settings.api.max_concurrent_exports)  # released when the response ends
+    return ExportResponse(
         export.stream_results(db, job.id, format),
+        slots=slots,
+        send_timeout_s=settings.api.export_send_timeout_s,
+        what=f"job {job.id}",
         media_type=export.MEDIA_TYPES[format],
         headers={
             "Content-Disposition": f'attachment; filename="{job.id}.{format}"',
