@@ -197,6 +197,9 @@ def main() -> int:
     polls = [p for r in runs for p in r["polls"]]
     during = [lat for start, lat in polls if any(a <= start <= b for a, b in windows)]
     all_lat = [lat for _, lat in polls]
+    last_upload = max(b for _, b in windows)
+    after = [lat for start, lat in polls if start > last_upload]
+    late = [lat for start, lat in polls if start > last_upload + 5]
     upload_s = [u[3] - u[2] for u in uploads]
     statuses = [s for r in runs for s in r["statuses"]]
     errors = [r["error"] for r in runs if "error" in r]
@@ -212,7 +215,12 @@ def main() -> int:
     print(f"uploads: {len(uploads)}; latency p50 {up50} ms, p99 {up99} ms")
     print("| status polls | n | p50 ms | p90 ms | p99 ms | max ms |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, lat in (("all", all_lat), ("while uploads were in flight", during)):
+    for name, lat in (
+        ("all", all_lat),
+        ("while uploads were in flight", during),
+        ("after the last upload", after),
+        ("5 s after the last upload", late),
+    ):
         if lat:
             print(
                 f"| {name} | {len(lat)} | {ms(_pct(lat, 0.5))} | {ms(_pct(lat, 0.9))} | "

@@ -14,14 +14,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import collections, health, jobs, metrics, schedules, served_models
-from service.api.deps import PRINCIPAL
+from service.api.deps import PRINCIPAL, read
 from service.errors import (
     AuthError,
     DocqueueError,
@@ -161,7 +160,7 @@ class Boundary:
         await self.app(scope, counted, guarded)
 
     def _authenticate(self, authorization: str | None) -> Principal:
-        with Session(self.db) as session:
+        with read(self.db) as session:  # one round trip: no BEGIN/COMMIT around the lookup
             return authenticate(session, authorization)
 
     def _limit(self, method: str, path: str, content_type: str) -> tuple[int, str]:

@@ -8,28 +8,33 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from service.settings import Settings
 from service.store.chunks import PgChunkStore
 from service.store.keys import Principal, authenticate
 
+# These three are async although they do no I/O: FastAPI runs a sync dependency in its thread
+# pool, and three thread hops per request were a measurable part of a status poll.
 
-def get_settings(request: Request) -> Settings:
+
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_db(request: Request) -> Engine:
+async def get_db(request: Request) -> Engine:
     db: Engine = request.app.state.db
     return db
 
 
-def get_store(request: Request) -> PgChunkStore:
+async def get_store(request: Request) -> PgChunkStore:
     store: PgChunkStore = request.app.state.store
     return store
 
@@ -42,11 +47,24 @@ def tx(db: Engine) -> Iterator[Session]:
         yield session
 
 
+@contextmanager
+def read(db: Engine) -> Iterator[Session]:
+    """Reads without a transaction (autocommit): no BEGIN and COMMIT round trips, for routes
+    that read one consistent row or accept rows read a moment apart (status polls)."""
+    with Session(_autocommit(db)) as session:
+        yield session
+
+
+@lru_cache(maxsize=16)
+def _autocommit(db: Engine) -> Engine:
+    return db.execution_options(isolation_level="AUTOCOMMIT")
+
+
 #: Where ``service.api.app.Boundary`` leaves the caller's tenant in ``scope["state"]``.
 PRINCIPAL = "principal"
 
 
-def principal(
+async def principal(
     request: Request,
     db: Annotated[Engine, Depends(get_db)],
     authorization: Annotated[str | None, Header()] = None,
@@ -57,7 +75,11 @@ def principal(
     who = getattr(request.state, PRINCIPAL, None)
     if isinstance(who, Principal):
         return who
-    with Session(db) as session:
+    return await run_in_threadpool(_authenticate, db, authorization)
+
+
+def _authenticate(db: Engine, authorization: str | None) -> Principal:
+    with read(db) as session:
         return authenticate(session, authorization)
 
 

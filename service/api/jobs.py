@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from service.api import schemas
-from service.api.deps import Auth, Db, SettingsDep, Store, tx
+from service.api.deps import Auth, Db, SettingsDep, Store, read, tx
 from service.api.downloads import ExportResponse, Slots
 from service.api.schemas import ERRORS, JobList, JobOut
 from service.contract import parse_priority
@@ -138,7 +138,8 @@ async def submit_job(
     if created:
         # Messages go out after the response: the client does not wait on Redis, and a crash
         # in between leaves enqueued_at NULL for the reconciler to send.
-        background.add_task(submit.enqueue_job, job.id, settings)
+        if not submissions.enqueue_later(job.id, settings):
+            background.add_task(submit.enqueue_job, job.id, settings)
     else:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -147,10 +148,10 @@ async def submit_job(
 
 def _job_and_served(
     db: Engine, tenant_id: uuid.UUID, job_id: uuid.UUID, settings: Settings
-) -> tuple[Job, set[str]]:
+) -> tuple[Job, frozenset[str]]:
     with tx(db) as session:
         job = queries.get_job(session, tenant_id, job_id)
-        served = {w.model for w in queries.live_workers(session, settings)}
+        served = queries.served_models(session, settings)
     return job, served
 
 
@@ -167,7 +168,7 @@ def list_jobs(
     before = _decode_token(page_token) if page_token else None
     with tx(db) as session:
         rows = queries.list_jobs(session, who.tenant_id, status=status, limit=limit, before=before)
-        served = {w.model for w in queries.live_workers(session, settings)}
+        served = queries.served_models(session, settings)
     token = _encode_token(rows[-1].created_at, rows[-1].id) if len(rows) == limit else None
     return JobList(data=[JobOut.of(j, served) for j in rows], next_page_token=token)
 
@@ -175,9 +176,9 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, who: Auth, settings: SettingsDep, db: Db) -> JobOut:
     """Status, counts, percent, tokens and, while running, documents/s and ETA."""
-    with tx(db) as session:
+    with read(db) as session:  # one row: no transaction needed, and none is paid for
         job = queries.get_job(session, who.tenant_id, job_id)
-        served = {w.model for w in queries.live_workers(session, settings)}
+        served = queries.served_models(session, settings)
     return JobOut.of(job, served)
 
 

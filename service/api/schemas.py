@@ -11,6 +11,7 @@ import math
 import re
 import uuid
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -243,7 +244,7 @@ class JobOut(BaseModel):
     warning: str | None = None
 
     @classmethod
-    def of(cls, job: Job, served: set[str] | None = None) -> JobOut:
+    def of(cls, job: Job, served: AbstractSet[str] | None = None) -> JobOut:
         """The job as the API shows it; with ``served``, whether a live worker serves its
         model (an unserved open job waits, and says so)."""
         p = progress(job, datetime.now(UTC))

@@ -15,6 +15,7 @@ with their type, message and location, so the client sees the same 4xx as before
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -102,6 +103,19 @@ def _outcome(result: tuple[_Outcome, list[logging.LogRecord]]) -> tuple[uuid.UUI
     return outcome
 
 
+def _lower_priority() -> None:
+    """Pool processes yield the CPU to the serving process: a status poll waiting behind an
+    upload's parsing is the latency users see; the upload itself barely slows down."""
+    with contextlib.suppress(OSError):  # not permitted: run at the same priority
+        os.nice(10)
+
+
+def _log_failure(future: Future[Any]) -> None:
+    exc = future.exception()
+    if exc is not None:
+        log.error("sending chunk messages from the submit pool failed: %s", exc)
+
+
 def _warm() -> int:
     """Imports the submission path, so the first upload does not pay for it."""
     import service.jobs.submit  # noqa: F401
@@ -126,7 +140,9 @@ class SubmitPool:
         self._pool: ProcessPoolExecutor | None = None
         if processes > 0:
             # spawn, not fork: the API process has threads (and a database pool) by now.
-            self._pool = ProcessPoolExecutor(max_workers=processes, mp_context=get_context("spawn"))
+            self._pool = ProcessPoolExecutor(
+                max_workers=processes, mp_context=get_context("spawn"), initializer=_lower_priority
+            )
             self._warming: list[Future[int]] = [self._pool.submit(_warm) for _ in range(processes)]
 
     def create_job(
@@ -152,6 +168,17 @@ class SubmitPool:
         path = _shareable_path(upload)
         future = self._pool.submit(_create_job, tenant_id, req, path, settings)
         return _outcome(await asyncio.wrap_future(future))
+
+    def enqueue_later(self, job_id: uuid.UUID, settings: Settings) -> bool:
+        """Sends the job's chunk messages from a pool process, not waited for (the reconciler
+        sends whatever a crash left unsent). False without a pool: the caller sends them."""
+        if self._pool is None:
+            return False
+        from service.jobs.submit import enqueue_job
+
+        future = self._pool.submit(enqueue_job, job_id, settings)
+        future.add_done_callback(_log_failure)
+        return True
 
     def close(self) -> None:
         if self._pool is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from datetime import datetime, timedelta
 from typing import NamedTuple
@@ -48,16 +50,37 @@ def list_jobs(
     return list(session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)))
 
 
+_SERVED_TTL_S = 1.0
+_served: dict[str, tuple[float, frozenset[str]]] = {}
+_served_lock = threading.Lock()
+
+
+def served_models(session: Session, settings: Settings) -> frozenset[str]:
+    """The models live workers serve, as every job view's ``warning`` needs them: read at most
+    once a second per process (workers heartbeat every ``heartbeat_s``, 10 s by default), so a
+    status poll costs one query, not two."""
+    key = settings.database.url
+    now = time.monotonic()
+    with _served_lock:
+        hit = _served.get(key)
+        if hit is not None and now - hit[0] < _SERVED_TTL_S:
+            return hit[1]
+    return frozenset(w.model for w in live_workers(session, settings))
+
+
 def live_workers(session: Session, settings: Settings) -> list[Worker]:
     """Workers whose heartbeat is recent enough to count them as serving their model."""
     horizon = live_horizon_s(settings)
-    return list(
+    workers = list(
         session.scalars(
             select(Worker)
             .where(Worker.last_heartbeat_at > func.now() - timedelta(seconds=horizon))
             .order_by(Worker.model, Worker.name)
         )
     )
+    with _served_lock:  # what served_models answers next, until it is a second old
+        _served[settings.database.url] = (time.monotonic(), frozenset(w.model for w in workers))
+    return workers
 
 
 class Progress(NamedTuple):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from typing import Any
 
@@ -124,3 +125,19 @@ def put(client: TestClient, key: str, name: str, body: str, **fields: Any) -> An
 
 def sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def wait_enqueued(settings: Settings, job_id: str, chunks: int, timeout_s: float = 15.0) -> None:
+    """The submit pool sends a job's messages after the 202, as a real API does after its
+    response: wait until every chunk is stamped as sent."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with pg(settings.database.url) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM chunks WHERE job_id = %s AND enqueued_at IS NOT NULL",
+                (job_id,),
+            ).fetchone()
+        if row and row[0] == chunks:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id}: its {chunks} chunk messages were not sent")

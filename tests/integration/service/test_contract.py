@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.contract import TASK_RUN_CHUNK, queue_for_model
 from service.settings import Settings
-from tests.support.helpers import override, pg, submit
+from tests.support.helpers import override, pg, submit, wait_enqueued
 
 
 def _messages(client: redis.Redis, queue: str) -> list[dict]:
@@ -29,6 +29,7 @@ def test_one_message_per_chunk_with_the_chunk_id_only(
     secret = "CONFIDENTIAL-PAYLOAD-" + uuid.uuid4().hex
     body = "id,text\n" + "".join(f"d{i},{secret} number {i}\n" for i in range(10))
     job = submit(client, api_key, body, model=model_name, id_column="id", chunk_size=3).json()
+    wait_enqueued(settings, job["id"], 4)
     queue = queue_for_model(model_name)
     assert job["queue"] == queue
     raw = redis_client.lrange(queue, 0, -1)
@@ -61,11 +62,13 @@ def test_one_message_per_chunk_with_the_chunk_id_only(
 def test_each_model_has_its_own_queue(
     client: TestClient,
     api_key: str,
+    settings: Settings,
     redis_client: redis.Redis,
 ) -> None:
     a, b = f"org/model-a-{uuid.uuid4().hex[:6]}", f"/models/model-b-{uuid.uuid4().hex[:6]}"
-    submit(client, api_key, "text\nx\n", model=a)
-    submit(client, api_key, "text\nx\ny\n", model=b, chunk_size=1)
+    wait_enqueued(settings, submit(client, api_key, "text\nx\n", model=a).json()["id"], 1)
+    job_b = submit(client, api_key, "text\nx\ny\n", model=b, chunk_size=1).json()
+    wait_enqueued(settings, job_b["id"], 2)
     assert redis_client.llen(queue_for_model(a)) == 1
     assert redis_client.llen(queue_for_model(b)) == 2
 

@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from service.api.app import create_app
 from service.contract import queue_for_model, queues_for_model
 from service.settings import Settings
-from tests.support.helpers import auth, override, pg, submit
+from tests.support.helpers import auth, override, pg, submit, wait_enqueued
 
 TOKEN = "metrics-token-for-tests-0123456789"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -76,6 +76,7 @@ def test_api_metrics_follow_jobs(
     before = scrape(metrics_text(scraper))
     body = "text\n" + "".join(f"document {i}\n" for i in range(7))
     job = submit(client, api_key, body, model=model_name, chunk_size=3).json()
+    wait_enqueued(settings, job["id"], 3)
     resp = scraper.get("/metrics", headers=BEARER)
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     after = scrape(resp.text)

@@ -122,8 +122,9 @@ def test_chunks_cover_every_document_once(
     assert resp.status_code == 202, resp.text
     job = resp.json()
     assert job["chunks"] == math.ceil(n / size)
-    from tests.support.helpers import pg
+    from tests.support.helpers import pg, wait_enqueued
 
+    wait_enqueued(settings, job["id"], job["chunks"])
     with pg(settings.database.url) as conn:
         ranges = conn.execute(
             "SELECT seq, start_idx, end_idx, state, enqueued_at IS NOT NULL FROM chunks "
