@@ -31,9 +31,9 @@ app.conf.update(
     # Flower shows workers and tasks only when they send events.
     worker_send_task_events=True,
     task_send_sent_event=True,
-    # A broker connection lost mid-chunk means the message will be redelivered; stop the
-    # running work instead of finishing it twice.
-    worker_cancel_long_running_tasks_on_connection_loss=True,
+    # Not worker_cancel_long_running_tasks_on_connection_loss: the threads pool cannot cancel
+    # a running task (it logged NotImplementedError on every Redis loss). A chunk whose message
+    # is redelivered meanwhile is fenced by its lease: the second claim finds it leased.
     # Leave Celery's own logging setup alone (docqueue configures logging).
     worker_hijack_root_logger=False,
     # Retries are scheduled by docqueue (Postgres attempts), never by a broker-side loop.

@@ -55,7 +55,13 @@ def submit(
     delimiter: Annotated[
         str | None, typer.Option(help="',' ';' or 'tab' (default: sniffed).")
     ] = None,
-    idempotency_key: Annotated[str | None, typer.Option(help="Same key, same job.")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Same key and same request: the same job; another request under a used key "
+            "is refused."
+        ),
+    ] = None,
     summary_words: Annotated[int | None, typer.Option(help="summarize: summary length.")] = None,
     language: Annotated[str | None, typer.Option(help="summarize: output language.")] = None,
     wait: Annotated[

@@ -220,6 +220,8 @@ def list_documents(
             after = base64.urlsafe_b64decode(page_token.encode()).decode()
         except Exception:
             raise InvalidParameterError("invalid page_token", field="page_token") from None
+        if "\x00" in after:  # PostgreSQL text cannot hold it: a 500 otherwise
+            raise InvalidParameterError("invalid page_token", field="page_token")
         q = q.where(cd.external_id > after)
     docs = list(session.scalars(q.order_by(cd.external_id).limit(limit)))
     token = None

@@ -235,9 +235,14 @@ def job_request(
         value = params.get(name)
         if value is None:
             return None
+        if isinstance(value, str) and not (value.isascii() and value.strip()):
+            # int() and float() take Unicode digits ("٣"); a stored schedule takes ASCII only.
+            raise InvalidParameterError(
+                f"params.{name} must be a {kind.__name__}", field=f"params.{name}"
+            )
         try:
             return kind(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InvalidParameterError(
                 f"params.{name} must be a {kind.__name__}", field=f"params.{name}"
             ) from None

@@ -423,6 +423,8 @@ def test_hostile_job_fields_are_422(
         ({"temperature": float("nan")}, "params.temperature"),
         ({"seed": {"nested": [1]}}, "params.seed"),
         ({"seed": 10**30}, "seed"),
+        ({"max_tokens": "\u0663"}, "params.max_tokens"),  # ARABIC-INDIC DIGIT THREE: int() takes it
+        ({"summary_words": "1\u0660"}, "params.summary_words"),
     ],
 )
 def test_hostile_schedule_params_are_422(
@@ -482,3 +484,13 @@ def test_database_down_at_the_key_check_is_503_not_500(settings: Settings, api_k
         resp = c.post("/v1/jobs", headers=auth(api_key), files={"file": ("a.csv", b"text\nx\n")})
     assert resp.status_code == 503, resp.text
     assert resp.json()["error"]["code"] == "unavailable"
+
+
+def test_nul_in_a_documents_page_token_is_422(
+    client: TestClient, api_key: str, collection: str
+) -> None:
+    """``AA==`` decodes to a NUL, which PostgreSQL text cannot hold (it was a 500)."""
+    resp = client.get(
+        f"/v1/collections/{collection}/documents?page_token=AA==", headers=auth(api_key)
+    )
+    assert_field(resp, "page_token")
