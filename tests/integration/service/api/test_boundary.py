@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from typing import Any
 
 import pytest
@@ -82,8 +82,8 @@ class Upload:
             self.read += len(data)
             return {"type": "http.request", "body": data, "more_body": True}
 
-        async def send(message: dict[str, Any]) -> None:
-            self.messages.append(message)
+        async def send(message: MutableMapping[str, Any]) -> None:
+            self.messages.append(dict(message))
 
         raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         raw += [
@@ -407,7 +407,7 @@ def test_hostile_idempotency_key_is_422(
 def test_hostile_job_fields_are_422(
     client: TestClient, api_key: str, settings: Settings, field: str, value: str
 ) -> None:
-    fields = {"task": "classify", "labels": "a,b", field: value}
+    fields: dict[str, Any] = {"task": "classify", "labels": "a,b", field: value}
     assert_field(submit(client, api_key, CSV, **fields), field)
     assert tenant_totals(settings.database.url, api_key) == (0, 0, 0)
 
