@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,16 +34,28 @@ def get_engine(
     if lock_timeout_s is None:
         lock_timeout_s = settings.database.lock_timeout_s
     options = f"-c lock_timeout={max(1, round(lock_timeout_s * 1000))}"
+    connect_args: dict[str, Any] = {}
     if idle_in_transaction_s is not None:
         idle_ms = max(1000, round(idle_in_transaction_s * 1000))
         options += f" -c idle_in_transaction_session_timeout={idle_ms}"
+        # The worker's side of a partition: data unacknowledged for as long (and keepalives
+        # unanswered) fails the connection, so the worker reconnects once the link heals
+        # instead of waiting out TCP's retransmission backoff (minutes).
+        connect_args |= {
+            "tcp_user_timeout": idle_ms,
+            "keepalives": 1,
+            "keepalives_idle": max(1, idle_ms // 1000),
+            "keepalives_interval": max(1, idle_ms // 3000),
+            "keepalives_count": 3,
+            "connect_timeout": max(2, idle_ms // 1000),
+        }
     return create_engine(
         url,
         pool_pre_ping=True,
         pool_size=10,
         max_overflow=10,
         hide_parameters=True,
-        connect_args={"options": options},
+        connect_args={"options": options, **connect_args},
     )
 
 

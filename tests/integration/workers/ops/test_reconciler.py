@@ -13,7 +13,16 @@ from fastapi.testclient import TestClient
 from service.contract import make_celery, queue_for_model
 from service.settings import Settings
 from service.store.chunks import ClaimOutcome, PgChunkStore
-from tests.support.helpers import auth, chunk_rows, expire_lease, job_view, override, pg, submit
+from tests.support.helpers import (
+    auth,
+    chunk_rows,
+    expire_lease,
+    job_view,
+    override,
+    pg,
+    submit,
+    wait_enqueued,
+)
 from workers.ops.broker import chunk_ids_in_broker
 from workers.ops.reconciler import reconcile
 
@@ -30,6 +39,7 @@ def test_reconciler_requeues_expired_leases_then_gives_up(
     redis_client: redis.Redis,
 ) -> None:
     job_id = submit(client, api_key, "text\na\nb\n", model=model_name).json()["id"]
+    wait_enqueued(settings, job_id, 1)  # the submit pool sends after the 202
     (chunk,) = chunk_rows(settings, job_id)
     queue = queue_for_model(model_name)
     redis_client.delete(queue)
@@ -65,6 +75,7 @@ def test_reconciler_resends_lost_messages_only(
     redis_client: redis.Redis,
 ) -> None:
     job_id = submit(client, api_key, "text\na\nb\nc\n", model=model_name, chunk_size=1).json()["id"]
+    wait_enqueued(settings, job_id, 3)
     queue = queue_for_model(model_name)
     chunks = chunk_rows(settings, job_id)
     assert redis_client.llen(queue) == 3
@@ -93,6 +104,7 @@ def test_reconciler_resends_a_delivery_to_a_dead_worker(
     """A message delivered (unacked) long ago whose chunk was never claimed went to a worker
     that died before claiming it; a recent delivery is left alone."""
     job_id = submit(client, api_key, "text\na\n", model=model_name).json()["id"]
+    wait_enqueued(settings, job_id, 1)
     (chunk,) = chunk_rows(settings, job_id)
     queue = queue_for_model(model_name)
     raw = redis_client.lpop(queue)
@@ -129,6 +141,7 @@ def test_a_chunk_never_sent_is_left_to_its_submitter_until_requeue_after_s(
     must not send them too (a doubled message); one that was never sent, because Redis was down
     or the API died, is sent once it has been queued for ``requeue_after_s``."""
     job_id = submit(client, api_key, "text\na\n", model=model_name).json()["id"]
+    wait_enqueued(settings, job_id, 1)
     (chunk,) = chunk_rows(settings, job_id)
     queue = queue_for_model(model_name)
     redis_client.delete(queue)
@@ -163,6 +176,7 @@ def test_reconciler_closes_the_queued_chunks_of_a_cancelling_job(
     job stays ``cancelling`` forever. (Today's cancel closes queued chunks itself; jobs cancelled
     by an earlier version, whose cancel left them to their claims, are in this state.)"""
     job_id = submit(client, api_key, "text\na\nb\n", model=model_name, chunk_size=1).json()["id"]
+    wait_enqueued(settings, job_id, 2)
     first, second = chunk_rows(settings, job_id)
     queue = queue_for_model(model_name)
     redis_client.delete(queue)  # every message lost
