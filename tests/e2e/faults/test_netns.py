@@ -182,8 +182,7 @@ def test_cut_off_worker_is_taken_over_and_its_late_writes_refused(
     wait_for(
         "the remote worker to heartbeat again after the link healed",
         lambda: dep.sql(
-            "SELECT 1 FROM workers WHERE name = %s "
-            "AND last_heartbeat_at > now() - interval '5 s'",
+            "SELECT 1 FROM workers WHERE name = %s AND last_heartbeat_at > now() - interval '5 s'",
             remote.name,
         ),
         60,
