@@ -105,7 +105,7 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+            proc.wait(timeout=30)  # then SIGKILL: a test's teardown need not wait for vLLM
         except (subprocess.TimeoutExpired, ProcessLookupError):
             pass
     with contextlib.suppress(ProcessLookupError):

@@ -319,6 +319,9 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+# The test restarts a vLLM engine on the CPU, and the module's worker is stopped in its
+# teardown (pytest-timeout counts both): 300 s was crossed on a 2-core CI host.
+@pytest.mark.timeout(600)
 def test_engine_death_is_transient_the_chunk_retries_elsewhere(
     settings: Settings, api_server: str, worker: Any, model: str, key: str
 ) -> None:
