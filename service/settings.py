@@ -59,6 +59,9 @@ class JobSettings(_Group):
     default_model: str = env("DEFAULT_MODEL", "smollm2-135m-instruct")
     default_chunk_size: int = env("DEFAULT_CHUNK_SIZE", 256, gt=0)
     max_chunk_size: int = env("MAX_CHUNK_SIZE", 10_000, gt=0)
+    # Smaller chunks are refused: each chunk is a row, a claim and a message, so a million-row
+    # job at chunk_size=1 would cost a million of each.
+    min_chunk_size: int = env("MIN_CHUNK_SIZE", 8, gt=0)
     default_max_tokens: int = env("DEFAULT_MAX_TOKENS", 256, gt=0)
     summary_words: int = env("SUMMARY_WORDS", 60, gt=0)
     # Bounds on what one upload may make PostgreSQL store beyond its documents' text: the
@@ -123,6 +126,20 @@ class WorkerSettings(_Group):
     # port + i (one process per GPU). None: no worker metrics endpoint.
     metrics_port: int | None = env("WORKER_METRICS_PORT", None, gt=0, lt=65536)
     metrics_address: str = env("WORKER_METRICS_ADDRESS", "0.0.0.0")  # scraped from other hosts
+
+
+class DispatchSettings(_Group):
+    """The dispatcher (service/dispatcher.py): chunks wait in PostgreSQL and are released to
+    their model's queues only as workers can take them."""
+
+    # Messages a model may have waiting in Redis beyond what its live workers hold in flight
+    # (their Celery slots): enough that a worker finishing a chunk finds the next one at once,
+    # few enough that another tenant's new job waits behind only these.
+    ahead: int = env("DISPATCH_AHEAD", 4, ge=1)
+
+
+class QuotaSettings(_Group):
+    """Default per-tenant quotas (a tenant's own values, set by an admin, override these)."""
 
 
 class EngineSettings(_Group):
@@ -215,6 +232,8 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     client: ClientSettings = Field(default_factory=ClientSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     logs: LogSettings = Field(default_factory=LogSettings)
     flower: FlowerSettings = Field(default_factory=FlowerSettings)

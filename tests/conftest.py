@@ -60,6 +60,9 @@ def settings(database_url: str, redis_url: str) -> Iterator[Settings]:
         "DOCQUEUE_DATABASE_URL": database_url,
         "DOCQUEUE_REDIS_URL": redis_url,
         "DOCQUEUE_METRICS_CACHE_S": "0",  # tests read /metrics right after each change
+        # Tests make many chunks from a few rows (chunk_size 1 or 2); the default minimum (8)
+        # has its own test.
+        "DOCQUEUE_MIN_CHUNK_SIZE": "1",
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -98,9 +98,12 @@ def validate(req: JobRequest, settings: Settings) -> None:
     if req.temperature is not None and not 0.0 <= req.temperature <= 10.0:
         raise InvalidParameterError("temperature must be between 0 and 10", field="temperature")
     size = req.chunk_size
-    if size is not None and not 1 <= size <= settings.jobs.max_chunk_size:
+    low, high = settings.jobs.min_chunk_size, settings.jobs.max_chunk_size
+    if size is not None and not low <= size <= high:
         raise InvalidParameterError(
-            f"chunk_size must be between 1 and {settings.jobs.max_chunk_size}", field="chunk_size"
+            f"chunk_size must be between {low} and {high} (DOCQUEUE_MIN_CHUNK_SIZE, "
+            "DOCQUEUE_MAX_CHUNK_SIZE)",
+            field="chunk_size",
         )
     parse_delimiter(req.delimiter)
 

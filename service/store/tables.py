@@ -201,7 +201,8 @@ class Chunk(Base):
     worker: Mapped[str | None] = mapped_column(String(255))
     # The fence: drawn anew by each claim, required by every write under that lease.
     lease_token: Mapped[uuid.UUID | None] = mapped_column()
-    # Set once the chunk's message reached the broker; NULL means the reconciler must send it.
+    # Set when the dispatcher released the chunk (its message was sent); NULL: it waits in
+    # PostgreSQL for the dispatcher.
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
@@ -210,6 +211,21 @@ class Chunk(Base):
         CheckConstraint(sql_in("state", ChunkState), name="state"),
         UniqueConstraint("job_id", "seq", name="uq_chunks_job_seq"),
         Index("ix_chunks_state_lease", "state", "lease_expires_at"),
+        # The dispatcher's two questions: which chunks wait (not yet released, in job and seq
+        # order), and how many released ones no worker has claimed yet.
+        Index(
+            "ix_chunks_waiting",
+            "job_id",
+            "seq",
+            postgresql_where=sa_text("state = 'queued' AND enqueued_at IS NULL"),
+            sqlite_where=sa_text("state = 'queued' AND enqueued_at IS NULL"),
+        ),
+        Index(
+            "ix_chunks_released",
+            "job_id",
+            postgresql_where=sa_text("state = 'queued' AND enqueued_at IS NOT NULL"),
+            sqlite_where=sa_text("state = 'queued' AND enqueued_at IS NOT NULL"),
+        ),
     )
 
 
@@ -228,6 +244,8 @@ class Worker(Base):
         DateTime(timezone=True), server_default=_utcnow()
     )
     engine_ready: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    # Chunks it runs at once (its Celery slots): the dispatcher keeps this many released.
+    slots: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
     __table_args__ = (Index("ix_workers_model_heartbeat", "model", "last_heartbeat_at"),)
 
