@@ -118,6 +118,11 @@ class Job(Base):
     )
     # Retention purged the documents and results; the row and its counts stay.
     results_expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Deleted by its tenant (DELETE /v1/jobs/{id}): a tombstone. Documents and results are
+    # gone (or being purged in batches); the row, its counts and its tokens stay.
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A retry's original (POST /v1/jobs/{id}/retry); NULL once that job row itself is gone.
+    retry_of: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
 
     __table_args__ = (
         CheckConstraint(sql_in("status", JobStatus), name="status"),
@@ -132,6 +137,13 @@ class Job(Base):
             "collection_id",
             postgresql_where=sa_text("collection_id IS NOT NULL"),
             sqlite_where=sa_text("collection_id IS NOT NULL"),
+        ),
+        # A job's retries, and what ON DELETE SET NULL must find when a job row goes.
+        Index(
+            "ix_jobs_retry_of",
+            "retry_of",
+            postgresql_where=sa_text("retry_of IS NOT NULL"),
+            sqlite_where=sa_text("retry_of IS NOT NULL"),
         ),
     )
 
