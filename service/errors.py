@@ -126,6 +126,21 @@ class ResultsExpiredError(BadInputError):
         )
 
 
+class JobDeletedError(BadInputError):
+    """The job was deleted by its tenant: its tombstone (counts) answers, its rows are gone."""
+
+    status_code = 410
+    code = "job_deleted"
+
+    @classmethod
+    def for_job(cls, job_id: object, deleted_at: datetime) -> JobDeletedError:
+        return cls(
+            f"job {job_id} was deleted on {deleted_at.isoformat()}: its documents and results "
+            "are gone; GET /v1/jobs/{id} still shows its counts",
+            deleted_at=deleted_at.isoformat(),
+        )
+
+
 class RowError(BadInputError):
     """This one document cannot be processed; its row gets the error and the chunk goes on."""
 

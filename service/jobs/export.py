@@ -119,8 +119,11 @@ def stream_results(engine: Engine, job_id: uuid.UUID, fmt: Format) -> Iterator[b
         # still being read gives its connection back when it is done.
         ahead.shutdown(wait=False, cancel_futures=True)
     if _expired(engine, job_id):
-        # Retention marks a job before it deletes a row: pages read after that may miss rows.
-        raise ResultsExpiredError(f"the results of job {job_id} expired during the download")
+        # Retention and a DELETE mark a job before they delete a row: pages read after that
+        # may miss rows.
+        raise ResultsExpiredError(
+            f"the results of job {job_id} expired or were deleted during the download"
+        )
 
 
 @dataclass
@@ -204,7 +207,12 @@ def _expired(engine: Engine, job_id: uuid.UUID) -> bool:
     try:
         row = (
             conn.cursor()
-            .execute("SELECT results_expired_at IS NOT NULL FROM jobs WHERE id = %s", (job_id,))
+            .execute(
+                # A DELETE (a tombstone, purged after) ends a download like retention does.
+                "SELECT results_expired_at IS NOT NULL OR deleted_at IS NOT NULL FROM jobs "
+                "WHERE id = %s",
+                (job_id,),
+            )
             .fetchone()
         )
         conn.commit()

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple, NoReturn, Protocol
 
@@ -28,7 +29,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from service.errors import ConflictError, LeaseLostError, StoreUnavailableError
+from service.errors import ConflictError, LeaseLostError, NotFoundError, StoreUnavailableError
 from service.settings import Settings
 from service.store.engine import get_engine
 from service.store.states import CANCEL_STATUSES, ChunkState, JobStatus
@@ -134,6 +135,17 @@ class Released(NamedTuple):
 
     attempts: int
     requeued: bool
+
+
+class Erased(NamedTuple):
+    """What ``erase`` did. ``already``: the job was deleted before (nothing changed now).
+    ``purged``: no document, result or chunk of it is left; otherwise the caller purges them
+    in batches (``service.jobs.lifecycle.purge_deleted``)."""
+
+    status: JobStatus
+    deleted_at: datetime
+    already: bool
+    purged: bool
 
 
 @dataclass
@@ -553,8 +565,87 @@ class PgChunkStore:
                 {"ids": list(chunk_ids)},
             )
 
+    # --- erasing a job ----------------------------------------------------------------------
+
+    def erase(self, job_id: uuid.UUID, *, purge_rows: int) -> Erased:
+        """Deletes a job for its tenant, keeping a tombstone: the job row with its counts and
+        tokens, ``deleted_at`` set. One transaction under the job's lock.
+
+        A job that is not finished is cancelled first, and its leased chunks are closed here
+        too (not left to their runners, as ``cancel`` does): their lease tokens are dropped, so
+        whatever a runner still sends (``write``, ``close``, ``release``, ``renew``) is refused
+        by the fence, and nothing lands after the delete. Rows that had no result count as
+        cancelled, so the tombstone's counts still add up to its total.
+
+        A job of at most ``purge_rows`` documents loses its results, documents and chunks in
+        this transaction; a larger one is only marked here, so one request never deletes a
+        million rows in one transaction, and the caller purges it in batches. Deleting a job
+        that is already deleted changes nothing and says so (``already``)."""
+        with self._tx() as conn:
+            job = conn.execute(
+                text("SELECT status, total, deleted_at FROM jobs WHERE id = :j FOR UPDATE"),
+                {"j": job_id},
+            ).first()
+            if job is None:
+                raise NotFoundError(f"job {job_id} not found")
+            if job.deleted_at is not None:
+                left = conn.execute(_ROWS_LEFT, {"j": job_id}).scalar_one()
+                return Erased(JobStatus(job.status), job.deleted_at, True, not left)
+            status = JobStatus(job.status)
+            if not status.terminal:
+                status = _cancel_for_erase(conn, job_id)
+            purged = int(job.total) <= purge_rows
+            if purged:
+                # Results before documents: their foreign key cascades row by row otherwise.
+                for table in ("results", "documents", "chunks"):
+                    conn.execute(text(f"DELETE FROM {table} WHERE job_id = :j"), {"j": job_id})
+            deleted_at = conn.execute(
+                text("UPDATE jobs SET deleted_at = now() WHERE id = :j RETURNING deleted_at"),
+                {"j": job_id},
+            ).scalar_one()
+        log.info("job %s deleted (%s; rows %s)", job_id, status, "purged" if purged else "to purge")
+        return Erased(status, deleted_at, False, purged)
+
 
 # --- the SQL under the transitions (each runs inside the caller's transaction) ---------------
+
+
+#: Whether a deleted job still holds rows (its purge is not finished).
+_ROWS_LEFT = text(
+    "SELECT EXISTS (SELECT 1 FROM documents WHERE job_id = :j) "
+    "OR EXISTS (SELECT 1 FROM chunks WHERE job_id = :j)"
+)
+
+
+def _cancel_for_erase(conn: Connection, job_id: uuid.UUID) -> JobStatus:
+    """Ends an unfinished job ``cancelled`` at once (the job row is locked): every open chunk,
+    leased ones included, is closed ``cancelled`` with its lease token dropped, its rows
+    without a result are counted as cancelled, and a scheduled job's results so far reach its
+    collection, as a finished cancel's would."""
+    cancelled_docs = conn.execute(
+        text(
+            """
+            WITH c AS (
+              UPDATE chunks SET state = 'cancelled', lease_token = NULL,
+                     lease_expires_at = NULL, updated_at = now()
+              WHERE job_id = :j AND state IN ('queued', 'leased') RETURNING start_idx, end_idx
+            )
+            SELECT count(*) FROM c
+            JOIN documents d ON d.job_id = :j AND d.idx >= c.start_idx AND d.idx < c.end_idx
+            WHERE NOT EXISTS (SELECT 1 FROM results r WHERE r.job_id = d.job_id AND r.idx = d.idx)
+            """
+        ),
+        {"j": job_id},
+    ).scalar_one()
+    conn.execute(
+        text(
+            "UPDATE jobs SET cancelled = cancelled + :n, status = 'cancelled', "
+            "finished_at = now() WHERE id = :j"
+        ),
+        {"n": int(cancelled_docs), "j": job_id},
+    )
+    _apply_to_collection(conn, job_id)
+    return JobStatus.CANCELLED
 
 
 def _lock_job_of(conn: Connection, chunk_id: uuid.UUID) -> uuid.UUID | None:
