@@ -39,6 +39,7 @@ class Runtime:
     engine: Engine
     db: DbEngine
     store: PgChunkStore
+    slots: int = 1  # chunks this process runs at once (its Celery pool's threads)
     # By lease token, not chunk id: one process may hold, lose and retake the same chunk.
     leases: dict[uuid.UUID, Lease] = field(default_factory=dict)
     lost_leases: set[uuid.UUID] = field(default_factory=set)
@@ -171,6 +172,7 @@ class Runtime:
                 device_label(self.engine.device),
                 os.getpid(),
                 True,
+                self.slots,
             )
         threading.Thread(target=self._beat_loop, name="docqueue-heartbeat", daemon=True).start()
 
@@ -206,8 +208,11 @@ def worker_model(settings: Settings) -> str:
     return model
 
 
-def start(hostname: str | None = None, settings: Settings | None = None) -> Runtime:
-    """Builds the engine and registers the worker. Idempotent per process."""
+def start(
+    hostname: str | None = None, settings: Settings | None = None, slots: int | None = None
+) -> Runtime:
+    """Builds the engine and registers the worker with its ``slots`` (the Celery pool's
+    concurrency; the dispatcher keeps that many chunks released for it). Idempotent."""
     global _runtime
     if _runtime is not None:
         return _runtime
@@ -243,6 +248,7 @@ def start(hostname: str | None = None, settings: Settings | None = None) -> Runt
         engine=engine,
         db=db,
         store=PgChunkStore.from_settings(settings, db),
+        slots=slots or settings.worker.concurrency,
     )
     _runtime.start()
     worker_metrics.engine_ready(model, True)

@@ -19,6 +19,7 @@ from celery import Task
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from service.contract import TASK_RUN_CHUNK
+from service.dispatcher import dispatch
 from service.errors import EngineDeadError, TransientError
 from workers import metrics as worker_metrics
 from workers import runtime
@@ -37,6 +38,7 @@ def run_chunk(self: Task[Any, Any], chunk_id: str) -> str:
         with worker_metrics.observe_chunk(rt.model) as seen:  # duration, chunks in flight
             outcome = seen.outcome = process_chunk(rt, cid)
     except TransientError as exc:
+        dispatch(rt.store, app, rt.settings, [rt.model])
         if isinstance(exc, EngineDeadError) or isinstance(
             getattr(exc, "cause", None), EngineDeadError
         ):
@@ -50,6 +52,9 @@ def run_chunk(self: Task[Any, Any], chunk_id: str) -> str:
         else:
             countdown = backoff_s(1, rt.settings.worker.retry_backoff_s)
         raise self.retry(exc=exc, countdown=countdown) from exc
+    # This slot is free again: the dispatcher releases the model's next chunk (the fairest
+    # one, across tenants) before the slot takes its next message.
+    dispatch(rt.store, app, rt.settings, [rt.model])
     log.info("chunk %s: %s", chunk_id, outcome)
     return outcome
 
@@ -63,7 +68,8 @@ _reconciler_stop: threading.Event | None = None
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     """Builds the engine in the worker's main thread, before any task can arrive."""
     hostname = getattr(sender, "hostname", None)
-    runtime.start(hostname=hostname)
+    slots = getattr(sender, "concurrency", None)
+    runtime.start(hostname=hostname, slots=slots if isinstance(slots, int) else None)
 
 
 @worker_ready.connect

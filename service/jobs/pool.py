@@ -170,8 +170,9 @@ class SubmitPool:
         return _outcome(await asyncio.wrap_future(future))
 
     def enqueue_later(self, job_id: uuid.UUID, settings: Settings) -> bool:
-        """Sends the job's chunk messages from a pool process, not waited for (the reconciler
-        sends whatever a crash left unsent). False without a pool: the caller sends them."""
+        """Runs the dispatcher for the job's model in a pool process, not waited for (a crash
+        in between leaves the chunks waiting for the next pass). False without a pool: the
+        caller dispatches."""
         if self._pool is None:
             return False
         from service.jobs.submit import enqueue_job

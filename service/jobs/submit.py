@@ -1,5 +1,5 @@
-"""Submission: ingest the upload, create the job and its chunks in one transaction, then send
-the chunk messages (after the commit)."""
+"""Submission: ingest the upload, create the job and its chunks in one transaction; after the
+commit the dispatcher releases the chunks workers can take now (the rest wait in PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import uuid
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import IO, TYPE_CHECKING, Any, cast
 
@@ -18,15 +17,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import logs
-from service.contract import ChunkMessage, make_celery, queue_for_model, send_chunks
+from service.contract import queue_for_model
 from service.errors import IdempotencyConflictError
 from service.jobs.ingest import IngestOptions, ingest_csv, parse_delimiter
 from service.jobs.validate import JobRequest, job_params, template_fields, validate
 from service.settings import Settings
-from service.store.chunks import PgChunkStore
 from service.store.engine import get_engine
 from service.store.states import ChunkState, JobStatus
-from service.store.tables import Chunk, Job
+from service.store.tables import Job
 
 if TYPE_CHECKING:
     from hashlib import _Hash
@@ -212,44 +210,13 @@ def chunk_rows(job_id: uuid.UUID, rows: int, size: int) -> list[tuple[uuid.UUID,
 
 
 def enqueue_job(job_id: uuid.UUID, settings: Settings) -> int:
-    """Sends the messages of a job's chunks that have not been sent yet (after the commit)."""
-    with Session(get_engine(settings.database.url), expire_on_commit=False) as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            return 0
-        pending = session.execute(
-            select(Chunk.id, Chunk.seq)
-            .where(
-                Chunk.job_id == job_id,
-                Chunk.state == ChunkState.QUEUED,
-                Chunk.enqueued_at.is_(None),
-            )
-            .order_by(Chunk.seq)
-        ).all()
-    return enqueue_job_chunks(job, [(cid, seq) for cid, seq in pending], settings)
+    """After the commit: the dispatcher releases the job's model's next chunks (as many as its
+    workers can take; the rest wait in PostgreSQL). Returns the messages sent. With Redis
+    away nothing is released and the submission still stands: the next pass sends them."""
+    from service.dispatcher import dispatch_job
 
-
-def enqueue_job_chunks(
-    job: Job, chunks: Sequence[tuple[uuid.UUID, int]], settings: Settings
-) -> int:
-    """Sends the chunk messages and stamps ``enqueued_at``.
-
-    If Redis is unreachable the job stays queued with ``enqueued_at`` NULL: Postgres holds the
-    work and the reconciler sends the messages later. The submission itself still succeeds.
-    """
-    messages = [
-        ChunkMessage(chunk_id=cid, job_id=job.id, seq=seq, n_chunks=job.n_chunks, queue=job.queue)
-        for cid, seq in chunks
-    ]
-    with logs.log_context(job_id=job.id):
-        app = make_celery(settings)
-        try:
-            sent = send_chunks(app, messages)
-        except Exception:  # broker down: the reconciler re-sends from Postgres
-            log.exception("could not enqueue chunks of job %s; they stay queued", job.id)
-            return 0
-        finally:
-            app.close()
-    store = PgChunkStore.from_settings(settings)
-    store.mark_enqueued([m.chunk_id for m in messages])
-    return sent
+    with Session(get_engine(settings.database.url)) as session:
+        model = session.scalar(select(Job.model).where(Job.id == job_id))
+    if model is None:
+        return 0
+    return dispatch_job(job_id, model, settings)

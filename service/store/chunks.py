@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 ERROR_CHARS = 2000
 #: Advisory lock that lets one process at a time expire leases.
 _EXPIRE_LOCK = 0x64710001
+#: Advisory lock class of the dispatcher (with the model's hash): one release per model at once.
+_DISPATCH_LOCK = 0x64710002
 #: What a PostgreSQL ``text`` cannot hold: NUL, and UTF-16 surrogates (not encodable as UTF-8).
 _NOT_PG_TEXT = re.compile("[\x00\ud800-\udfff]")
 
@@ -152,7 +154,7 @@ class Erased(NamedTuple):
 class Expired:
     """What one ``expire`` pass did with the leases whose worker stopped renewing them."""
 
-    requeued: list[Unsent] = field(default_factory=list)  # to send now
+    requeued: list[Unsent] = field(default_factory=list)  # waiting again, for the dispatcher
     failed: int = 0
     cancelled: int = 0
     skipped: bool = False  # another process holds the pass
@@ -160,7 +162,8 @@ class Expired:
 
 
 class Unsent(NamedTuple):
-    """A queued chunk whose message must be (re-)sent."""
+    """A queued chunk whose message is to be sent: released by the dispatcher now, or
+    released earlier with a message that may have been lost."""
 
     chunk_id: uuid.UUID
     job_id: uuid.UUID
@@ -168,7 +171,6 @@ class Unsent(NamedTuple):
     n_chunks: int
     queue: str
     priority: int
-    enqueued: bool  # a message was sent once (it may still be in the broker)
 
 
 class ChunkStore(Protocol):
@@ -524,29 +526,72 @@ class PgChunkStore:
                         {"id": chunk_id},
                     )
                     report.requeued.append(
-                        Unsent(chunk_id, job_id, c.seq, c.n_chunks, c.queue, c.priority, False)
+                        Unsent(chunk_id, job_id, c.seq, c.n_chunks, c.queue, c.priority)
                     )
             report.cancelled += _close_cancelling(conn)
         return report
 
-    # --- messages -------------------------------------------------------------------------
+    # --- the dispatcher's transition and lost messages ------------------------------------
+
+    @contextmanager
+    def releasing(self, model: str, *, ahead: int, live_s: float) -> Iterator[list[Unsent]]:
+        """Releases the model's next chunks: marks them released and yields them, and the
+        caller sends their messages inside the block. A send that fails rolls the release
+        back, so a chunk is never marked released without a message having been sent.
+
+        How many: the model's live workers' slots plus ``ahead``, less the chunks already
+        released or running, so Redis holds at most that many of the model's messages however
+        large its jobs are. Which: interactive before bulk, and within a priority the tenant
+        with the fewest chunks released or running first (each tenant's jobs oldest first), so
+        a small job never waits behind another tenant's large one for more than the messages
+        already released. One pass per model at a time (an advisory lock: the budget read and
+        the release are one step); rows a transition holds are skipped, never waited for."""
+        with self._tx() as conn:
+            conn.execute(
+                text("SELECT pg_advisory_xact_lock(:k, hashtext(:m))"),
+                {"k": _DISPATCH_LOCK, "m": model},
+            )
+            budget = conn.execute(_BUDGET, {"m": model, "ahead": ahead, "live_s": live_s})
+            n = int(budget.scalar_one())
+            if n <= 0:
+                yield []
+                return
+            picked = [Unsent(*row) for row in conn.execute(_PICK, {"m": model, "n": n}).all()]
+            if picked:
+                conn.execute(
+                    text(
+                        "UPDATE chunks SET enqueued_at = now(), updated_at = now() "
+                        "WHERE id = ANY(:ids)"
+                    ),
+                    {"ids": [c.chunk_id for c in picked]},
+                )
+            yield picked
+
+    def dispatchable_models(self) -> list[str]:
+        """Models with chunks waiting for release (the periodic pass visits each)."""
+        with self._tx() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT DISTINCT j.model FROM jobs j WHERE j.status IN ('queued', 'running') "
+                    "AND EXISTS (SELECT 1 FROM chunks c WHERE c.job_id = j.id "
+                    "AND c.state = 'queued' AND c.enqueued_at IS NULL) ORDER BY j.model"
+                )
+            ).scalars()
+            return list(rows)
 
     def unsent(self, requeue_after_s: float) -> list[Unsent]:
-        """Queued chunks of open jobs whose message was sent longer ago than ``requeue_after_s``
-        (it may have been lost), or was never sent although the chunk has been queued that long
-        (Redis was down at submit, or the API died before sending), in the order workers should
-        take them. A chunk queued just now is left to the submitter's own send, which follows
-        its commit: sending it here too would only double its message."""
+        """Released chunks still unclaimed ``requeue_after_s`` after their message was sent:
+        their message may have been lost (the reconciler checks Redis before re-sending).
+        Chunks never released wait for the dispatcher and are not listed."""
         with self._tx() as conn:
             rows = conn.execute(
                 text(
                     """
-                    SELECT c.id, c.job_id, c.seq, j.n_chunks, j.queue, j.priority,
-                           c.enqueued_at IS NOT NULL AS enqueued
+                    SELECT c.id, c.job_id, c.seq, j.n_chunks, j.queue, j.priority
                     FROM chunks c JOIN jobs j ON j.id = c.job_id
-                    WHERE c.state = 'queued' AND j.status IN ('queued', 'running')
-                      AND coalesce(c.enqueued_at, c.updated_at)
-                          < now() - make_interval(secs => :after)
+                    WHERE c.state = 'queued' AND c.enqueued_at IS NOT NULL
+                      AND j.status IN ('queued', 'running')
+                      AND c.enqueued_at < now() - make_interval(secs => :after)
                     ORDER BY j.priority DESC, j.created_at, c.seq
                     """
                 ),
@@ -555,7 +600,7 @@ class PgChunkStore:
         return [Unsent(*r) for r in rows]
 
     def mark_enqueued(self, chunk_ids: Sequence[uuid.UUID]) -> None:
-        """Stamps the chunks whose messages reached the broker."""
+        """Stamps the chunks whose messages were re-sent (their wait starts again)."""
         if not chunk_ids:
             return
         with self._tx() as conn:
@@ -605,6 +650,52 @@ class PgChunkStore:
             ).scalar_one()
         log.info("job %s deleted (%s; rows %s)", job_id, status, "purged" if purged else "to purge")
         return Erased(status, deleted_at, False, purged)
+
+
+#: The dispatcher's budget for one model: its live workers' slots plus ``ahead``, less its
+#: chunks released (message sent, not yet claimed) or running.
+_BUDGET = text(
+    """
+    SELECT (SELECT coalesce(sum(w.slots), 0) FROM workers w
+            WHERE w.model = :m AND w.last_heartbeat_at > now() - make_interval(secs => :live_s))
+         + :ahead
+         - (SELECT count(*) FROM jobs j JOIN chunks c ON c.job_id = j.id
+            WHERE j.model = :m AND j.status IN ('queued', 'running')
+              AND (c.state = 'leased' OR (c.state = 'queued' AND c.enqueued_at IS NOT NULL)))
+    """
+)
+#: The next ``n`` chunks of the model to release, fairly: each open job offers its first ``n``
+#: waiting chunks; a tenant's turn counts its chunks already out (released or running), so the
+#: tenant with the fewest goes first within a priority, interleaving tenants from there on.
+_PICK = text(
+    """
+    WITH open_jobs AS (
+      SELECT j.id, j.tenant_id, j.priority, j.created_at, j.n_chunks, j.queue FROM jobs j
+      WHERE j.model = :m AND j.status IN ('queued', 'running')
+    ), out AS (
+      SELECT o.tenant_id, o.priority, count(*) AS n FROM open_jobs o
+      JOIN chunks c ON c.job_id = o.id
+      WHERE c.state = 'leased' OR (c.state = 'queued' AND c.enqueued_at IS NOT NULL)
+      GROUP BY o.tenant_id, o.priority
+    ), offered AS (
+      SELECT w.id, w.seq, o.id AS job_id, o.tenant_id, o.priority, o.created_at, o.n_chunks,
+             o.queue
+      FROM open_jobs o CROSS JOIN LATERAL (
+        SELECT c.id, c.seq FROM chunks c
+        WHERE c.job_id = o.id AND c.state = 'queued' AND c.enqueued_at IS NULL
+        ORDER BY c.seq LIMIT :n FOR UPDATE SKIP LOCKED
+      ) w
+    ), turns AS (
+      SELECT f.*, coalesce(out.n, 0) + row_number() OVER (
+               PARTITION BY f.tenant_id, f.priority ORDER BY f.created_at, f.job_id, f.seq
+             ) AS turn
+      FROM offered f LEFT JOIN out ON out.tenant_id = f.tenant_id AND out.priority = f.priority
+    )
+    SELECT id, job_id, seq, n_chunks, queue, priority FROM turns
+    ORDER BY priority DESC, turn, created_at, job_id, seq
+    LIMIT :n
+    """
+)
 
 
 # --- the SQL under the transitions (each runs inside the caller's transaction) ---------------

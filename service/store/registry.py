@@ -18,16 +18,24 @@ def live_horizon_s(settings: Settings) -> float:
 
 
 def register_worker(
-    conn: Connection, name: str, model: str, queue: str, device: str, pid: int, ready: bool
+    conn: Connection,
+    name: str,
+    model: str,
+    queue: str,
+    device: str,
+    pid: int,
+    ready: bool,
+    slots: int = 1,
 ) -> None:
+    """``slots``: chunks the worker runs at once; the dispatcher keeps that many released."""
     conn.execute(
         text(
             """
-            INSERT INTO workers (name, model, queue, device, pid, engine_ready)
-            VALUES (:name, :model, :queue, :device, :pid, :ready)
+            INSERT INTO workers (name, model, queue, device, pid, engine_ready, slots)
+            VALUES (:name, :model, :queue, :device, :pid, :ready, :slots)
             ON CONFLICT (name) DO UPDATE SET model = excluded.model, queue = excluded.queue,
               device = excluded.device, pid = excluded.pid, engine_ready = excluded.engine_ready,
-              started_at = now(), last_heartbeat_at = now()
+              slots = excluded.slots, started_at = now(), last_heartbeat_at = now()
             """
         ),
         {
@@ -37,6 +45,7 @@ def register_worker(
             "device": device,
             "pid": pid,
             "ready": ready,
+            "slots": slots,
         },
     )
 

@@ -128,8 +128,8 @@ def sha(text: str) -> str:
 
 
 def wait_enqueued(settings: Settings, job_id: str, chunks: int, timeout_s: float = 15.0) -> None:
-    """The submit pool sends a job's messages after the 202, as a real API does after its
-    response: wait until every chunk is stamped as sent."""
+    """The submit pool runs the dispatcher after the 202, as a real API does after its
+    response: wait until ``chunks`` of the job's chunks are released (their messages sent)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with pg(settings.database.url) as conn:

@@ -73,13 +73,18 @@ def schedules_tick() -> list[dict[str, Any]]:
 
 @app.task(name=TASK_RECONCILE)
 def reconcile() -> dict[str, Any]:
-    """Re-queues chunks whose lease expired and re-sends lost messages (see the reconciler)."""
+    """Expired leases, the dispatcher's periodic pass, lost messages (see the reconciler)."""
     from service.store.chunks import PgChunkStore
     from workers.ops.reconciler import reconcile as run
 
     store = PgChunkStore.from_settings(settings)
     report = run(store, app, settings)
-    return {"requeued": report.requeued, "failed": report.failed, "resent": report.resent}
+    return {
+        "requeued": report.requeued,
+        "failed": report.failed,
+        "released": report.released,
+        "resent": report.resent,
+    }
 
 
 @app.task(name=TASK_RETENTION)

@@ -1,11 +1,13 @@
-"""The reconciler: Postgres is the truth, so lost or stuck work is re-sent from it.
+"""The reconciler: Postgres is the truth, so lost or stuck work is found there and put back.
 
-- A chunk whose lease expired (its worker died) is queued again, or failed once it used up its
-  attempts, or cancelled if its job is being cancelled.
+- A chunk whose lease expired (its worker died) waits again, or fails once it used up its
+  attempts, or is cancelled if its job is being cancelled.
 - A ``cancelling`` job's queued chunks are closed ``cancelled`` and the job finalized (no claim
   comes for a chunk whose message was lost, and lost messages are re-sent for open jobs only).
-- A queued chunk whose message is gone from Redis (flushed, restarted without persistence, or
-  never sent because Redis was down at submit time) is sent again.
+- The dispatcher's periodic pass: every model with waiting chunks gets what its workers can take
+  (a worker that started, a lease that expired, a pass that failed earlier).
+- A released chunk whose message is gone from Redis (flushed, restarted without persistence)
+  is sent again.
 Runs at worker start and every ``reconcile_interval_s`` in each worker, and as a beat task in
 ``docqueue beat`` (workers/ops/beat.py); a Postgres advisory lock lets only one process
 expire leases at a time. Duplicate messages are harmless (leases, unique results).
@@ -20,7 +22,8 @@ from dataclasses import dataclass, field
 import redis as redis_lib
 from celery import Celery
 
-from service.contract import ChunkMessage, send_chunks
+from service.contract import send_chunks
+from service.dispatcher import dispatch, message
 from service.settings import Settings
 from service.store.chunks import PgChunkStore
 from workers.ops.broker import chunk_ids_in_broker
@@ -33,25 +36,27 @@ class Report:
     requeued: int = 0
     failed: int = 0
     cancelled: int = 0
+    released: int = 0
     resent: int = 0
     skipped: bool = False
     resent_ids: list[str] = field(default_factory=list)
+    released_ids: list[str] = field(default_factory=list)
 
 
 def reconcile(store: PgChunkStore, app: Celery, settings: Settings) -> Report:
-    """One pass: expire dead leases (the state machine), then re-send lost messages."""
+    """One pass: expire dead leases (the state machine), release waiting chunks (the
+    dispatcher), then re-send lost messages."""
     expired = store.expire()
     report = Report(
         len(expired.requeued), expired.failed, expired.cancelled, skipped=expired.skipped
     )
+    dispatched = dispatch(store, app, settings)
+    report.released, report.released_ids = dispatched.total, dispatched.chunk_ids
     if expired.skipped:
         return report
-    requeued = {c.chunk_id for c in expired.requeued}
-    candidates = expired.requeued + [
-        c for c in store.unsent(settings.worker.requeue_after_s) if c.chunk_id not in requeued
-    ]
+    candidates = store.unsent(settings.worker.requeue_after_s)
     in_broker: set[str] = set()
-    if any(c.enqueued for c in candidates):
+    if candidates:
         client = redis_lib.Redis.from_url(settings.broker.url)
         try:
             in_broker = chunk_ids_in_broker(
@@ -59,13 +64,7 @@ def reconcile(store: PgChunkStore, app: Celery, settings: Settings) -> Report:
             )
         finally:
             client.close()
-    to_send = [
-        ChunkMessage(
-            chunk_id=c.chunk_id, job_id=c.job_id, seq=c.seq, n_chunks=c.n_chunks, queue=c.queue
-        )
-        for c in candidates
-        if not c.enqueued or str(c.chunk_id) not in in_broker
-    ]
+    to_send = [message(c) for c in candidates if str(c.chunk_id) not in in_broker]
     if to_send:
         report.resent = send_chunks(app, to_send)
         report.resent_ids = [str(m.chunk_id) for m in to_send]

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 from fastapi.testclient import TestClient
 
 from service.contract import make_celery, queue_for_model
+from service.dispatcher import dispatch
 from service.settings import Settings
 from service.store.chunks import ClaimOutcome, PgChunkStore
 from tests.support.helpers import (
@@ -53,7 +55,8 @@ def test_reconciler_requeues_expired_leases_then_gives_up(
 
     lease_and_die()
     report = reconcile(store, app, s)  # (other tests' leftovers may be reconciled too)
-    assert report.requeued >= 1 and str(chunk[0]) in report.resent_ids
+    # Waiting again, and released at once by the pass's dispatcher (this model has room).
+    assert report.requeued >= 1 and str(chunk[0]) in report.released_ids
     assert chunk_rows(settings, job_id)[0][2] == "queued"
     assert chunk_ids_in_broker(redis_client, [queue]) == {str(chunk[0])}
 
@@ -130,38 +133,38 @@ def test_reconciler_resends_a_delivery_to_a_dead_worker(
         app.close()
 
 
-def test_a_chunk_never_sent_is_left_to_its_submitter_until_requeue_after_s(
+def test_a_waiting_chunk_is_released_once_however_many_passes_run_at_once(
     client: TestClient,
     api_key: str,
     settings: Settings,
     model_name: str,
     redis_client: redis.Redis,
 ) -> None:
-    """The API sends a job's messages right after its commit. A reconciler pass in between
-    must not send them too (a doubled message); one that was never sent, because Redis was down
-    or the API died, is sent once it has been queued for ``requeue_after_s``."""
-    job_id = submit(client, api_key, "text\na\n", model=model_name).json()["id"]
-    wait_enqueued(settings, job_id, 1)
-    (chunk,) = chunk_rows(settings, job_id)
+    """The submitter's dispatch, workers' dispatches and reconciler passes run at any time in
+    any process: a waiting chunk gets exactly one message however many race for it."""
+    job_id = submit(client, api_key, "text\n" + "x\n" * 24, model=model_name, chunk_size=1).json()[
+        "id"
+    ]
+    wait_enqueued(settings, job_id, settings.dispatch.ahead)  # no worker: `ahead` released
     queue = queue_for_model(model_name)
     redis_client.delete(queue)
-    with pg(settings.database.url) as conn:  # as if the submitter had not sent it yet
-        conn.execute("UPDATE chunks SET enqueued_at = NULL WHERE id = %s", (chunk[0],))
-    app = make_celery(settings)
-    s = override(settings, worker={"requeue_after_s": 30})
-    store = make_store(s)
+    with pg(settings.database.url) as conn:  # all waiting again, as before any pass
+        conn.execute("UPDATE chunks SET enqueued_at = NULL WHERE job_id = %s", (job_id,))
+    s = override(settings, dispatch={"ahead": 30})
+    apps = [make_celery(s) for _ in range(4)]
     try:
-        assert str(chunk[0]) not in reconcile(store, app, s).resent_ids
-        assert redis_client.llen(queue) == 0
-        with pg(settings.database.url) as conn:  # queued a minute ago, still never sent
-            conn.execute(
-                "UPDATE chunks SET updated_at = now() - interval '1 minute' WHERE id = %s",
-                (chunk[0],),
-            )
-        assert str(chunk[0]) in reconcile(store, app, s).resent_ids
-        assert chunk_ids_in_broker(redis_client, [queue]) == {str(chunk[0])}
+        with ThreadPoolExecutor(4) as pool:
+            futures = [
+                pool.submit(dispatch, make_store(s), app, s, [model_name]) for app in apps * 3
+            ]
+            released = [cid for f in futures for cid in f.result().chunk_ids]
+        ours = {str(c[0]) for c in chunk_rows(settings, job_id)}
+        assert sorted(released) == sorted(ours)  # each once, all of them
+        bodies = [json.loads(raw) for raw in redis_client.lrange(queue, 0, -1)]
+        assert len(bodies) == 24 and chunk_ids_in_broker(redis_client, [queue]) == ours
     finally:
-        app.close()
+        for app in apps:
+            app.close()
 
 
 def test_reconciler_closes_the_queued_chunks_of_a_cancelling_job(
