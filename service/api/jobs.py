@@ -17,8 +17,8 @@ from service.api.deps import Auth, Db, SettingsDep, Store, read, tx
 from service.api.downloads import ExportResponse, Slots
 from service.api.schemas import ERRORS, JobList, JobOut
 from service.contract import parse_priority
-from service.errors import InvalidParameterError, ResultsExpiredError
-from service.jobs import export, pool, queries, submit, validate
+from service.errors import InvalidParameterError, JobDeletedError, ResultsExpiredError
+from service.jobs import export, lifecycle, pool, queries, submit, validate
 from service.settings import Settings
 from service.store.states import JobStatus
 from service.store.tables import Job
@@ -210,6 +210,8 @@ def job_results(
     client that takes nothing for ``export_send_timeout_s`` is cut off."""
     with tx(db) as session:
         job = queries.get_job(session, who.tenant_id, job_id)
+    if job.deleted_at is not None:  # deleted: 410, the tombstone stays
+        raise JobDeletedError.for_job(job.id, job.deleted_at)
     if job.results_expired_at is not None:  # purged by retention: 410, the job stays
         raise ResultsExpiredError.for_job(job.id, job.results_expired_at, settings.retention.days)
     slots.acquire(settings.api.max_concurrent_exports)  # released when the response ends
@@ -236,3 +238,72 @@ def _decode_token(token: str) -> tuple[datetime, uuid.UUID]:
         return datetime.fromisoformat(created), uuid.UUID(jid)
     except Exception:
         raise InvalidParameterError("invalid page_token", field="page_token") from None
+
+
+# --- a job's life cycle: delete, retry ---------------------------------------------------------
+
+
+@router.delete("/{job_id}", response_model=schemas.JobDeleted)
+def delete_job(
+    job_id: str,
+    who: Auth,
+    settings: SettingsDep,
+    db: Db,
+    store: Store,
+    background: BackgroundTasks,
+) -> schemas.JobDeleted:
+    """Deletes a job's documents and results, cancelling it first if it runs; the job stays as
+    a tombstone with its counts (``deleted_at``). Deleting it again answers the same. A job of
+    more than ``retention_batch_rows`` documents is purged in batches after the response
+    (``purge: pending``); its rows are unreachable from the moment it answers."""
+    with read(db) as session:
+        job = queries.get_job(session, who.tenant_id, job_id)
+    erased = store.erase(job.id, purge_rows=settings.retention.batch_rows)
+    if not erased.purged:
+        background.add_task(lifecycle.purge_deleted, db, job.id, settings)
+    with read(db) as session:
+        job = queries.get_job(session, who.tenant_id, job.id)
+    return schemas.JobDeleted(
+        id=job.id, purge="done" if erased.purged else "pending", job=JobOut.of(job)
+    )
+
+
+@router.post("/{job_id}/retry", status_code=202, response_model=JobOut)
+def retry_job(
+    job_id: str,
+    who: Auth,
+    settings: SettingsDep,
+    db: Db,
+    response: Response,
+    background: BackgroundTasks,
+    body: schemas.RetryIn | None = None,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JobOut:
+    """Runs a finished job's failed rows again, as a new job (``retry_of`` the original) with
+    the same task, model and parameters; answers 202 with it. Its rows keep the original's ids
+    (``external_id``, else the original row number), so results match row for row. 409 for a
+    job still running or with no failed row; 410 for a deleted or expired one."""
+    idempotency_key = schemas.check_idempotency_key(idempotency_key)
+    if idempotency_key and idempotency_key.startswith(validate.RESERVED_KEY_PREFIX):
+        raise InvalidParameterError(
+            f"Idempotency-Key must not start with {validate.RESERVED_KEY_PREFIX!r} "
+            "(reserved for scheduled runs)",
+            field="Idempotency-Key",
+        )
+    with read(db) as session:
+        original = queries.get_job(session, who.tenant_id, job_id)
+    job, created = lifecycle.retry_job(
+        db,
+        who.tenant_id,
+        original.id,
+        settings,
+        include_cancelled=body.include_cancelled if body is not None else False,
+        idempotency_key=idempotency_key,
+    )
+    if created:
+        background.add_task(submit.enqueue_job, job.id, settings)  # after the commit
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    with read(db) as session:
+        return JobOut.of(queries.get_job(session, who.tenant_id, job.id))

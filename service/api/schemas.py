@@ -238,6 +238,13 @@ class JobOut(BaseModel):
     results_expired_at: Instant | None = Field(
         description="set once retention purged the job's documents and results (counts stay)"
     )
+    deleted_at: Instant | None = Field(
+        default=None,
+        description="set once the job was deleted: a tombstone (counts stay, rows are gone)",
+    )
+    retry_of: uuid.UUID | None = Field(
+        default=None, description="the job whose failed rows this job retries"
+    )
     model_served: bool | None = Field(
         default=None, description="a live worker serves the job's model (None: not looked up)"
     )
@@ -284,6 +291,8 @@ class JobOut(BaseModel):
             finished_at=job.finished_at,
             error=job.error,
             results_expired_at=job.results_expired_at,
+            deleted_at=job.deleted_at,
+            retry_of=job.retry_of,
             model_served=model_served,
             warning=warning,
         )
@@ -293,6 +302,31 @@ class JobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[JobOut]
     next_page_token: str | None = Field(description="pass back as page_token for the next page")
+
+
+# --- a job's life cycle: retry, delete ---------------------------------------------------------
+
+
+class RetryIn(BaseModel):
+    """``POST /v1/jobs/{id}/retry``; the body may be left out (failed rows only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_cancelled: bool = Field(
+        default=False,
+        description="also retry the rows that never got a result (the job was cancelled)",
+    )
+
+
+class JobDeleted(BaseModel):
+    """``DELETE /v1/jobs/{id}``: the job's tombstone. ``purge`` is ``pending`` while a large
+    job's rows are deleted in batches after the response (they are unreachable already)."""
+
+    id: uuid.UUID
+    object: Literal["job"] = "job"
+    deleted: Literal[True] = True
+    purge: Literal["done", "pending"]
+    job: JobOut
 
 
 # --- models (LLMs) served by live workers -------------------------------------------------------

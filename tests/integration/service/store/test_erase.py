@@ -142,9 +142,15 @@ def test_a_large_job_is_marked_at_once_and_purged_in_batches(
     (a purge cut short resumes; retention finishes what an API that stopped left)."""
     job_id = submit(client, api_key, docs(20), model=model_name, chunk_size=8).json()["id"]
     store = make_store(settings)
+    lease = store.claim(chunk_rows(settings, job_id)[1][0], "w1").lease
+    assert lease is not None
     erased = store.erase(uuid.UUID(job_id), purge_rows=19)
     assert (erased.status, erased.purged) == (JobStatus.CANCELLED, False)
     assert [c[2] for c in chunk_rows(settings, job_id)] == ["cancelled"] * 3
+    # The chunk rows outlive the erase here: the fence, not their absence, refuses the holder.
+    with pytest.raises(LeaseLostError):
+        store.write(lease, [RowResult(idx=9, output="late")])
+    assert count_rows(settings.database.url, "results", job_id) == 0
     assert rows_left(settings, job_id)[0] == 20
     again = store.erase(uuid.UUID(job_id), purge_rows=19)
     assert (again.already, again.purged) == (True, False)  # the rows are still there
