@@ -53,21 +53,22 @@ def api_server(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
             proc.kill()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_model_path() -> str:
     return tiny_model()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_worker(
     settings: Settings,
     api_server: str,
     tiny_model_path: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
-    """A warm `docqueue worker` on the tiny model, one per module that asks (engine start is
-    the expensive part; a module that runs its own worker of that model must not overlap with
-    another's); yields the launcher process and its log."""
+    """A warm `docqueue worker` on the tiny model, one for the whole session (engine start is
+    the expensive part); yields the launcher process and its log. A module that runs its own
+    worker of the tiny model names it through ``tiny_model_alias``, so this one never takes
+    that worker's chunks."""
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     with running_worker(settings, tiny_model_path, log) as proc:
         yield proc, log

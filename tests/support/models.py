@@ -26,5 +26,16 @@ def tiny_model() -> str:
     return str(prepare_models().ensure_tiny_model())
 
 
+def tiny_model_alias(tag: str) -> str:
+    """The tiny model under another path (a symlink next to it): another model name, so another
+    queue. A module that runs its own worker of the tiny model uses one, so the session's shared
+    tiny worker (tests/e2e/conftest.py) never takes its chunks."""
+    real = Path(tiny_model())
+    alias = real.with_name(f"{real.name}-{tag}")
+    if not alias.exists():
+        alias.symlink_to(real, target_is_directory=True)
+    return str(alias)
+
+
 def smollm2_model() -> str:
     return str(prepare_models().ensure_smollm2())

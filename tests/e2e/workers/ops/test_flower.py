@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import Settings
 from tests.support.helpers import pg
-from tests.support.models import tiny_model
+from tests.support.models import tiny_model_alias
 from tests.support.stack import (
     docqueue_bin,
     free_port,
@@ -37,7 +37,7 @@ METRICS_TOKEN = "e2e-metrics-token"  # the api_server fixture's DOCQUEUE_METRICS
 
 @pytest.fixture(scope="module")
 def model() -> str:
-    return tiny_model()
+    return tiny_model_alias("flower")  # its own worker, not the session's shared one
 
 
 @dataclass
