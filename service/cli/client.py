@@ -131,6 +131,18 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/jobs/{job_id}/cancel").json())
 
+    def delete(self, job_id: str) -> dict[str, Any]:
+        return dict(self._request("DELETE", f"/v1/jobs/{job_id}").json())
+
+    def retry(
+        self, job_id: str, include_cancelled: bool = False, idempotency_key: str | None = None
+    ) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = {"include_cancelled": include_cancelled}
+        return dict(
+            self._request("POST", f"/v1/jobs/{job_id}/retry", json=body, headers=headers).json()
+        )
+
     # Collections and schedules.
 
     def put_documents(

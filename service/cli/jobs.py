@@ -1,4 +1,5 @@
-"""The job commands: ``submit``, ``status``, ``jobs``, ``results``, ``models`` and ``cancel``.
+"""The job commands: ``submit``, ``status``, ``jobs``, ``results``, ``models``, ``cancel``,
+``retry`` and ``delete``.
 
 They talk to the API over HTTP only (``service.cli.client``), so they run anywhere the API can be
 reached, with nothing but an API key.
@@ -206,6 +207,10 @@ def status(
         ("error", job["error"] or "-"),
     ):
         table.add_row(f"[bold]{key}[/]", str(value))
+    # Only when set: a retry names its original, a deleted job says so.
+    for key, value in (("retry of", job.get("retry_of")), ("deleted", job.get("deleted_at"))):
+        if value:
+            table.add_row(f"[bold]{key}[/]", str(value))
     out.print(table)
 
 
@@ -325,3 +330,51 @@ def cancel(job_id: Annotated[str, typer.Argument(help="Job id.")]) -> None:
     with api_client() as client:
         job = client.cancel(job_id)
     out.print(f"job {job['id']} {job['status']}")
+
+
+@app.command()
+def retry(
+    job_id: Annotated[str, typer.Argument(help="Job id of a finished job.")],
+    include_cancelled: Annotated[
+        bool,
+        typer.Option(
+            "--include-cancelled", help="Also the rows that never ran (the job was cancelled)."
+        ),
+    ] = False,
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Same key, same retry: the same job, not a second one.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Follow the new job with a progress bar.")
+    ] = False,
+    poll_s: Annotated[float, typer.Option(help="Seconds between polls with --wait.")] = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the new job as JSON.")] = False,
+) -> None:
+    """Run a finished job's failed rows again, as a new job; prints its id. Its results keep
+    the original rows' ids, so they match the original's row for row."""
+    with api_client() as client:
+        job = client.retry(job_id, include_cancelled, idempotency_key)
+        _print_submitted(job, as_json)
+        if wait and _follow(client, job, poll_s)["status"] != "completed":
+            raise typer.Exit(1)
+
+
+@app.command()
+def delete(
+    job_id: Annotated[str, typer.Argument(help="Job id.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a job's documents and results, cancelling it first if it runs. Its counts stay
+    (docqueue status JOB); its results cannot be downloaded any more."""
+    if not yes:
+        typer.confirm(
+            f"Delete job {job_id}: its documents and results, for good?", abort=True, err=True
+        )
+    with api_client() as client:
+        body = client.delete(job_id)
+    job, c = body["job"], body["job"]["counts"]
+    rows = "purged" if body["purge"] == "done" else "being purged"
+    out.print(
+        f"job {job['id']} deleted ({job['status']}: {c['succeeded']} succeeded, "
+        f"{c['failed']} failed, {c['cancelled']} cancelled); its rows are {rows}"
+    )
