@@ -72,6 +72,9 @@ class JobSettings(_Group):
     # tokenizer truncates it to the model's context): a row over it is that row's error.
     max_template_chars: int = env("MAX_TEMPLATE_CHARS", 64 * 1024, gt=0)
     max_prompt_chars: int = env("MAX_PROMPT_CHARS", 2 * MiB, gt=0)
+    # A job for a model no live worker serves is accepted with a warning (workers may start
+    # later); true: it is a 422 listing the served models (strict deployments).
+    reject_unserved_models: bool = env("REJECT_UNSERVED_MODELS", False)
 
 
 class ApiSettings(_Group):
@@ -139,7 +142,22 @@ class DispatchSettings(_Group):
 
 
 class QuotaSettings(_Group):
-    """Default per-tenant quotas (a tenant's own values, set by an admin, override these)."""
+    """Default per-tenant quotas (a tenant's own values, set by an admin, override these).
+
+    Generous on purpose: they stop one tenant from taking the whole service (its workers, its
+    database, its GPUs' day), not ordinary use. Past one, a submission is a 429 naming it."""
+
+    # Jobs open at once (queued, running or cancelling): each holds chunks in the dispatcher.
+    running_jobs: int = env("QUOTA_RUNNING_JOBS", 100, gt=0)
+    # Documents of the tenant's open jobs without a result yet, this upload's included.
+    queued_rows: int = env("QUOTA_QUEUED_ROWS", 10_000_000, gt=0)
+    # Bytes uploaded as jobs per UTC day, this upload's included.
+    upload_bytes_per_day: int = env("QUOTA_UPLOAD_BYTES_PER_DAY", 100 * 1024 * MiB, gt=0)
+    # Output (completion) tokens per UTC day: a submission is refused once the day's reach it.
+    output_tokens_per_day: int = env("QUOTA_OUTPUT_TOKENS_PER_DAY", 1_000_000_000, gt=0)
+    # What Retry-After says past running_jobs or queued_rows (they free up as work finishes);
+    # the daily quotas say the seconds until the next UTC midnight.
+    retry_after_s: int = env("QUOTA_RETRY_AFTER_S", 30, gt=0)
 
 
 class EngineSettings(_Group):

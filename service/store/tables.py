@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -64,6 +65,11 @@ class Tenant(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+    # The tenant's own quotas, set by an admin; NULL: the default (settings.quotas).
+    quota_running_jobs: Mapped[int | None] = mapped_column(Integer)
+    quota_queued_rows: Mapped[int | None] = mapped_column(BigInteger)
+    quota_upload_bytes_per_day: Mapped[int | None] = mapped_column(BigInteger)
+    quota_output_tokens_per_day: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class ApiKey(Base):
@@ -76,8 +82,35 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))  # shown in listings to tell keys apart
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # An admin key sees every tenant's jobs, usage, workers and queues, and sets quotas.
+    admin: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
     __table_args__ = (Index(None, "tenant_id"),)
+
+
+class UsageDaily(Base):
+    """What a tenant used, per UTC day and job: the ledger usage and the daily quotas read.
+
+    Written in the statements that insert results (service.store.chunks) and at submit (upload
+    bytes), under the job's row lock, so no two writers ever wait on one ledger row. No foreign
+    key to jobs: usage outlives a job's deletion and retention's purges.
+    """
+
+    __tablename__ = "usage_daily"
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True
+    )
+    day: Mapped[date] = mapped_column(Date, primary_key=True)  # UTC
+    job_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    model: Mapped[str] = mapped_column(String(500))
+    documents: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # results
+    failed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # of those
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    upload_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Every usage query names one tenant (or all, for admins) and a range of days.
+    __table_args__ = (Index("ix_usage_daily_day", "day"),)
 
 
 class Job(Base):
