@@ -3,6 +3,20 @@
 Both the producer (``service``) and the consumer (``workers``) import this module, so the two
 sides cannot drift. Messages carry ids only, never document text: Postgres is the source of
 truth and Redis merely carries work, so a lost message delays a chunk but never loses data.
+
+The flow of a chunk, and who moves it:
+
+1. **waiting** (``chunks.state = 'queued'``, ``enqueued_at`` NULL): submit wrote it; it is in
+   PostgreSQL only.
+2. **released** (``queued``, ``enqueued_at`` set): the dispatcher (``service/dispatcher.py``)
+   sent its ``ChunkMessage`` to its model's queue (interactive or bulk). A model has at most
+   its live workers' slots plus ``DOCQUEUE_DISPATCH_AHEAD`` chunks released or running, so
+   Redis holds a few messages per model, never a job's worth.
+3. **leased**: a worker took the message and claimed the chunk (``service/store/chunks.py``);
+   the message is acknowledged when the task ends.
+4. **done**, **failed** or **cancelled**; the worker then runs the dispatcher for its model
+   (a slot is free). A lease that expires puts the chunk back to *waiting*; a released chunk
+   whose message vanished from Redis is re-sent by the reconciler.
 """
 
 from __future__ import annotations

@@ -122,6 +122,8 @@ def test_redis_is_durable_and_never_evicts(compose: dict[str, Any]) -> None:
     assert args[0] == "redis-server"
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    # Bounded: past it a send fails and the dispatcher's chunks wait in PostgreSQL.
+    assert _interpolate(args[args.index("--maxmemory") + 1], {}) == "256mb"
     assert any(v.endswith(":/data") for v in redis["volumes"])
 
 
