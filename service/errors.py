@@ -90,6 +90,14 @@ class AuthError(BadInputError):
     code = "unauthorized"
 
 
+class ForbiddenError(BadInputError):
+    """A tenant key on an admin route (``/v1/tenants``, ``/v1/workers`` ...). Never for another
+    tenant's object: that is a 404, like a missing one."""
+
+    status_code = 403
+    code = "forbidden"
+
+
 class NotFoundError(BadInputError):
     """Also what another tenant's job looks like: 404, never 403."""
 
@@ -139,6 +147,21 @@ class JobDeletedError(BadInputError):
             "are gone; GET /v1/jobs/{id} still shows its counts",
             deleted_at=deleted_at.isoformat(),
         )
+
+
+class QuotaExceededError(BadInputError):
+    """A tenant's quota would be exceeded: 429 naming the quota, its limit and its use.
+
+    ``Retry-After`` comes from ``where["retry_after_s"]`` rather than a class constant: a daily
+    quota frees up at the next UTC midnight, a running-jobs quota as work finishes. ``where``
+    is what travels back from a submit pool process, so the header survives the trip."""
+
+    status_code = 429
+    code = "quota_exceeded"
+
+    @property  # per instance: a class constant cannot know the wait
+    def headers(self) -> Mapping[str, str]:  # type: ignore[override]
+        return {"Retry-After": str(int(self.where.get("retry_after_s", 60)))}
 
 
 class RowError(BadInputError):

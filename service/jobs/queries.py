@@ -15,16 +15,20 @@ from service.errors import NotFoundError
 from service.settings import Settings
 from service.store.registry import live_horizon_s
 from service.store.states import JobStatus
-from service.store.tables import Job, Worker
+from service.store.tables import Job, Tenant, Worker
 
 
-def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID | str) -> Job:
-    """The tenant's job or 404: another tenant's job is indistinguishable from none."""
+def get_job(session: Session, tenant_id: uuid.UUID | None, job_id: uuid.UUID | str) -> Job:
+    """The tenant's job or 404: another tenant's job is indistinguishable from none.
+    ``tenant_id`` None (an admin key): any tenant's job."""
     try:
         jid = job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id))
     except ValueError:
         raise NotFoundError(f"job {job_id} not found") from None
-    job = session.scalar(select(Job).where(Job.id == jid, Job.tenant_id == tenant_id))
+    query = select(Job).where(Job.id == jid)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
+    job = session.scalar(query)
     if job is None:
         raise NotFoundError(f"job {job_id} not found")
     return job
@@ -32,13 +36,16 @@ def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID | str) -> 
 
 def list_jobs(
     session: Session,
-    tenant_id: uuid.UUID,
+    tenant_id: uuid.UUID | None,
     status: str | None = None,
     limit: int = 20,
     before: tuple[datetime, uuid.UUID] | None = None,
 ) -> list[Job]:
-    """Newest first; keyset pagination on (created_at, id) so pages never skip or repeat."""
-    q = select(Job).where(Job.tenant_id == tenant_id)
+    """Newest first; keyset pagination on (created_at, id) so pages never skip or repeat.
+    ``tenant_id`` None (an admin key): every tenant's jobs."""
+    q = select(Job)
+    if tenant_id is not None:
+        q = q.where(Job.tenant_id == tenant_id)
     if status:
         q = q.where(Job.status == status)
     if before is not None:
@@ -87,6 +94,15 @@ class Progress(NamedTuple):
     percent: float
     documents_per_s: float | None  # while running
     eta_s: float | None  # while running
+
+
+def tenant_names(session: Session, jobs: list[Job]) -> dict[uuid.UUID, str]:
+    """The names of the jobs' tenants (an admin's view names each job's tenant)."""
+    ids = {j.tenant_id for j in jobs}
+    if not ids:
+        return {}
+    rows = session.execute(select(Tenant.id, Tenant.name).where(Tenant.id.in_(ids))).all()
+    return {tid: name for tid, name in rows}
 
 
 def progress(job: Job, now: datetime) -> Progress:

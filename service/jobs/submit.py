@@ -22,6 +22,7 @@ from service.errors import IdempotencyConflictError
 from service.jobs.ingest import IngestOptions, ingest_csv, parse_delimiter
 from service.jobs.validate import JobRequest, job_params, template_fields, validate
 from service.settings import Settings
+from service.store import quotas
 from service.store.engine import get_engine
 from service.store.states import ChunkState, JobStatus
 from service.store.tables import Job
@@ -75,6 +76,7 @@ class HashingReader(io.RawIOBase):
         super().__init__()
         self._upload = upload
         self._sha = sha
+        self.bytes_read = 0  # the upload's size once drained (the upload-bytes quota)
 
     def readable(self) -> bool:
         return True
@@ -84,12 +86,14 @@ class HashingReader(io.RawIOBase):
         n = len(data)
         buffer[:n] = data
         self._sha.update(data)
+        self.bytes_read += n
         return n
 
     def drain(self) -> str:
         """Hashes the rest of the upload; returns the hex digest of all of it."""
         while data := self._upload.read(_HASH_READ_BYTES):
             self._sha.update(data)
+            self.bytes_read += len(data)
         return self._sha.hexdigest()
 
 
@@ -180,6 +184,12 @@ def create_job(
             job.n_chunks = len(chunks)
             job.status = JobStatus.QUEUED
             job.params = {**job.params, "extra_columns": result.extra_columns}
+            # Only now are its rows and bytes known; the tenant's row stays locked to the
+            # commit, so its concurrent submissions are checked one after another.
+            quotas.check_submission(
+                session, tenant_id, job_id, result.rows, hashing.bytes_read, settings
+            )
+            quotas.record_upload(session, tenant_id, job_id, req.model, hashing.bytes_read)
     except IntegrityError as exc:
         # A concurrent request with the same idempotency key won the race: its job, if this
         # is the same request (the winner committed before this insert could go on).

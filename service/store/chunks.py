@@ -855,6 +855,20 @@ _INSERT_RESULTS = """
              coalesce(sum(prompt_tokens), 0) AS pt,
              coalesce(sum(completion_tokens), 0) AS ct
       FROM ins
+    ), usage AS (
+      -- The tenant's ledger (usage, daily quotas), moved by exactly the rows inserted. Keyed
+      -- by job: its row is only written under this job's lock, so writers never queue on it.
+      INSERT INTO usage_daily (tenant_id, day, job_id, model, documents, failed,
+                               prompt_tokens, completion_tokens)
+      SELECT jb.tenant_id, (now() AT TIME ZONE 'UTC')::date, jb.id, jb.model, n.ok + n.bad,
+             n.bad, n.pt, n.ct
+      FROM n JOIN jobs jb ON jb.id = :j
+      WHERE n.ok + n.bad > 0
+      ON CONFLICT (tenant_id, day, job_id) DO UPDATE SET
+        documents = usage_daily.documents + EXCLUDED.documents,
+        failed = usage_daily.failed + EXCLUDED.failed,
+        prompt_tokens = usage_daily.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = usage_daily.completion_tokens + EXCLUDED.completion_tokens
     )
     UPDATE jobs SET
       succeeded = succeeded + n.ok,
@@ -882,9 +896,10 @@ def _insert_results(
     status: JobStatus,
     fence: Lease | None = None,
 ) -> Written | None:
-    """One statement: the rows (a row that already has a result is skipped) and the job's
-    counters moved by exactly the rows inserted. With ``fence``, nothing is written unless the
-    chunk is still leased under that lease's token; None then says it was not."""
+    """One statement: the rows (a row that already has a result is skipped), and the job's
+    counters and the tenant's usage ledger (``usage_daily``) moved by exactly the rows
+    inserted. With ``fence``, nothing is written unless the chunk is still leased under that
+    lease's token; None then says it was not."""
     if not results:
         return Written(status)
     cols: dict[str, list[Any]] = {

@@ -1,5 +1,8 @@
 """API keys: random, shown once, stored as sha256; one key belongs to one tenant.
 
+An admin key (``create_key(..., admin=True)``) still belongs to a tenant (its own jobs are that
+tenant's) and may also read every tenant's jobs, usage, workers and queues, and set quotas.
+
 Operators list keys by their prefix and id (never the secret) and revoke them; ``authenticate``
 reads the key's row on every request, so a revoked key is refused from its next request on.
 """
@@ -25,6 +28,7 @@ KEY_PREFIX = "dq_"
 class Principal:
     tenant_id: uuid.UUID
     tenant_name: str
+    admin: bool = False
 
 
 @dataclass(frozen=True)
@@ -36,21 +40,23 @@ class KeyInfo:
     tenant: str
     created_at: datetime
     revoked_at: datetime | None
+    admin: bool = False
 
 
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def create_key(session: Session, tenant_name: str) -> str:
-    """Creates the tenant if needed and returns a new key in clear text (the only time it is)."""
+def create_key(session: Session, tenant_name: str, admin: bool = False) -> str:
+    """Creates the tenant if needed and returns a new key in clear text (the only time it is).
+    ``admin``: the key may read every tenant and set quotas."""
     tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
     if tenant is None:
         tenant = Tenant(name=tenant_name)
         session.add(tenant)
         session.flush()
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:10]))
+    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:10], admin=admin))
     return key
 
 
@@ -61,18 +67,20 @@ def authenticate(session: Session, authorization: str | None) -> Principal:
     if scheme.lower() != "bearer" or not key.strip():
         raise AuthError("Authorization header must be 'Bearer <key>'")
     row = session.execute(
-        select(Tenant.id, Tenant.name)
+        select(Tenant.id, Tenant.name, ApiKey.admin)
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)
         .where(ApiKey.key_hash == hash_key(key.strip()), ApiKey.revoked_at.is_(None))
     ).first()
     if row is None:
         raise AuthError("invalid or revoked API key")
-    return Principal(tenant_id=row[0], tenant_name=row[1])
+    return Principal(tenant_id=row[0], tenant_name=row[1], admin=row[2])
 
 
 def list_keys(session: Session, tenant_name: str | None = None) -> list[KeyInfo]:
     """Every key (or the tenant's), oldest first. An unknown tenant is a NotFoundError."""
-    query = select(ApiKey.id, ApiKey.prefix, Tenant.name, ApiKey.created_at, ApiKey.revoked_at)
+    query = select(
+        ApiKey.id, ApiKey.prefix, Tenant.name, ApiKey.created_at, ApiKey.revoked_at, ApiKey.admin
+    )
     query = query.join(Tenant, Tenant.id == ApiKey.tenant_id)
     if tenant_name is not None:
         if session.scalar(select(Tenant.id).where(Tenant.name == tenant_name)) is None:
@@ -119,4 +127,5 @@ def revoke_key(session: Session, ref: str) -> tuple[KeyInfo, bool]:
     if revoked_now:
         key.revoked_at = session.scalar(select(func.now()))
         session.flush()
-    return KeyInfo(key.id, key.prefix, tenant, key.created_at, key.revoked_at), revoked_now
+    info = KeyInfo(key.id, key.prefix, tenant, key.created_at, key.revoked_at, key.admin)
+    return info, revoked_now
