@@ -19,7 +19,16 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import collections, health, jobs, metrics, schedules, served_models
+from service.api import (
+    admin,
+    collections,
+    health,
+    jobs,
+    metrics,
+    schedules,
+    served_models,
+    usage,
+)
 from service.api.deps import PRINCIPAL, read
 from service.errors import (
     AuthError,
@@ -55,7 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(InterfaceError, _db_down)
     app.add_middleware(Boundary, settings=settings, db=db)
 
-    for module in (health, jobs, served_models, collections, schedules):
+    for module in (health, jobs, served_models, collections, schedules, usage, admin):
         app.include_router(module.router)
     metrics.install(app, settings, db)  # GET /metrics (Prometheus)
     return app

@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from service.errors import ForbiddenError
 from service.settings import Settings
 from service.store.chunks import PgChunkStore
 from service.store.keys import Principal, authenticate
@@ -87,3 +88,13 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 Db = Annotated[Engine, Depends(get_db)]
 Store = Annotated[PgChunkStore, Depends(get_store)]
 Auth = Annotated[Principal, Depends(principal)]
+
+
+async def admin(who: Annotated[Principal, Depends(principal)]) -> Principal:
+    """The caller, if its key is an admin key (``docqueue keys create --admin``); 403 else."""
+    if not who.admin:
+        raise ForbiddenError("this route needs an admin key (docqueue keys create --admin)")
+    return who
+
+
+Admin = Annotated[Principal, Depends(admin)]

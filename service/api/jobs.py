@@ -15,15 +15,23 @@ from starlette.concurrency import run_in_threadpool
 from service.api import schemas
 from service.api.deps import Auth, Db, SettingsDep, Store, read, tx
 from service.api.downloads import ExportResponse, Slots
+from service.api.quota_gate import QuotaGatedRoute, quota_gated
 from service.api.schemas import ERRORS, JobList, JobOut
 from service.contract import parse_priority
-from service.errors import InvalidParameterError, JobDeletedError, ResultsExpiredError
+from service.errors import (
+    ForbiddenError,
+    InvalidParameterError,
+    JobDeletedError,
+    ResultsExpiredError,
+)
 from service.jobs import export, lifecycle, pool, queries, submit, validate
 from service.settings import Settings
+from service.store import quotas
 from service.store.states import JobStatus
 from service.store.tables import Job
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
+# QuotaGatedRoute: the submit route (marked quota_gated) checks quotas before its body is read.
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS, route_class=QuotaGatedRoute)
 
 
 class JobForm(BaseModel):
@@ -88,6 +96,7 @@ class JobForm(BaseModel):
 
 
 @router.post("", status_code=202, response_model=JobOut)
+@quota_gated
 async def submit_job(
     who: Auth,
     settings: SettingsDep,
@@ -97,7 +106,9 @@ async def submit_job(
     form: Annotated[JobForm, Form(media_type="multipart/form-data")],
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
 ) -> JobOut:
-    """Submit a CSV of documents; answers 202 with the queued job."""
+    """Submit a CSV of documents; answers 202 with the queued job. 429 with ``Retry-After``
+    past one of the tenant's quotas (checked before the upload is read, and again with its
+    rows and bytes)."""
     idempotency_key = schemas.check_idempotency_key(idempotency_key)
     try:
         priority = parse_priority(form.priority)
@@ -128,6 +139,8 @@ async def submit_job(
         source_name=form.file.filename,
         extra_params={k: v for k, v in extra.items() if v is not None},
     )
+    if settings.jobs.reject_unserved_models:
+        await run_in_threadpool(_refuse_unserved, db, req.model, settings)
     # Async, and parsed in a pool process: an upload neither holds the GIL here nor one of the
     # threads that status polls are served from while it waits for its turn to be parsed.
     submissions = pool.shared(settings)
@@ -136,14 +149,28 @@ async def submit_job(
     )
     job, served = await run_in_threadpool(_job_and_served, db, who.tenant_id, job_id, settings)
     if created:
-        # Messages go out after the response: the client does not wait on Redis, and a crash
-        # in between leaves enqueued_at NULL for the reconciler to send.
+        # The dispatcher runs after the response: the client does not wait on Redis, and a
+        # crash in between leaves the chunks waiting for the next pass (service/dispatcher.py).
         if not submissions.enqueue_later(job.id, settings):
             background.add_task(submit.enqueue_job, job.id, settings)
     else:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobOut.of(job, served)
+
+
+def _refuse_unserved(db: Engine, model: str, settings: Settings) -> None:
+    """DOCQUEUE_REJECT_UNSERVED_MODELS: a model no live worker serves is a 422 naming the
+    served ones (by default such a job is accepted with a warning: workers may start later)."""
+    with read(db) as session:
+        served = sorted({w.model for w in queries.live_workers(session, settings)})
+    if model not in served:
+        listing = ", ".join(repr(m) for m in served) if served else "none"
+        raise InvalidParameterError(
+            f"no live worker serves model {model!r}; served models: {listing} "
+            "(this server refuses unserved models: DOCQUEUE_REJECT_UNSERVED_MODELS)",
+            field="model",
+        )
 
 
 def _job_and_served(
@@ -163,23 +190,37 @@ def list_jobs(
     status: Annotated[JobStatus | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     page_token: Annotated[str | None, Query(max_length=200)] = None,
+    tenant: Annotated[
+        str | None, Query(max_length=200, description="admin keys: only this tenant's jobs")
+    ] = None,
 ) -> JobList:
-    """The tenant's jobs, newest first; pass ``next_page_token`` back for the next page."""
+    """The tenant's jobs, newest first; pass ``next_page_token`` back for the next page. An
+    admin key sees every tenant's (or ``tenant=``'s), each naming its tenant."""
     before = _decode_token(page_token) if page_token else None
+    if tenant is not None and not who.admin:
+        raise ForbiddenError("tenant= needs an admin key")
     with tx(db) as session:
-        rows = queries.list_jobs(session, who.tenant_id, status=status, limit=limit, before=before)
+        scope: uuid.UUID | None = who.tenant_id
+        if who.admin:
+            scope = quotas.get_tenant(session, tenant).id if tenant is not None else None
+        rows = queries.list_jobs(session, scope, status=status, limit=limit, before=before)
         served = queries.served_models(session, settings)
+        names = queries.tenant_names(session, rows) if who.admin else {}
     token = _encode_token(rows[-1].created_at, rows[-1].id) if len(rows) == limit else None
-    return JobList(data=[JobOut.of(j, served) for j in rows], next_page_token=token)
+    return JobList(
+        data=[JobOut.of(j, served, names.get(j.tenant_id)) for j in rows], next_page_token=token
+    )
 
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, who: Auth, settings: SettingsDep, db: Db) -> JobOut:
-    """Status, counts, percent, tokens and, while running, documents/s and ETA."""
+    """Status, counts, percent, tokens and, while running, documents/s and ETA. An admin key
+    sees any tenant's job, naming its tenant."""
     with read(db) as session:  # one row: no transaction needed, and none is paid for
-        job = queries.get_job(session, who.tenant_id, job_id)
+        job = queries.get_job(session, None if who.admin else who.tenant_id, job_id)
         served = queries.served_models(session, settings)
-    return JobOut.of(job, served)
+        name = queries.tenant_names(session, [job])[job.tenant_id] if who.admin else None
+    return JobOut.of(job, served, name)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

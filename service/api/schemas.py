@@ -12,7 +12,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
@@ -249,9 +249,14 @@ class JobOut(BaseModel):
         default=None, description="a live worker serves the job's model (None: not looked up)"
     )
     warning: str | None = None
+    tenant: str | None = Field(
+        default=None, description="the job's tenant (in an admin key's views only)"
+    )
 
     @classmethod
-    def of(cls, job: Job, served: AbstractSet[str] | None = None) -> JobOut:
+    def of(
+        cls, job: Job, served: AbstractSet[str] | None = None, tenant: str | None = None
+    ) -> JobOut:
         """The job as the API shows it; with ``served``, whether a live worker serves its
         model (an unserved open job waits, and says so)."""
         p = progress(job, datetime.now(UTC))
@@ -295,6 +300,7 @@ class JobOut(BaseModel):
             retry_of=job.retry_of,
             model_served=model_served,
             warning=warning,
+            tenant=tenant,
         )
 
 
@@ -341,9 +347,14 @@ class WorkerOut(BaseModel):
 
 
 class ServedModel(BaseModel):
+    """A served model. Tenants see its name and readiness; where it runs (hosts, devices) is
+    for admin keys only."""
+
     id: str
-    queue: str
-    workers: list[WorkerOut]
+    served: bool = True
+    ready: bool = Field(description="a live worker's engine is loaded")
+    queue: str | None = Field(default=None, description="admin keys only")
+    workers: list[WorkerOut] | None = Field(default=None, description="admin keys only")
 
 
 class ServedModelList(BaseModel):
@@ -351,10 +362,16 @@ class ServedModelList(BaseModel):
     data: list[ServedModel]
 
     @classmethod
-    def of(cls, workers: list[Worker]) -> ServedModelList:
+    def of(cls, workers: list[Worker], detail: bool = True) -> ServedModelList:
+        """``detail``: with queues and workers (an admin key); else names and readiness."""
         models: dict[str, ServedModel] = {}
         for w in workers:
-            entry = models.setdefault(w.model, ServedModel(id=w.model, queue=w.queue, workers=[]))
+            entry = models.setdefault(w.model, ServedModel(id=w.model, ready=False))
+            entry.ready = entry.ready or w.engine_ready
+            if not detail:
+                continue
+            entry.queue = w.queue
+            entry.workers = entry.workers or []
             entry.workers.append(
                 WorkerOut(
                     name=w.name,
@@ -559,3 +576,106 @@ class ScheduleRun(BaseModel):
     outcome: str
     documents: int
     job: JobOut | None
+
+
+# --- usage, quotas and administration ------------------------------------------------------------
+
+#: The longest range ``GET /v1/usage`` answers in one request (a row per day and model).
+MAX_USAGE_DAYS = 366
+UsageGroup = Literal["day", "model"]
+
+
+class UsageRow(BaseModel):
+    """What was used in one group (a day, a model, or both; a tenant in an admin's view of
+    all tenants). ``documents`` counts results written (``failed`` of them row errors)."""
+
+    day: date | None = None
+    model: str | None = None
+    tenant: str | None = None
+    documents: int
+    failed: int
+    prompt_tokens: int
+    output_tokens: int
+    upload_bytes: int
+
+
+class QuotaOut(BaseModel):
+    limit: int
+    used: int = Field(description="now (running_jobs, queued_rows) or today, UTC (per_day)")
+    default: bool = Field(description="the limit is the default (settings), not the tenant's own")
+
+
+class UsageOut(BaseModel):
+    object: Literal["usage"] = "usage"
+    tenant: str | None = Field(description="None: every tenant (an admin key without tenant=)")
+    from_: date = Field(alias="from", serialization_alias="from")
+    to: date
+    group_by: list[UsageGroup]
+    data: list[UsageRow]
+    totals: UsageRow
+    quotas: dict[str, QuotaOut] | None = Field(
+        default=None, description="the tenant's quotas and their use (one tenant only)"
+    )
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class QuotasIn(BaseModel):
+    """``PUT /v1/tenants/{name}/quotas``: the quotas named change (null: back to the default);
+    the others keep their values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    running_jobs: int | None = Field(default=None, gt=0, le=2**31 - 1)
+    queued_rows: int | None = Field(default=None, gt=0, le=2**63 - 1)
+    upload_bytes_per_day: int | None = Field(default=None, gt=0, le=2**63 - 1)
+    output_tokens_per_day: int | None = Field(default=None, gt=0, le=2**63 - 1)
+
+
+class TenantOut(BaseModel):
+    object: Literal["tenant"] = "tenant"
+    name: str
+    created_at: Instant
+    quotas: dict[str, QuotaOut]
+
+
+class TenantList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TenantOut]
+
+
+class WorkerDetail(BaseModel):
+    """A registered worker as an admin sees it: host (in its name), device, model, liveness."""
+
+    name: str
+    model: str
+    queue: str
+    device: str
+    pid: int
+    slots: int
+    ready: bool
+    live: bool = Field(description="its heartbeat is recent enough to count it as serving")
+    started_at: Instant
+    last_heartbeat_at: Instant
+
+
+class WorkerList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WorkerDetail]
+
+
+class QueueDepth(BaseModel):
+    """A model's open chunks: ``waiting`` in PostgreSQL for the dispatcher, ``released`` to
+    Redis and not yet claimed, ``leased`` running on a worker."""
+
+    model: str
+    waiting: int
+    released: int
+    leased: int
+    open_jobs: int
+    live_workers: int
+
+
+class QueueList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[QueueDepth]

@@ -1,4 +1,5 @@
-"""``/v1/models``: the models (LLMs) live workers serve, with those workers."""
+"""``/v1/models``: the models (LLMs) live workers serve. A tenant key sees their names and
+readiness; an admin key also sees the workers (hosts, devices) and queues."""
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at import.
 
 from fastapi import APIRouter
@@ -12,6 +13,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERRORS)
 
 @router.get("", response_model=ServedModelList)
 def list_models(who: Auth, settings: SettingsDep, db: Db) -> ServedModelList:
-    """Models served by live workers (recent heartbeat), with those workers."""
+    """Models served by live workers (recent heartbeat); for an admin key, with those
+    workers."""
     with tx(db) as session:
-        return ServedModelList.of(queries.live_workers(session, settings))
+        return ServedModelList.of(queries.live_workers(session, settings), detail=who.admin)

@@ -50,8 +50,20 @@ def key(settings: Settings, api_server: str) -> str:
     return new_key(settings, api_server)
 
 
-def test_models_lists_the_live_worker(api_server: str, worker: Any, key: str, model: str) -> None:
+def test_models_lists_the_live_worker(
+    settings: Settings, api_server: str, worker: Any, key: str, model: str
+) -> None:
+    from service.store.engine import session_scope
+    from service.store.keys import create_key
+
     data = httpx.get(f"{api_server}/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
+    entry = next(m for m in data["data"] if m["id"] == model)
+    # A tenant key sees the model served and ready; the workers (hosts) only an admin key.
+    assert entry["ready"] is True and entry["workers"] is None
+    with session_scope(settings.database.url) as session:
+        admin_key = create_key(session, f"ops-{uuid.uuid4().hex[:6]}", admin=True)
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    data = httpx.get(f"{api_server}/v1/models", headers=headers).json()
     entry = next(m for m in data["data"] if m["id"] == model)
     assert entry["workers"][0]["name"].startswith("cpu@")
     assert entry["workers"][0]["ready"] is True

@@ -236,7 +236,8 @@ def test_models_and_unserved_job_warning(
     job = submit(client, api_key, CSV, model=model_name).json()
     assert job["model_served"] is False
     assert f"no live worker serves model '{model_name}'" in job["warning"]
-    from service.store.engine import get_engine
+    from service.store.engine import get_engine, session_scope
+    from service.store.keys import create_key
     from service.store.registry import heartbeat, register_worker
 
     name = f"gpu0@{uuid.uuid4().hex[:6]}"
@@ -244,6 +245,14 @@ def test_models_and_unserved_job_warning(
         register_worker(conn, name, model_name, "q", "cuda (CUDA_VISIBLE_DEVICES=0)", 1, True)
         heartbeat(conn, name, ready=True)
     models = client.get("/v1/models", headers=auth(api_key)).json()["data"]
+    entry = next(m for m in models if m["id"] == model_name)
+    # A tenant key sees the model's name and readiness, never where it runs.
+    assert entry["served"] is True and entry["ready"] is True
+    assert entry["workers"] is None and entry["queue"] is None
+    assert name not in str(models) and "CUDA_VISIBLE_DEVICES" not in str(models)
+    with session_scope(settings.database.url) as session:
+        admin_key = create_key(session, f"ops-{uuid.uuid4().hex[:6]}", admin=True)
+    models = client.get("/v1/models", headers=auth(admin_key)).json()["data"]
     entry = next(m for m in models if m["id"] == model_name)
     assert entry["workers"][0]["name"] == name
     assert entry["workers"][0]["device"] == "cuda (CUDA_VISIBLE_DEVICES=0)"
@@ -257,3 +266,27 @@ def test_models_and_unserved_job_warning(
         )
     models = client.get("/v1/models", headers=auth(api_key)).json()["data"]
     assert model_name not in [m["id"] for m in models]
+
+
+def test_unserved_models_are_refused_when_the_server_says_so(
+    settings: Settings, api_key: str, model_name: str
+) -> None:
+    """By default a job for a model no worker serves is accepted with a warning (and counts
+    against the quotas); DOCQUEUE_REJECT_UNSERVED_MODELS makes it a 422 naming the served."""
+    from service.store.engine import get_engine
+    from service.store.registry import register_worker
+    from tests.support.runs import local_client
+
+    served = f"{model_name}-served"
+    with get_engine(settings.database.url).begin() as conn:
+        register_worker(conn, f"gpu0@{uuid.uuid4().hex[:6]}", served, "q", "cpu", 1, True)
+    with local_client(settings, jobs={"reject_unserved_models": True}) as strict:
+        resp = submit(strict, api_key, CSV, model=model_name)
+        assert resp.status_code == 422, resp.text
+        error = resp.json()["error"]
+        assert error["field"] == "model" and repr(served) in error["message"]
+        assert f"no live worker serves model {model_name!r}" in error["message"]
+        assert submit(strict, api_key, CSV, model=served).status_code == 202
+    with local_client(settings) as lenient:
+        accepted = submit(lenient, api_key, CSV, model=model_name)
+        assert accepted.status_code == 202 and accepted.json()["warning"]
