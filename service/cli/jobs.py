@@ -227,7 +227,8 @@ def list_jobs(
     for job in page["data"]:
         c = job["counts"]
         table.add_row(
-            job["status"],
+            # A deleted job stays listed (its counts), marked.
+            f"{job['status']} (deleted)" if job.get("deleted_at") else job["status"],
             job["task"],
             job["model"],
             f"{_done(c)}/{c['total']}",

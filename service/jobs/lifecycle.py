@@ -29,6 +29,7 @@ from service import logs
 from service.errors import ConflictError, JobDeletedError, NotFoundError, ResultsExpiredError
 from service.jobs.submit import chunk_rows, find_idempotent, replay
 from service.settings import Settings
+from service.store import quotas
 from service.store.states import JobStatus
 from service.store.tables import Chunk, Job
 
@@ -70,8 +71,8 @@ def retry_job(
 
     Refused: another tenant's job or none (404), a job still open (409: its failed rows may
     yet change), a deleted or expired one (410: its rows are gone), and a job with no row to
-    retry (409). The original is locked FOR SHARE while its rows are copied, so a delete or a
-    retention purge cannot remove them half-way."""
+    retry (409), and a retry past the tenant's quotas (429). The original is locked FOR SHARE
+    while its rows are copied, so a delete or a retention purge cannot remove them half-way."""
     fingerprint = retry_fingerprint(job_id, include_cancelled)
     if idempotency_key:
         with Session(engine, expire_on_commit=False) as session:
@@ -126,6 +127,9 @@ def retry_job(
             )
             job.total = n
             job.n_chunks = len(chunks)
+            # A retry is a job like a submitted one: it counts against the tenant's quotas
+            # (open jobs, rows waiting); it uploads nothing.
+            quotas.check_submission(session, tenant_id, new_id, n, 0, settings)
     except IntegrityError as exc:
         # The same key sent twice at once: the winner's job, if this is the same request.
         if idempotency_key and "uq_jobs_tenant_idempotency_key" in str(exc.orig):

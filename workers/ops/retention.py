@@ -43,6 +43,7 @@ def purge_expired(engine: Engine, settings: Settings, now: datetime | None = Non
         marked = conn.execute(
             text(
                 "UPDATE jobs SET results_expired_at = :now WHERE results_expired_at IS NULL "
+                "AND deleted_at IS NULL "  # a tombstone has nothing left to expire
                 "AND status = ANY(:terminal) AND finished_at < :cutoff RETURNING id"
             ),
             {"now": now, "cutoff": cutoff, "terminal": [str(s) for s in TERMINAL_STATUSES]},

@@ -86,6 +86,8 @@ def test_retry_then_delete(settings: Settings, api_server: str, model_name: str)
     )
     status = cli("status", job_id, env=env)
     assert status.returncode == 0 and "deleted" in status.stdout and "8 ok" in status.stdout
+    listed = cli("jobs", env=env)
+    assert listed.returncode == 0 and "completed (deleted)" in listed.stdout
     gone = cli("results", job_id, env=env)
     assert gone.returncode == 1 and "was deleted" in flat(gone.stderr)
     assert "HTTP 410" in gone.stderr

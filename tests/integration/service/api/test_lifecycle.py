@@ -314,3 +314,26 @@ def test_retry_with_an_idempotency_key_makes_one_job(
         j for j in client.get("/v1/jobs", headers=auth(api_key)).json()["data"] if j["retry_of"]
     ]
     assert len(retries) == 1
+
+
+def test_a_retry_counts_against_the_tenants_quotas(
+    client: TestClient, settings: Settings, model_name: str
+) -> None:
+    """A retry is a job like any other: past the tenant's open-jobs quota it is a 429, and
+    deleting the open job (cancelled on the way) frees the quota again."""
+    from service.store.quotas import set_quotas
+
+    tenant = f"quota-{uuid.uuid4().hex[:6]}"
+    with session_scope(settings.database.url) as session:
+        key = create_key(session, tenant)
+        set_quotas(session, tenant, {"running_jobs": 1})
+    done = submit(client, key, csv_with_ids(3), model=model_name).json()["id"]
+    work(settings, done, fail={2})
+    still_open = submit(client, key, csv_with_ids(3), model=model_name).json()["id"]
+
+    refused = client.post(f"/v1/jobs/{done}/retry", headers=auth(key))
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["quota"] == "running_jobs"
+    assert client.delete(f"/v1/jobs/{still_open}", headers=auth(key)).status_code == 200
+    retried = client.post(f"/v1/jobs/{done}/retry", headers=auth(key))
+    assert retried.status_code == 202 and retried.json()["counts"]["total"] == 1
