@@ -1,8 +1,9 @@
 """The ``docqueue`` command line: the root app and its command groups.
 
 Each group lives in its own module: ``servers`` (the processes: api, worker, flower, beat,
-db upgrade), ``keys``, ``jobs`` (the HTTP client commands for jobs) and ``collections``
-(collections and schedules). ``app`` is the console script's entry point (``service.cli:app``).
+db upgrade), ``keys``, ``jobs`` (the HTTP client commands for jobs), ``collections``
+(collections and schedules) and ``usage`` (usage, and the admin commands: quotas, tenants,
+workers, queues). ``app`` is the console script's entry point (``service.cli:app``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Annotated
 import typer
 
 from service import __version__
-from service.cli import collections, jobs, keys, servers
+from service.cli import collections, jobs, keys, servers, usage
 from service.cli.output import fail, out
 
 app = typer.Typer(
@@ -28,6 +29,8 @@ app.add_typer(servers.db_app, name="db")
 app.add_typer(keys.app, name="keys")
 app.add_typer(collections.collections_app, name="collections")
 app.add_typer(collections.schedules_app, name="schedules")
+app.add_typer(usage.app)
+app.add_typer(usage.quotas_app, name="quotas")
 
 
 def _version(value: bool) -> None:

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import quote
 
 import httpx
 
@@ -178,6 +179,28 @@ class Client:
 
     def run_schedule(self, schedule_id: str) -> dict[str, Any]:
         return dict(self._request("POST", f"/v1/schedules/{schedule_id}/run").json())
+
+    # Usage, quotas and administration (the admin routes need an admin key).
+
+    def usage(self, **params: Any) -> dict[str, Any]:
+        query = {k: str(v) for k, v in params.items() if v is not None}
+        return dict(self._request("GET", "/v1/usage", params=query).json())
+
+    def tenants(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/tenants").json())
+
+    def quotas(self, tenant: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/tenants/{quote(tenant, safe='')}/quotas").json())
+
+    def set_quotas(self, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
+        path = f"/v1/tenants/{quote(tenant, safe='')}/quotas"
+        return dict(self._request("PUT", path, json=body).json())
+
+    def workers(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/workers").json())
+
+    def queues(self) -> dict[str, Any]:
+        return dict(self._request("GET", "/v1/queues").json())
 
     def results(self, job_id: str, fmt: str = "csv") -> Iterator[bytes]:
         """Streams the results; the caller writes them wherever it likes."""

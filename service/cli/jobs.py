@@ -315,12 +315,18 @@ def _results_table(job_id: str, limit: int) -> None:
 
 @app.command()
 def models() -> None:
-    """Models served by live workers, and those workers."""
+    """Models served by live workers, and (with an admin key) those workers."""
     with api_client() as client:
         page = client.models()
+    if all(m.get("workers") is None for m in page["data"]):  # a tenant key: names only
+        table = Table("model", "ready")
+        for m in page["data"]:
+            table.add_row(m["id"], "yes" if m.get("ready") else "loading")
+        out.print(table)
+        return
     table = Table("model", "worker", "device", "last heartbeat")
     for m in page["data"]:
-        for w in m["workers"]:
+        for w in m["workers"] or []:
             table.add_row(m["id"], w["name"], w["device"], w["last_heartbeat_at"][:19])
     out.print(table)
 

@@ -18,6 +18,12 @@ app = typer.Typer(help="API keys (stored hashed; shown once).", no_args_is_help=
 @app.command("create")
 def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant name; created if it does not exist.")],
+    admin: Annotated[
+        bool,
+        typer.Option(
+            "--admin", help="An admin key: sees every tenant's jobs, usage, workers and queues."
+        ),
+    ] = False,
 ) -> None:
     """Create an API key for TENANT and print it (the only time it is shown)."""
     from service.store.engine import session_scope
@@ -25,11 +31,12 @@ def keys_create(
 
     try:
         with session_scope() as session:
-            key = create_key(session, tenant)
+            key = create_key(session, tenant, admin=admin)
     except Exception as exc:
         fail(f"could not create a key: {exc}")
     # The key alone on stdout, so `KEY=$(docqueue keys create ...)` captures just the key.
-    err.print(f"API key for tenant {tenant!r} (store it now; it is not shown again):")
+    what = "Admin API key" if admin else "API key"
+    err.print(f"{what} for tenant {tenant!r} (store it now; it is not shown again):")
     out.print(key, highlight=False)
 
 
@@ -63,16 +70,18 @@ def keys_list(
                     "tenant": k.tenant,
                     "created_at": _when(k.created_at),
                     "revoked_at": _when(k.revoked_at) or None,
+                    "admin": k.admin,
                 }
                 for k in keys
             ]
         )
         return
-    table = Table("prefix", "tenant", "created (UTC)", "revoked (UTC)")
+    table = Table("prefix", "tenant", "scope", "created (UTC)", "revoked (UTC)")
     table.add_column("id", no_wrap=True)
     for k in keys:
         # Text, not markup: a tenant's name is whatever its creator typed.
-        cells = (k.prefix, k.tenant, _when(k.created_at), _when(k.revoked_at), str(k.id))
+        scope = "admin" if k.admin else "tenant"
+        cells = (k.prefix, k.tenant, scope, _when(k.created_at), _when(k.revoked_at), str(k.id))
         table.add_row(*(Text(c) for c in cells))
     out.print(table)
 
