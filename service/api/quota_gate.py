@@ -17,6 +17,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import PRINCIPAL, read
+from service.jobs.submit import find_idempotent
 from service.settings import Settings
 from service.store.keys import Principal
 from service.store.quotas import check_before_upload
@@ -46,12 +47,17 @@ class QuotaGatedRoute(APIRoute):
             who = getattr(request.state, PRINCIPAL, None)
             if isinstance(who, Principal):  # without Boundary the handler's own auth answers
                 settings: Settings = request.app.state.settings
-                await run_in_threadpool(_check, request.app.state.db, who, settings)
+                key = request.headers.get("idempotency-key")
+                await run_in_threadpool(_check, request.app.state.db, who, key, settings)
             return await handler(request)
 
         return gated
 
 
-def _check(db: Any, who: Principal, settings: Settings) -> None:
+def _check(db: Any, who: Principal, idempotency_key: str | None, settings: Settings) -> None:
     with read(db) as session:
+        # A replay of a job already made is answered with that job whatever the quotas say
+        # now: a client retrying after a lost response must get its job, not a 429.
+        if idempotency_key and find_idempotent(session, who.tenant_id, idempotency_key.strip()):
+            return
         check_before_upload(session, who.tenant_id, settings)

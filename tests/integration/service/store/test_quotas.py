@@ -196,3 +196,21 @@ def test_a_refusal_in_a_pool_process_keeps_its_fields_and_retry_after(
     error = refused(submit(client, key, CSV3, model=model_name), "queued_rows")
     assert (error["limit"], error["used"], error["adding"]) == (2, 0, 3)
     assert error["retry_after_s"] == settings.quotas.retry_after_s
+
+
+def test_an_idempotent_replay_is_answered_whatever_the_quotas(
+    app: TestClient, admin_key: str, settings: Settings, model_name: str
+) -> None:
+    """A client retrying after a lost response gets its job back, not a 429 for the job
+    itself holding the quota."""
+    tenant, key = new_tenant(settings)
+    set_quotas(app, admin_key, tenant, running_jobs=1)
+    headers = {"Idempotency-Key": "upload-1"}
+    first = submit(app, key, CSV3, model=model_name, headers=headers)
+    assert first.status_code == 202
+    again = submit(app, key, CSV3, model=model_name, headers=headers)
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    refused(
+        submit(app, key, CSV3, model=model_name, headers={"Idempotency-Key": "2"}), "running_jobs"
+    )
