@@ -70,7 +70,7 @@ def retry_job(
     Returns (job, created); the caller sends its chunks after the commit (``enqueue_job``).
 
     Refused: another tenant's job or none (404), a job still open (409: its failed rows may
-    yet change), a deleted or expired one (410: its rows are gone), and a job with no row to
+    yet change), a deleted or expired one (410: its rows are gone), a job with no row to
     retry (409), and a retry past the tenant's quotas (429). The original is locked FOR SHARE
     while its rows are copied, so a delete or a retention purge cannot remove them half-way."""
     fingerprint = retry_fingerprint(job_id, include_cancelled)
@@ -89,6 +89,9 @@ def retry_job(
             )
             _check_retryable(original, job_id, settings)
             assert original is not None
+            # A quota already reached refuses before any row is copied (the exact check, with
+            # the rows, follows the copy).
+            quotas.check_before_upload(session, tenant_id, settings)
             job = Job(
                 id=new_id,
                 tenant_id=tenant_id,
