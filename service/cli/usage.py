@@ -24,9 +24,13 @@ QUOTAS = ("running_jobs", "queued_rows", "upload_bytes_per_day", "output_tokens_
 
 
 def _quota_table(quotas: dict[str, Any]) -> Table:
-    table = Table("quota", "limit", "used", "of default")
+    table = Table("quota")
+    for column in ("limit", "used"):
+        table.add_column(column, justify="right")
+    table.add_column("limit set by")
     for name, q in quotas.items():
-        table.add_row(name, f"{q['limit']:,}", f"{q['used']:,}", "yes" if q["default"] else "own")
+        whose = "default" if q["default"] else "tenant's own"
+        table.add_row(name, f"{q['limit']:,}", f"{q['used']:,}", whose)
     return table
 
 
@@ -53,7 +57,9 @@ def usage(
     groups: list[str] = list(body["group_by"])
     if body["tenant"] is None:
         groups.append("tenant")
-    table = Table(*groups, "documents", "failed", "prompt tokens", "output tokens", "uploaded")
+    table = Table(*groups)
+    for column in ("documents", "failed", "prompt tokens", "output tokens", "uploaded bytes"):
+        table.add_column(column, justify="right")
     numbers = ("documents", "failed", "prompt_tokens", "output_tokens", "upload_bytes")
     for row in body["data"]:
         # Text, not markup: model and tenant names are whatever their creators typed.

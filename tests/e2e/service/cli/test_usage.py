@@ -52,7 +52,7 @@ def test_usage_quotas_and_admin_commands(
     # An admin sets a quota; the tenant's next submission past it is refused, naming it.
     done = cli("quotas", "set", tenant, "--running-jobs", "1", env=ops)
     assert done.returncode == 0, done.stderr
-    assert "running_jobs" in done.stdout and "own" in done.stdout
+    assert "running_jobs" in done.stdout and "tenant's own" in done.stdout
     post_job(api_server, key, "text\nx\n", task="summarize", model=model)  # open: 1 of 1
     src = tmp_path / "more.csv"
     src.write_text("text\ny\n")
