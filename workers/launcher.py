@@ -56,7 +56,9 @@ def plan(gpus: str, tensor_parallel: int = 1) -> list[WorkerSpec]:
         if bad:
             raise ValueError(f"--gpus: {bad[0]!r} is not a GPU index (use all, none or 0,1,...)")
     if not devices:
-        return [WorkerSpec(hostname="cpu@%h", devices=None)]
+        # The launcher's pid keeps two CPU workers on one host apart (one per model, say): the
+        # registry, the dispatcher's slots and Flower all know a worker by this name.
+        return [WorkerSpec(hostname=f"cpu-{os.getpid()}@%h", devices=None)]
     if tensor_parallel < 1 or len(devices) % tensor_parallel:
         raise ValueError(
             f"--tensor-parallel {tensor_parallel} does not divide the {len(devices)} GPUs given"

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from sqlalchemy import Connection
 from sqlalchemy import Engine as DbEngine
 
 from service import logs
@@ -152,7 +153,9 @@ class Runtime:
             with self.lock:
                 self.lost_leases |= lost & self.leases.keys()
         with self.db.begin() as conn:
-            heartbeat(conn, self.name, ready=True)
+            if not heartbeat(conn, self.name, ready=True):
+                log.warning("worker %s was not registered any more; registering again", self.name)
+                self._register(conn)
 
     def _beat_loop(self) -> None:
         interval = min(self.settings.worker.lease_s / 3.0, self.settings.worker.heartbeat_s)
@@ -162,18 +165,21 @@ class Runtime:
             except Exception:  # database briefly away: leases have 2/3 of lease_s to spare
                 log.warning("lease renewal failed; retrying", exc_info=True)
 
+    def _register(self, conn: Connection) -> None:
+        register_worker(
+            conn,
+            self.name,
+            self.model,
+            self.queue,
+            device_label(self.engine.device),
+            os.getpid(),
+            True,
+            self.slots,
+        )
+
     def start(self) -> None:
         with self.db.begin() as conn:
-            register_worker(
-                conn,
-                self.name,
-                self.model,
-                self.queue,
-                device_label(self.engine.device),
-                os.getpid(),
-                True,
-                self.slots,
-            )
+            self._register(conn)
         threading.Thread(target=self._beat_loop, name="docqueue-heartbeat", daemon=True).start()
 
     def shutdown(self) -> None:

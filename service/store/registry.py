@@ -50,13 +50,16 @@ def register_worker(
     )
 
 
-def heartbeat(conn: Connection, name: str, ready: bool) -> None:
-    conn.execute(
+def heartbeat(conn: Connection, name: str, ready: bool) -> bool:
+    """False: the worker's row is gone (deleted by an operator or a namesake's shutdown), and
+    the caller registers again, or its model would count as unserved and its slots as none."""
+    done = conn.execute(
         text(
             "UPDATE workers SET last_heartbeat_at = now(), engine_ready = :ready WHERE name = :name"
         ),
         {"name": name, "ready": ready},
     )
+    return bool(done.rowcount)
 
 
 def unregister_worker(conn: Connection, name: str) -> None:

@@ -4,7 +4,7 @@ Flower only listens to the broker (worker and task events, remote-control replie
 the workers' app (``workers.app``) without their tasks, so it needs no engine. Chunk tasks show
 as ``docqueue.run_chunk`` with arguments ``{'job': ..., 'chunk': 'n/N'}`` and ids
 ``<job id>:<chunk index>:<suffix>`` (set by ``service.contract.send_chunks``); workers under their
-Celery hostnames (``gpu0@host``, ``cpu@host``).
+Celery hostnames (``gpu0@host``, ``cpu-<pid>@host``).
 
 Credentials reach Flower through its ``FLOWER_BASIC_AUTH`` environment variable, never through
 the command line, where any local user could read them with ``ps``.

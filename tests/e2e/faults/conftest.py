@@ -4,7 +4,7 @@ PostgreSQL and Redis are private (tests/support/servers.py): these tests crash, 
 restart them, and never touch the shared ones. ``docqueue api`` and ``docqueue worker``
 processes are real; workers run the zero-cost ``bench`` engine, so no model has to start, and
 each worker gets its own UTS namespace (its own host name), as on separate machines: Celery
-names it ``cpu@<host>``, which is what ``chunks.worker`` records.
+names it ``cpu-<launcher pid>@<host>``, which is what ``chunks.worker`` records.
 """
 
 from __future__ import annotations
@@ -88,10 +88,12 @@ class Worker:
     host: str
     proc: subprocess.Popen[bytes]  # the launcher (`docqueue worker`), its group's leader
     log: Path
+    registered: str = ""  # its name in the registry, once ``wait_ready`` saw it
 
     @property
     def name(self) -> str:
-        return f"cpu@{self.host}"
+        assert self.registered, f"worker on {self.host}: wait_ready first"
+        return self.registered
 
 
 @dataclass
@@ -150,15 +152,16 @@ class Deployment:
         def ready() -> bool:
             if worker.proc.poll() is not None:
                 raise RuntimeError(f"worker {worker.host} exited:\n{log.read_text()[-5000:]}")
-            return bool(
-                self.sql(
-                    "SELECT 1 FROM workers WHERE name = %s AND engine_ready "
-                    "AND last_heartbeat_at > now() - interval '5 seconds'",
-                    worker.name,
-                )
+            rows = self.sql(  # `cpu-<launcher pid>@<host>`: one launcher per host name here
+                "SELECT name FROM workers WHERE name LIKE %s AND engine_ready "
+                "AND last_heartbeat_at > now() - interval '5 seconds'",
+                f"cpu-%@{worker.host}",
             )
+            if rows:
+                worker.registered = str(rows[0][0])
+            return bool(rows)
 
-        wait_for(f"worker {worker.name} to register", ready, timeout_s)
+        wait_for(f"worker on {worker.host} to register", ready, timeout_s)
 
     def mark(self, what: str) -> None:
         """A line in phases.log (and the test's output): when each step of a test happened."""
@@ -319,8 +322,8 @@ def deployment(
     from service.store.keys import create_key
     from service.store.migrate import upgrade
 
-    # Every worker is named cpu@<host name> (`docqueue worker --gpus none`): two on one host
-    # need a host name each, which needs a UTS namespace.
+    # Each worker needs a host name of its own (a UTS namespace), as on separate machines:
+    # the tests tell workers apart by host, and chunks.worker names it.
     probe = subprocess.run(["unshare", "--uts", "true"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip(f"`unshare --uts` is not permitted here ({probe.stderr.strip()})")

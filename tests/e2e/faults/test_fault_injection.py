@@ -111,7 +111,11 @@ def test_every_document_once_through_kill_flush_crash_and_pause(dep: Deployment)
     finally:
         os.kill(paused_pid, signal.SIGCONT)
         dep.mark("worker b resumed")
-    assert time.monotonic() - paused_at > float(FAST["DOCQUEUE_LEASE_S"])
+    # Taken over only once the lease ran out: a lease ends lease_s after its last renewal, and
+    # the paused worker renewed at most one heartbeat before it froze.
+    assert time.monotonic() - paused_at > float(FAST["DOCQUEUE_LEASE_S"]) - float(
+        FAST["DOCQUEUE_WORKER_HEARTBEAT_S"]
+    )
 
     for n, job_id in enumerate(jobs, 1):
         try:

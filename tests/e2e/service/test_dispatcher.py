@@ -98,7 +98,7 @@ def test_a_small_job_finishes_within_a_few_chunks_of_a_large_one_and_redis_stays
         finished = _pg_now(settings)
         assert done_b["status"] == "completed" and done_b["counts"]["succeeded"] == 10
         # B's chunk is released at A's next close, waits behind the `ahead` messages already
-        # in Redis, then runs beside A's chunks in the other slots: about 2 × slots + ahead
+        # in Redis, then runs beside A's chunks in the other slots: about 2 x slots + ahead
         # of A's chunks close meanwhile (9 of 3,907 when measured). Without the dispatcher B
         # waited for nearly all of A's.
         a_closed = _done_chunks(settings, job_a["id"], submitted, finished)

@@ -65,7 +65,7 @@ def test_models_lists_the_live_worker(
     headers = {"Authorization": f"Bearer {admin_key}"}
     data = httpx.get(f"{api_server}/v1/models", headers=headers).json()
     entry = next(m for m in data["data"] if m["id"] == model)
-    assert entry["workers"][0]["name"].startswith("cpu@")
+    assert entry["workers"][0]["name"].startswith("cpu-")
     assert entry["workers"][0]["ready"] is True
 
 

@@ -3,6 +3,7 @@ process's metrics port."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -38,10 +39,11 @@ def test_explicit_list_and_cpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         ("gpu1@%h", "1"),
         ("gpu3@%h", "3"),
     ]
-    assert [(s.hostname, s.devices) for s in launcher.plan("none")] == [("cpu@%h", None)]
+    cpu = (f"cpu-{os.getpid()}@%h", None)  # unique per launcher: two on one host stay apart
+    assert [(s.hostname, s.devices) for s in launcher.plan("none")] == [cpu]
     # No nvidia-smi at all: `all` means one CPU worker.
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert [(s.hostname, s.devices) for s in launcher.plan("all")] == [("cpu@%h", None)]
+    assert [(s.hostname, s.devices) for s in launcher.plan("all")] == [cpu]
     with pytest.raises(ValueError, match="not a GPU index"):
         launcher.plan("0,x")
 

@@ -172,7 +172,7 @@ def test_flower_shows_the_worker_and_the_chunk_tasks(
 ) -> None:
     url = flower.url
     job_id, worker_name = finished_job["job"]["id"], finished_job["worker"]
-    assert worker_name.startswith("cpu@")
+    assert worker_name.startswith("cpu-")
     workers = httpx.get(f"{url}/api/workers", params={"refresh": "1"}, auth=AUTH, timeout=30)
     assert workers.status_code == 200 and worker_name in workers.json()
 
