@@ -17,6 +17,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import PRINCIPAL, read
+from service.api.schemas import check_idempotency_key
 from service.jobs.submit import find_idempotent
 from service.settings import Settings
 from service.store.keys import Principal
@@ -47,7 +48,9 @@ class QuotaGatedRoute(APIRoute):
             who = getattr(request.state, PRINCIPAL, None)
             if isinstance(who, Principal):  # without Boundary the handler's own auth answers
                 settings: Settings = request.app.state.settings
-                key = request.headers.get("idempotency-key")
+                # Checked here too: the replay lookup below must never see a hostile key (a
+                # NUL is a database error); the same 422 the route would give, before the body.
+                key = check_idempotency_key(request.headers.get("idempotency-key"))
                 await run_in_threadpool(_check, request.app.state.db, who, key, settings)
             return await handler(request)
 
@@ -58,6 +61,6 @@ def _check(db: Any, who: Principal, idempotency_key: str | None, settings: Setti
     with read(db) as session:
         # A replay of a job already made is answered with that job whatever the quotas say
         # now: a client retrying after a lost response must get its job, not a 429.
-        if idempotency_key and find_idempotent(session, who.tenant_id, idempotency_key.strip()):
+        if idempotency_key and find_idempotent(session, who.tenant_id, idempotency_key):
             return
         check_before_upload(session, who.tenant_id, settings)
