@@ -551,20 +551,8 @@ class PgChunkStore:
                 text("SELECT pg_advisory_xact_lock(:k, hashtext(:m))"),
                 {"k": _DISPATCH_LOCK, "m": model},
             )
-            budget = conn.execute(_BUDGET, {"m": model, "ahead": ahead, "live_s": live_s})
-            n = int(budget.scalar_one())
-            if n <= 0:
-                yield []
-                return
-            picked = [Unsent(*row) for row in conn.execute(_PICK, {"m": model, "n": n}).all()]
-            if picked:
-                conn.execute(
-                    text(
-                        "UPDATE chunks SET enqueued_at = now(), updated_at = now() "
-                        "WHERE id = ANY(:ids)"
-                    ),
-                    {"ids": [c.chunk_id for c in picked]},
-                )
+            rows = conn.execute(_RELEASE, {"m": model, "ahead": ahead, "live_s": live_s}).all()
+            picked = [Unsent(*row) for row in rows]
             yield picked
 
     def dispatchable_models(self) -> list[str]:
@@ -652,22 +640,13 @@ class PgChunkStore:
         return Erased(status, deleted_at, False, purged)
 
 
-#: The dispatcher's budget for one model: its live workers' slots plus ``ahead``, less its
-#: chunks released (message sent, not yet claimed) or running.
-_BUDGET = text(
-    """
-    SELECT (SELECT coalesce(sum(w.slots), 0) FROM workers w
-            WHERE w.model = :m AND w.last_heartbeat_at > now() - make_interval(secs => :live_s))
-         + :ahead
-         - (SELECT count(*) FROM jobs j JOIN chunks c ON c.job_id = j.id
-            WHERE j.model = :m AND j.status IN ('queued', 'running')
-              AND (c.state = 'leased' OR (c.state = 'queued' AND c.enqueued_at IS NOT NULL)))
-    """
-)
-#: The next ``n`` chunks of the model to release, fairly: each open job offers its first ``n``
-#: waiting chunks; a tenant's turn counts its chunks already out (released or running), so the
-#: tenant with the fewest goes first within a priority, interleaving tenants from there on.
-_PICK = text(
+#: The dispatcher's release, in one statement (the advisory lock is taken before it, so its
+#: snapshot sees every release that came before). ``budget``: the model's live workers' slots
+#: plus ``ahead``, less its chunks out (released, not yet claimed, or running). ``offered``: each
+#: open job's first waiting chunks; a tenant's turn counts its chunks already out, so the tenant
+#: with the fewest goes first within a priority, interleaving tenants from there on. The picked
+#: chunks are marked released in the same statement.
+_RELEASE = text(
     """
     WITH open_jobs AS (
       SELECT j.id, j.tenant_id, j.priority, j.created_at, j.n_chunks, j.queue FROM jobs j
@@ -677,23 +656,34 @@ _PICK = text(
       JOIN chunks c ON c.job_id = o.id
       WHERE c.state = 'leased' OR (c.state = 'queued' AND c.enqueued_at IS NOT NULL)
       GROUP BY o.tenant_id, o.priority
+    ), budget AS (
+      SELECT greatest(0,
+        (SELECT coalesce(sum(w.slots), 0) FROM workers w
+         WHERE w.model = :m AND w.last_heartbeat_at > now() - make_interval(secs => :live_s))
+        + :ahead - (SELECT coalesce(sum(n), 0) FROM out)) AS n
     ), offered AS (
       SELECT w.id, w.seq, o.id AS job_id, o.tenant_id, o.priority, o.created_at, o.n_chunks,
              o.queue
       FROM open_jobs o CROSS JOIN LATERAL (
         SELECT c.id, c.seq FROM chunks c
         WHERE c.job_id = o.id AND c.state = 'queued' AND c.enqueued_at IS NULL
-        ORDER BY c.seq LIMIT :n FOR UPDATE SKIP LOCKED
+        ORDER BY c.seq LIMIT (SELECT n FROM budget) FOR UPDATE SKIP LOCKED
       ) w
     ), turns AS (
       SELECT f.*, coalesce(out.n, 0) + row_number() OVER (
                PARTITION BY f.tenant_id, f.priority ORDER BY f.created_at, f.job_id, f.seq
              ) AS turn
       FROM offered f LEFT JOIN out ON out.tenant_id = f.tenant_id AND out.priority = f.priority
+    ), picked AS (
+      SELECT id, job_id, seq, n_chunks, queue, priority, turn, created_at FROM turns
+      ORDER BY priority DESC, turn, created_at, job_id, seq
+      LIMIT (SELECT n FROM budget)
+    ), released AS (
+      UPDATE chunks c SET enqueued_at = now(), updated_at = now()
+      FROM picked WHERE c.id = picked.id
     )
-    SELECT id, job_id, seq, n_chunks, queue, priority FROM turns
+    SELECT id, job_id, seq, n_chunks, queue, priority FROM picked
     ORDER BY priority DESC, turn, created_at, job_id, seq
-    LIMIT :n
     """
 )
 
