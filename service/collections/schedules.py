@@ -28,10 +28,16 @@ from sqlalchemy.orm import Session
 
 from service import logs
 from service.contract import parse_priority
-from service.errors import ConflictError, InvalidParameterError, NotFoundError
+from service.errors import (
+    ConflictError,
+    InvalidParameterError,
+    NotFoundError,
+    QuotaExceededError,
+)
 from service.jobs import submit
 from service.jobs import validate as jobs
 from service.settings import Settings
+from service.store import quotas
 from service.store.states import TERMINAL_STATUSES
 from service.store.tables import Collection, Job, Schedule
 
@@ -371,7 +377,7 @@ class RunResult:
 
     schedule_id: uuid.UUID
     scheduled_for: datetime
-    outcome: str  # created | existing | empty | busy | failed
+    outcome: str  # created | existing | empty | busy | quota | failed
     job: Job | None = None
     documents: int = 0
 
@@ -399,6 +405,8 @@ def _run_locked(
             return RunResult(schedule.id, scheduled_for, "busy", last, last.total)
     req = job_request(schedule.task, schedule.model, schedule.params, schedule.priority, key)
     job = create_collection_job(session, schedule, req, settings)
+    if job is not None:  # a scheduled job counts against its tenant's quotas like any other
+        quotas.check_submission(session, schedule.tenant_id, job.id, job.total, 0, settings)
     schedule.last_run_at = scheduled_for
     if job is None:
         schedule.last_run_outcome = "no new or changed documents; no job"
@@ -482,6 +490,15 @@ def _tick_one(
         try:
             with session.begin_nested():  # a failed run leaves nothing half-written
                 result = _run_locked(session, schedule, scheduled_for, settings)
+        except QuotaExceededError as exc:
+            # Over a quota now, not for good: tried again once it may allow the run (its
+            # Retry-After), or at the next cron time if that comes first. Nothing was created.
+            log.warning("schedule %s: run for %s waits: %s", sid, scheduled_for, exc.message)
+            schedule.last_run_at = scheduled_for
+            schedule.last_run_outcome = f"waiting: {exc.message}"[:200]
+            retry_at = now + timedelta(seconds=int(exc.where.get("retry_after_s", 60)))
+            schedule.next_run_at = min(next_run(cron, tz, max(now, scheduled_for)), retry_at)
+            return RunResult(schedule.id, scheduled_for, "quota")
         except InvalidParameterError as exc:
             # Parameters valid when stored but not now (a limit was lowered, a model renamed):
             # say so on the schedule and wait for its next time, never retry every tick.

@@ -8,6 +8,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from service.collections import schedules
@@ -433,3 +434,45 @@ def test_a_deleted_document_is_not_covered_by_the_next_run(
     (run,) = tick(settings, sid)
     assert run.job is not None
     assert job_documents(settings, str(run.job.id)) == ["p1", "p3"]
+
+
+def test_a_run_over_its_tenants_quota_waits_and_runs_once_under_it(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """A scheduled job counts against the tenant's quotas like any other: over one, the run
+    creates nothing, says why, and is tried again after the quota's Retry-After (not at the
+    next cron time, a day later); a manual run is the API's 429."""
+    from service.errors import QuotaExceededError
+
+    put(client, api_key, "quota", "id,text\nq1,a\nq2,b\nq3,c\n")
+    sid = add_schedule(client, api_key, collection="quota", model=model_name).json()["id"]
+    tight = override(settings, quotas={"queued_rows": 2, "retry_after_s": 120})
+    engine = get_engine(settings.database.url)
+    make_due(settings, sid)
+    before = datetime.now(UTC)
+    (run,) = [r for r in schedules.tick(engine, tight) if str(r.schedule_id) == sid]
+    assert run.outcome == "quota" and run.job is None
+    s = client.get(f"/v1/schedules/{sid}", headers=auth(api_key)).json()
+    assert s["last_run_outcome"].startswith("waiting: ") and "queued_rows" in s["last_run_outcome"]
+    retry_at = datetime.fromisoformat(s["next_run_at"])
+    assert before + timedelta(seconds=100) < retry_at < datetime.now(UTC) + timedelta(seconds=121)
+    with pg(settings.database.url) as conn:
+        n = conn.execute(
+            "SELECT count(*) FROM jobs WHERE idempotency_key LIKE %s", (f"schedule:{sid}:%",)
+        ).fetchone()
+    assert n is not None and n[0] == 0
+    with pytest.raises(QuotaExceededError) as caught:  # a manual run: the API's 429
+        schedules.run_now(engine, _tenant(settings, sid), sid, tight)
+    assert caught.value.status_code == 429 and "queued_rows" in caught.value.message
+    make_due(settings, sid)  # under the quota again (the defaults): the run goes ahead
+    (again,) = tick(settings, sid)
+    assert again.outcome == "created" and again.job is not None and again.documents == 3
+
+
+def _tenant(settings: Settings, schedule_id: str) -> uuid.UUID:
+    with pg(settings.database.url) as conn:
+        row = conn.execute(
+            "SELECT tenant_id FROM schedules WHERE id = %s", (schedule_id,)
+        ).fetchone()
+    assert row is not None
+    return uuid.UUID(str(row[0]))
