@@ -207,6 +207,19 @@ class RetentionSettings(_Group):
     max_pass_s: float = env("RETENTION_MAX_PASS_S", 300.0, gt=0)  # a pass stops; next resumes
 
 
+class FileSettings(_Group):
+    """The OpenAI-compatible Files API (service/files): files live in PostgreSQL, in parts."""
+
+    # Bytes per stored part (one file_parts row): what one read or write of a file holds in
+    # memory, and what a content download sends per database round trip.
+    part_bytes: int = env("FILE_PART_BYTES", 1 * MiB, ge=4096, le=64 * MiB)
+    # A batch file's life when its upload names no expires_after (OpenAI's 30 days); past it,
+    # retention purges the file.
+    default_expires_s: int = env("FILE_DEFAULT_EXPIRES_S", 30 * 24 * 3600, ge=3600)
+    # Parts retention deletes per transaction when it purges an expired file.
+    purge_batch_parts: int = env("FILE_PURGE_BATCH_PARTS", 64, gt=0)
+
+
 class _DocqueueEnv(PydanticBaseSettingsSource):
     """``DOCQUEUE_*`` from ``.env`` then the process environment (which wins), sorted into the
     groups by each field's variable name. Names are matched case-insensitively, as before."""
@@ -257,6 +270,7 @@ class Settings(BaseSettings):
     flower: FlowerSettings = Field(default_factory=FlowerSettings)
     beat: BeatSettings = Field(default_factory=BeatSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    files: FileSettings = Field(default_factory=FileSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -119,7 +119,12 @@ def seconds_to_utc_midnight(now: datetime | None = None) -> int:
 
 
 def _exceeded(
-    name: str, limit: int, used: int, adding: int | None, settings: Settings
+    name: str,
+    limit: int,
+    used: int,
+    adding: int | None,
+    settings: Settings,
+    subject: str = "this job",
 ) -> QuotaExceededError:
     daily = name.endswith("_per_day")
     retry = seconds_to_utc_midnight() if daily else settings.quotas.retry_after_s
@@ -127,7 +132,7 @@ def _exceeded(
     what = f"quota {name} exceeded: limit {limit}{unit}"
     what += f" {'today (UTC)' if daily else 'at once'}, {used}{unit} in use"
     if adding is not None:
-        what += f", this job adds {adding}{unit}"
+        what += f", {subject} adds {adding}{unit}"
     hint = (
         "it resets at 00:00 UTC"
         if daily
@@ -184,6 +189,28 @@ def check_submission(
         limit, used = getattr(quotas, name), getattr(use, name)
         if used + adds[name] > limit or used >= limit:
             raise _exceeded(name, limit, used, adds[name] or None, settings)
+
+
+def check_file_upload(
+    session: Session, tenant_id: uuid.UUID, upload_bytes: int | None, settings: Settings
+) -> None:
+    """A Files API upload counts against ``upload_bytes_per_day`` only (a file is no job and
+    holds no rows). ``upload_bytes`` None: before the body is read, refused if the day's quota
+    is already reached; else in the upload's transaction, under the same tenant lock as
+    ``check_submission``, so files and jobs are checked one at a time against each other."""
+    if upload_bytes is None:
+        tenant = session.get(Tenant, tenant_id)
+    else:
+        tenant = session.execute(
+            select(Tenant).where(Tenant.id == tenant_id).with_for_update(key_share=True, of=Tenant)
+        ).scalar_one_or_none()
+    if tenant is None:
+        raise NotFoundError(f"tenant {tenant_id} not found")
+    name = "upload_bytes_per_day"
+    limit = effective(tenant, settings).upload_bytes_per_day
+    used = use_of(session, tenant_id).upload_bytes_per_day
+    if used >= limit or (upload_bytes is not None and used + upload_bytes > limit):
+        raise _exceeded(name, limit, used, upload_bytes, settings, subject="this file")
 
 
 def record_upload(

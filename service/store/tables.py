@@ -18,6 +18,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -365,3 +366,47 @@ class Schedule(Base):
         Index("ix_schedules_due", "enabled", "next_run_at"),
         Index("ix_schedules_tenant", "tenant_id"),
     )
+
+
+#: A file's purposes: ``batch`` (a batch's input, uploaded) and ``batch_output`` (a batch's
+#: output and error files, written by docqueue), as OpenAI names them.
+FILE_PURPOSES = ("batch", "batch_output")
+#: ``uploaded``: still being written (invisible to clients); ``processed``: complete.
+FILE_STATUSES = ("uploaded", "processed")
+
+
+class File(Base):
+    """A file of the Files API (``/v1/files``). Its bytes are in ``file_parts``: API processes
+    on several hosts share no disk, so the database holds them, in bounded pieces."""
+
+    __tablename__ = "files"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)  # file-<hex>
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16))
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    sha256: Mapped[str | None] = mapped_column(String(64))  # hex, set when complete
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint(f"purpose IN {FILE_PURPOSES!r}", name="purpose"),
+        CheckConstraint(f"status IN {FILE_STATUSES!r}", name="status"),
+        # A tenant's list, newest first, paged by (created_at, id).
+        Index("ix_files_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_files_expires_at", "expires_at"),
+    )
+
+
+class FilePart(Base):
+    """One piece of a file (at most ``DOCQUEUE_FILE_PART_BYTES``), in order of ``seq``."""
+
+    __tablename__ = "file_parts"
+
+    file_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("files.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible Files API's store: files in PostgreSQL, in bounded parts."""
