@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -160,6 +160,37 @@ class QuotaSettings(_Group):
     retry_after_s: int = env("QUOTA_RETRY_AFTER_S", 30, gt=0)
 
 
+class OpenAISettings(_Group):
+    """The OpenAI-compatible surface (service/batches/): names, limits and OpenAI's defaults."""
+
+    # Model names clients may use for a served model, so code naming an OpenAI model runs
+    # unchanged: "gpt-4o-mini=HuggingFaceTB/SmolLM2-135M-Instruct,gpt-4o=/models/big".
+    model_aliases: dict[str, str] = env("MODEL_ALIASES", {})
+    # Requests in one batch file (OpenAI's own limit), and the longest line read.
+    batch_max_requests: int = env("BATCH_MAX_REQUESTS", 50_000, gt=0)
+    batch_max_line_bytes: int = env("BATCH_MAX_LINE_BYTES", 2 * MiB, gt=0)
+    # OpenAI's default is "until the context is full": a request without max_tokens gets this.
+    batch_default_max_tokens: int = env("BATCH_DEFAULT_MAX_TOKENS", 1024, gt=0)
+
+    @field_validator("model_aliases", mode="before")
+    @classmethod
+    def _aliases(cls, value: Any) -> Any:
+        """``alias=model`` pairs, comma-separated (or a mapping, from code)."""
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            alias, sep, model = (x.strip() for x in item.partition("="))
+            if not sep or not alias or not model:
+                raise ValueError(f"{item!r} is not alias=model")
+            pairs[alias] = model
+        return pairs
+
+    def resolve_model(self, name: str) -> str:
+        """The served model a client's model name stands for (itself unless an alias)."""
+        return self.model_aliases.get(name, name)
+
+
 class EngineSettings(_Group):
     kind: Literal["vllm", "bench"] = env("ENGINE", "vllm")  # bench: zero-cost, benchmarks only
     max_model_len: int | None = env("MAX_MODEL_LEN", None, gt=0)  # default: the model's own
@@ -264,6 +295,7 @@ class Settings(BaseSettings):
     client: ClientSettings = Field(default_factory=ClientSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     logs: LogSettings = Field(default_factory=LogSettings)
