@@ -68,6 +68,12 @@ class JobSettings(_Group):
     # columns of a file, and the bytes of its non-text columns (`extra`) per row.
     max_columns: int = env("MAX_COLUMNS", 256, gt=0)
     max_extra_bytes: int = env("MAX_EXTRA_BYTES", 64 * 1024, gt=0)
+    # JSONL and Parquet uploads (service/jobs/formats.py): a JSONL line is read whole, so it is
+    # bounded (a 1 MiB document escaped as \uXXXX fits); a Parquet row group is read whole
+    # (uncompressed, as its metadata says) and the footer before it, so both are bounded.
+    max_jsonl_line_bytes: int = env("MAX_JSONL_LINE_BYTES", 8 * MiB, gt=0)
+    max_parquet_row_group_bytes: int = env("MAX_PARQUET_ROW_GROUP_BYTES", 256 * MiB, gt=0)
+    max_parquet_metadata_bytes: int = env("MAX_PARQUET_METADATA_BYTES", 16 * MiB, gt=0)
     # A prompt template's length, and the length a rendered prompt may reach (before the
     # tokenizer truncates it to the model's context): a row over it is that row's error.
     max_template_chars: int = env("MAX_TEMPLATE_CHARS", 64 * 1024, gt=0)

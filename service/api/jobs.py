@@ -39,7 +39,9 @@ class JobForm(BaseModel):
     long, control characters) are refused here, a 422 naming the field; checks that span
     fields or need the settings are in ``service.jobs.validate``."""
 
-    file: UploadFile = Field(description="CSV of documents, UTF-8, with a header")
+    file: UploadFile = Field(
+        description="documents: CSV (UTF-8, with a header), JSON Lines or Parquet"
+    )
     task: str = Field(max_length=32, description="generate | summarize | classify")
     model: str | None = Field(
         default=None,
@@ -67,6 +69,11 @@ class JobForm(BaseModel):
     )
     delimiter: str | None = Field(
         default=None, max_length=8, description="',', ';' or tab; default: sniffed"
+    )
+    format: str | None = Field(
+        default=None,
+        max_length=16,
+        description="csv | jsonl | parquet; default: from the file name, else the content",
     )
     summary_words: int | None = Field(default=None, description="summarize: length")
     language: Annotated[str, AfterValidator(schemas.no_control)] | None = Field(
@@ -135,6 +142,7 @@ async def submit_job(
         chunk_size=form.chunk_size,
         priority=priority,
         delimiter=form.delimiter or None,
+        format=form.format or None,
         idempotency_key=idempotency_key or None,
         source_name=form.file.filename,
         extra_params={k: v for k, v in extra.items() if v is not None},

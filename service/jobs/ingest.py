@@ -36,10 +36,10 @@ import functools
 import io
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
-from typing import IO, TYPE_CHECKING, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn, Protocol
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -105,6 +105,13 @@ class IngestOptions:
     max_document_bytes: int = 1024 * 1024
     max_columns: int = 256
     max_extra_bytes: int = 64 * 1024
+    # Other formats (service.jobs.formats): None reads the format from the file name, else
+    # from the content.
+    format: str | None = None
+    file_name: str | None = None
+    max_jsonl_line_bytes: int = 8 * 1024 * 1024
+    max_parquet_row_group_bytes: int = 256 * 1024 * 1024
+    max_parquet_metadata_bytes: int = 16 * 1024 * 1024
 
     @classmethod
     def from_settings(cls, settings: Settings, **fields: Any) -> IngestOptions:
@@ -115,6 +122,9 @@ class IngestOptions:
             "max_document_bytes": jobs.max_document_bytes,
             "max_columns": jobs.max_columns,
             "max_extra_bytes": jobs.max_extra_bytes,
+            "max_jsonl_line_bytes": jobs.max_jsonl_line_bytes,
+            "max_parquet_row_group_bytes": jobs.max_parquet_row_group_bytes,
+            "max_parquet_metadata_bytes": jobs.max_parquet_metadata_bytes,
         }
         return cls(**{**limits, **fields})
 
@@ -134,8 +144,9 @@ class IngestOptions:
 class IngestResult:
     rows: int
     columns: list[str]
-    delimiter: str
+    delimiter: str  # "" for formats other than CSV
     extra_columns: list[str] = field(default_factory=list)
+    format: str = "csv"
 
 
 def _copy_escape(value: str) -> str:
@@ -547,9 +558,36 @@ def ingest_csv(
 ) -> IngestResult:
     """Loads the upload's rows into ``documents`` for ``job_id`` inside the caller's transaction."""
     reader = CsvReader(binary, opts)
-    header, delimiter = reader.header, reader.delimiter
+    rows, extra_columns = load_rows(
+        conn, job_id, reader.header, reader, opts, reader.progress, reader.source, reader.hint()
+    )
+    return IngestResult(
+        rows=rows, columns=reader.header, delimiter=reader.delimiter, extra_columns=extra_columns
+    )
+
+
+class Counted(Protocol):
+    """What a reader has read of the upload so far, in bytes (the stored-size bound)."""
+
+    count: int
+
+
+def load_rows(
+    conn: psycopg.Connection[Any],
+    job_id: uuid.UUID,
+    header: list[str],
+    records: Iterable[Sequence[str]],
+    opts: IngestOptions,
+    progress: _Progress,
+    source: Counted,
+    hint: str = "",
+) -> tuple[int, list[str]]:
+    """COPYs ``records`` (each a value per ``header`` column, as text) into ``documents`` with
+    every per-row bound; returns (rows, extra columns). Every format's reader ends here, so the
+    limits and the stored rows are the same whatever the upload's format. ``progress.line`` is
+    the line where the last record ends (0 where a format has no lines), ``source.count`` the
+    bytes read so far."""
     found = _names(header)
-    hint = reader.hint()
     if opts.text_column not in header:
         raise InvalidFileError(
             f"text column {clip(opts.text_column, _SHOW_NAME_CHARS)!r} not found; "
@@ -586,7 +624,7 @@ def ingest_csv(
             f"the names of the {len(extra_keys)} columns besides text and id take {keys_bytes} "
             f"bytes in every row; the limit is {max_extra} bytes of other columns per row: "
             "drop the columns the job does not need or shorten their names",
-            line=reader.line,
+            line=progress.line or None,
         )
     # Stored sizes are counted in characters, cheaply; the names, repeated in every row, in
     # bytes: this many more per row.
@@ -595,7 +633,6 @@ def ingest_csv(
     limit = opts.max_document_bytes
     char_guard = limit // 4  # below this many characters a field cannot exceed `limit` bytes
     extra_guard = max_extra // 4
-    source, progress = reader.source, reader.progress
     stored = 0  # text, id and extra JSON of the rows so far
     flush_at = _COPY_BATCH_CHARS
 
@@ -606,13 +643,13 @@ def ingest_csv(
             batch: list[str] = []
             where: list[int] = []  # the line of each row in the batch
             idx = 0
-            for row in reader:
-                idx += 1  # == reader.row
+            for row in records:
+                idx += 1
                 if idx > opts.max_rows:
                     raise InvalidFileError(
                         f"more than {opts.max_rows} rows: the limit per job is {opts.max_rows}",
                         row=idx,
-                        line=reader.line,
+                        line=progress.line or None,
                     )
                 text = row[text_pos]
                 if len(text) > char_guard and len(text.encode("utf-8", "surrogateescape")) > limit:
@@ -621,7 +658,7 @@ def ingest_csv(
                         f"{len(text.encode('utf-8', 'surrogateescape'))} bytes; "
                         f"the limit is {limit} bytes per document",
                         row=idx,
-                        line=reader.line,
+                        line=progress.line or None,
                         column=opts.text_column,
                     )
                 stored += len(text)
@@ -632,7 +669,7 @@ def ingest_csv(
                             f"row {idx}: empty id in column "
                             f"{clip(opts.id_column or '', _SHOW_NAME_CHARS)!r}",
                             row=idx,
-                            line=reader.line,
+                            line=progress.line or None,
                             column=opts.id_column,
                         )
                     stored += len(ext)
@@ -648,7 +685,7 @@ def ingest_csv(
                         + "}"
                     )
                     if len(extra) > extra_guard:
-                        _check_extra(extra, max_extra, idx, reader.line)
+                        _check_extra(extra, max_extra, idx, progress.line or None)
                     stored += len(extra) + names_extra_bytes
                     extra = _copy_escape(extra)
                 else:
@@ -656,29 +693,24 @@ def ingest_csv(
                 batch.append(f"{prefix}{idx}\t{ext}\t{_copy_escape(text)}\t{extra}\n")
                 where.append(progress.line)
                 if stored >= flush_at or len(batch) >= _COPY_BATCH_ROWS:
-                    _check_stored(stored, source.count, idx, reader.line)
+                    _check_stored(stored, source.count, idx, progress.line or None)
                     cp.write(_encode_batch(batch, idx - len(batch) + 1, where))
                     rows += len(batch)
                     batch.clear()
                     where.clear()
                     flush_at = stored + _COPY_BATCH_CHARS
             if batch:
-                _check_stored(stored, source.count, idx, reader.line)
+                _check_stored(stored, source.count, idx, progress.line or None)
                 cp.write(_encode_batch(batch, rows + 1, where))
                 rows += len(batch)
     except pg_errors.UniqueViolation as exc:
         raise _duplicate_error(exc, opts.id_column) from exc
     if rows == 0:
         raise InvalidFileError("no data rows: the file has a header but no documents")
-    return IngestResult(
-        rows=rows,
-        columns=header,
-        delimiter=delimiter,
-        extra_columns=[name for _, name in extra_cols],
-    )
+    return rows, [name for _, name in extra_cols]
 
 
-def _check_extra(extra: str, limit: int, idx: int, line: int) -> None:
+def _check_extra(extra: str, limit: int, idx: int, line: int | None) -> None:
     size = len(extra.encode("utf-8", "surrogateescape"))
     if size > limit:
         raise InvalidFileError(
@@ -689,7 +721,7 @@ def _check_extra(extra: str, limit: int, idx: int, line: int) -> None:
         )
 
 
-def _check_stored(stored: int, read: int, rows: int, line: int) -> None:
+def _check_stored(stored: int, read: int, rows: int, line: int | None) -> None:
     """What the rows so far store against what was read: a file that repeats long column
     names in every short row must not make PostgreSQL store many times its size."""
     if stored > _STORED_FACTOR * read + _STORED_PER_ROW * rows + _STORED_SLACK:
@@ -714,7 +746,7 @@ def _encode_batch(batch: list[str], first_idx: int, where: list[int]) -> bytes:
                 raise InvalidFileError(
                     f"row {idx}: invalid UTF-8 (the file must be UTF-8 encoded)",
                     row=idx,
-                    line=line,
+                    line=line or None,
                 ) from None
         raise
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from service.errors import InvalidParameterError
 from service.jobs import templates
+from service.jobs.formats import parse_format
 from service.jobs.ingest import parse_delimiter
 from service.settings import Settings
 from service.store.states import Task
@@ -29,6 +30,7 @@ class JobRequest:
     chunk_size: int | None = None
     priority: int = 0
     delimiter: str | None = None
+    format: str | None = None  # csv, jsonl, parquet; None: from the file name or content
     idempotency_key: str | None = None
     source_name: str | None = None
     extra_params: dict[str, Any] = field(default_factory=dict)
@@ -106,6 +108,7 @@ def validate(req: JobRequest, settings: Settings) -> None:
             field="chunk_size",
         )
     parse_delimiter(req.delimiter)
+    req.format = parse_format(req.format)
 
 
 def job_params(req: JobRequest) -> dict[str, Any]:

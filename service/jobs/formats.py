@@ -1,0 +1,524 @@
+"""Uploads in JSON Lines and Parquet, read into the same rows as CSV.
+
+Each reader turns its format into a header and records of text values, one per header column,
+and hands them to ``ingest.load_rows``: the same ``COPY``, the same per-row bounds (document,
+extra columns, rows, stored size) and the same stored rows as a CSV with those columns.
+
+- **Which format.** ``format`` when given, else the file name's extension, else the content
+  (Parquet's ``PAR1`` magic; a first character ``{``: JSON Lines; anything else: CSV).
+- **JSON Lines.** One object per line; its keys are the columns, those of the first object
+  in their order. A later object may leave a key out (an empty value) but may not add one.
+  Strings are taken as they are; numbers and booleans as their JSON text; null is empty;
+  arrays and objects as JSON text (only in columns other than text and id). A line is read
+  whole, so it is bounded (``max_jsonl_line_bytes``) by a bounded ``readline``.
+- **Parquet.** Random access, so it is read from the upload itself, never copied. Before any
+  data: the footer's length (``max_parquet_metadata_bytes``), then from the metadata the number
+  of columns (leaves, ``max_columns``), of rows (``max_rows``), every row group's uncompressed
+  size (``max_parquet_row_group_bytes``: what a row group costs in memory) and every column's
+  type. Data is read a batch at a time within a row group. Dictionary-encoded columns are read
+  as dictionaries, so a few large values repeated by a million tiny indexes stay a few values
+  in memory; the stored-size bound (four times the file) stops such a file on disk.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import json
+import os
+import struct
+import uuid
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING, Any, NoReturn
+
+import psycopg
+
+from service.errors import InvalidFileError, InvalidParameterError, clip
+from service.jobs.ingest import (
+    _SHOW_NAME_CHARS,
+    IngestOptions,
+    IngestResult,
+    _Progress,
+    ingest_csv,
+    load_rows,
+)
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+FORMATS = ("csv", "jsonl", "parquet")
+_SUFFIXES = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".txt": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+_SNIFF_BYTES = 4096
+_PARQUET_MAGIC = b"PAR1"
+# Rows per Parquet batch: a batch's values are Python strings at once (bounded by its row
+# group's size, which is bounded itself).
+_PARQUET_BATCH_ROWS = 8192
+_READ_BYTES = 1 << 16
+
+
+def parse_format(raw: str | None) -> str | None:
+    """``csv``, ``jsonl`` or ``parquet`` (any case); None: from the file name or content."""
+    if raw is None or not raw.strip():
+        return None
+    value = raw.strip().lower()
+    if value == "ndjson":
+        value = "jsonl"
+    if value not in FORMATS:
+        raise InvalidParameterError(f"format must be one of: {', '.join(FORMATS)}", field="format")
+    return value
+
+
+def format_of_name(name: str | None) -> str | None:
+    """The format a file name's extension says, if it says one."""
+    if not name:
+        return None
+    return _SUFFIXES.get(os.path.splitext(name)[1].lower())
+
+
+def sniff_format(head: bytes) -> str:
+    """Parquet by its magic; JSON Lines when the first character (after a BOM and blanks) is
+    ``{``; CSV otherwise."""
+    if head.startswith(_PARQUET_MAGIC):
+        return "parquet"
+    text = head.removeprefix(codecs.BOM_UTF8).lstrip()
+    return "jsonl" if text.startswith(b"{") else "csv"
+
+
+def declared_format(explicit: str | None, file_name: str | None) -> str | None:
+    """The format the request names (``format``, else the file name); None: the content's."""
+    return explicit or format_of_name(file_name)
+
+
+def ingest_upload(
+    conn: psycopg.Connection[Any],
+    job_id: uuid.UUID,
+    upload: IO[bytes],
+    stream: IO[bytes],
+    opts: IngestOptions,
+) -> IngestResult:
+    """Loads an upload in any format into ``documents``, in the caller's transaction.
+
+    ``stream`` is the upload read once from its start (CSV and JSON Lines read it; the caller
+    may hash it on the way); ``upload`` the seekable file itself, which the format is peeked
+    from and Parquet is read from, left at its start again.
+    """
+    fmt = declared_format(opts.format, opts.file_name)
+    if fmt is None:
+        start = upload.tell()
+        fmt = sniff_format(upload.read(_SNIFF_BYTES))
+        upload.seek(start)
+    if fmt == "parquet":
+        try:
+            return ingest_parquet(conn, job_id, upload, opts)
+        finally:
+            upload.seek(0)
+    if fmt == "jsonl":
+        return ingest_jsonl(conn, job_id, stream, opts)
+    result = ingest_csv(conn, job_id, stream, opts)
+    return result
+
+
+# --- JSON Lines --------------------------------------------------------------------------------
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return "a string"
+
+
+class JsonlReader:
+    """An upload's JSON Lines as records in the first object's key order, checked as read.
+
+    ``progress.line`` is the line of the last record read, ``count`` the bytes read; every
+    fault is an ``InvalidFileError`` naming the row (objects, 1-based) and the line.
+    """
+
+    def __init__(self, binary: IO[bytes], opts: IngestOptions) -> None:
+        self.opts = opts
+        self.progress = _Progress()
+        self.count = 0
+        self.row = 0
+        self._limit = opts.max_jsonl_line_bytes
+        self._lines = iter(functools.partial(binary.readline, self._limit + 1), b"")
+        first = self._next_object()
+        if first is None:
+            raise InvalidFileError(
+                "the file is empty: expected JSON Lines, one object per line, at least one"
+            )
+        self.header = list(first)
+        if len(self.header) > opts.max_columns:
+            raise InvalidFileError(
+                f"line {self.progress.line}: the first object has {len(self.header)} keys; "
+                f"the limit is {opts.max_columns} columns per file",
+                row=1,
+                line=self.progress.line,
+            )
+        self._first: dict[str, Any] | None = first
+
+    def _fail(self, message: str, **where: Any) -> NoReturn:
+        line = self.progress.line
+        raise InvalidFileError(
+            f"line {line} (row {self.row}): {message}", row=self.row, line=line, **where
+        )
+
+    def _next_object(self) -> dict[str, Any] | None:
+        """The next line's object (blank lines skipped); None at the end."""
+        loads, limit, progress = json.loads, self._limit, self.progress
+        for raw in self._lines:
+            progress.line += 1
+            self.count += len(raw)
+            if len(raw) > limit:
+                self.row += 1
+                self._fail(
+                    f"the line is longer than {limit} bytes, the limit per line "
+                    "(DOCQUEUE_MAX_JSONL_LINE_BYTES)"
+                )
+            if progress.line == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                obj = loads(raw)
+            except ValueError as exc:
+                if not raw.strip():
+                    continue  # a blank line
+                self.row += 1
+                self._invalid(raw, exc)
+            self.row += 1
+            if type(obj) is not dict:
+                self._fail(
+                    f"expected a JSON object, found {_kind(obj)} (JSON Lines: one object per line)"
+                )
+            if b"\\u0000" in raw:  # PostgreSQL text cannot hold NUL; CSV drops it too
+                obj = {k: _no_nul(v) for k, v in obj.items()}
+            return obj
+        return None
+
+    def _invalid(self, raw: bytes, exc: ValueError) -> NoReturn:
+        if isinstance(exc, UnicodeDecodeError):
+            self._fail("invalid UTF-8 (the file must be UTF-8 encoded)")
+        if isinstance(exc, json.JSONDecodeError):
+            self._fail(f"invalid JSON at column {exc.colno}: {exc.msg}", column_number=exc.colno)
+        self._fail(f"invalid JSON: {exc}")  # pragma: no cover - json raises the two above
+
+    def __iter__(self) -> Iterator[list[str]]:
+        header, width = self.header, len(self.header)
+        convert = self._convert
+        obj = self._first
+        self._first = None
+        while obj is not None:
+            try:
+                if len(obj) != width:
+                    raise KeyError
+                record = [obj[k] for k in header]
+            except KeyError:
+                record = self._rekey(obj)
+            for value in record:
+                if value.__class__ is not str:
+                    record = convert(record)
+                    break
+            yield record
+            obj = self._next_object()
+
+    def _rekey(self, obj: dict[str, Any]) -> list[Any]:
+        """The rare path: an object with keys left out, or one the first object lacks."""
+        known = set(self.header)
+        for key in obj:
+            if key not in known:
+                self._fail(
+                    f"key {clip(key, _SHOW_NAME_CHARS)!r} is not one of the first line's keys; "
+                    "every object must use the first line's keys (one may be left out: empty)",
+                    column=key,
+                )
+        return [obj.get(k) for k in self.header]
+
+    def _convert(self, record: list[Any]) -> list[str]:
+        """Values other than strings as text; a document or an id must be a string (an id may
+        also be an integer)."""
+        out: list[str] = []
+        text_column, id_column = self.opts.text_column, self.opts.id_column
+        for name, value in zip(self.header, record, strict=True):
+            if value.__class__ is str:
+                out.append(value)
+            elif value is None:
+                out.append("")
+            elif name == text_column:
+                self._fail(
+                    f"column {clip(name, _SHOW_NAME_CHARS)!r} is {_kind(value)}; a document "
+                    "must be a JSON string",
+                    column=name,
+                )
+            elif name == id_column and (isinstance(value, bool) or not isinstance(value, int)):
+                self._fail(
+                    f"id column {clip(name, _SHOW_NAME_CHARS)!r} is {_kind(value)}; an id must "
+                    "be a string or an integer",
+                    column=name,
+                )
+            elif isinstance(value, str):
+                out.append(value)
+            else:
+                out.append(json.dumps(value, ensure_ascii=False))
+        return out
+
+
+def _no_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _no_nul(v) for k, v in value.items()}
+    return value
+
+
+def ingest_jsonl(
+    conn: psycopg.Connection[Any], job_id: uuid.UUID, binary: IO[bytes], opts: IngestOptions
+) -> IngestResult:
+    """JSON Lines into ``documents`` for ``job_id``, in the caller's transaction."""
+    reader = JsonlReader(binary, opts)
+    rows, extra = load_rows(conn, job_id, reader.header, reader, opts, reader.progress, reader)
+    return IngestResult(
+        rows=rows, columns=reader.header, delimiter="", extra_columns=extra, format="jsonl"
+    )
+
+
+# --- Parquet -----------------------------------------------------------------------------------
+
+
+class _FileSize:
+    """The stored-size bound's "bytes read" for Parquet: the whole file, known up front."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
+def _value_kind(t: pa.DataType) -> str | None:
+    """How a column of type ``t`` becomes text: "str", "cast" (numbers, booleans, dates,
+    times, decimals, binary checked as UTF-8), "null"; None for types that have no text form
+    (lists, structs, maps ...)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        return _value_kind(t.value_type)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "str"
+    if pa.types.is_null(t):
+        return "null"
+    if (
+        pa.types.is_integer(t)
+        or pa.types.is_floating(t)
+        or pa.types.is_boolean(t)
+        or pa.types.is_decimal(t)
+        or pa.types.is_temporal(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+    ):
+        return "cast"
+    return None
+
+
+def _parquet_fail(message: str, **where: Any) -> NoReturn:
+    raise InvalidFileError(message, **where)
+
+
+def _check_footer(upload: IO[bytes], opts: IngestOptions) -> int:
+    """The file's size, after its footer was found and its metadata's length checked."""
+    size = upload.seek(0, os.SEEK_END)
+    if size < 12:
+        _parquet_fail(f"not a Parquet file: {size} bytes, shorter than any Parquet file")
+    upload.seek(size - 8)
+    tail = upload.read(8)
+    upload.seek(0)
+    if tail[4:] != _PARQUET_MAGIC:
+        _parquet_fail("not a Parquet file: it does not end with PAR1 (cut short?)")
+    (meta_len,) = struct.unpack("<I", tail[:4])
+    limit = opts.max_parquet_metadata_bytes
+    if meta_len > limit:
+        _parquet_fail(
+            f"the Parquet metadata (footer) is {meta_len} bytes; the limit is {limit} "
+            "(DOCQUEUE_MAX_PARQUET_METADATA_BYTES): fewer row groups or columns"
+        )
+    if meta_len + 12 > size:
+        _parquet_fail("not a valid Parquet file: its footer is longer than the file")
+    return size
+
+
+class ParquetReader:
+    """A Parquet upload's columns and its rows as text, every bound checked from the metadata
+    before any data is read."""
+
+    def __init__(self, upload: IO[bytes], opts: IngestOptions) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.opts = opts
+        self.progress = _Progress()  # no lines: errors name rows and columns
+        self.source = _FileSize(_check_footer(upload, opts))
+        try:
+            meta = pq.read_metadata(upload)
+            schema = meta.schema.to_arrow_schema()
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            _parquet_fail(f"not a valid Parquet file: {clip(str(exc), 300)}")
+        if meta.num_columns > opts.max_columns:
+            _parquet_fail(
+                f"the file has {meta.num_columns} columns; the limit is {opts.max_columns} "
+                "columns per file"
+            )
+        if meta.num_rows > opts.max_rows:
+            _parquet_fail(
+                f"the file has {meta.num_rows} rows; the limit per job is {opts.max_rows}",
+                row=opts.max_rows + 1,
+            )
+        limit = opts.max_parquet_row_group_bytes
+        dictionary: set[int] = set()
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            if group.total_byte_size > limit:
+                _parquet_fail(
+                    f"row group {g + 1} of {meta.num_row_groups} ({group.num_rows} rows) is "
+                    f"{group.total_byte_size} bytes uncompressed; the limit is {limit} "
+                    "(DOCQUEUE_MAX_PARQUET_ROW_GROUP_BYTES): write the file with smaller row "
+                    "groups (pyarrow: row_group_size=)",
+                    row_group=g + 1,
+                )
+            for c in range(group.num_columns):
+                if group.column(c).has_dictionary_page:
+                    dictionary.add(c)
+        self.header = [f.name for f in schema]
+        self._kinds = self._check_schema(schema)
+        names = [schema.field(i).name for i in range(len(schema))]
+        # Leaves and top-level fields are the same columns here: nested types were refused.
+        read_dictionary = [
+            names[i] for i in sorted(dictionary) if self._kinds[i] in ("str", "cast")
+        ]
+        try:
+            self._file = pq.ParquetFile(
+                upload, metadata=meta, read_dictionary=read_dictionary, pre_buffer=False
+            )
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            _parquet_fail(f"not a valid Parquet file: {clip(str(exc), 300)}")
+
+    def _check_schema(self, schema: pa.Schema) -> list[str]:
+        import pyarrow as pa
+
+        opts, kinds, seen = self.opts, [], set()
+        for f in schema:
+            name = f.name
+            shown = clip(name, _SHOW_NAME_CHARS)
+            if name in seen:
+                _parquet_fail(f"duplicate column name {shown!r}", column=name)
+            seen.add(name)
+            kind = _value_kind(f.type)
+            t = f.type.value_type if pa.types.is_dictionary(f.type) else f.type
+            if name == opts.text_column and kind not in ("str", "null"):
+                _parquet_fail(
+                    f"text column {shown!r} has type {t}; the text column must be strings",
+                    column=name,
+                )
+            if name == opts.id_column and not (
+                kind == "str" or pa.types.is_integer(t) or kind == "null"
+            ):
+                _parquet_fail(
+                    f"id column {shown!r} has type {t}; an id must be a string or an integer",
+                    column=name,
+                )
+            if kind is None:
+                _parquet_fail(
+                    f"column {shown!r} has type {t}; columns must be strings, numbers, "
+                    "booleans, dates or times (flatten or drop it)",
+                    column=name,
+                )
+            kinds.append(kind)
+        return kinds
+
+    def __iter__(self) -> Iterator[tuple[str, ...]]:
+        first = 1
+        for batch in self._file.iter_batches(batch_size=_PARQUET_BATCH_ROWS, use_threads=False):
+            columns = [self._texts(batch.column(i), i, first) for i in range(batch.num_columns)]
+            first += batch.num_rows
+            yield from zip(*columns, strict=True)
+
+    def _texts(self, arr: pa.Array, i: int, first: int) -> list[str]:
+        """A batch's column as text: nulls empty, NUL characters dropped; a dictionary's
+        values converted once, its rows sharing them."""
+        import pyarrow as pa
+
+        kind = self._kinds[i]
+        if kind == "null":
+            return [""] * len(arr)
+        dictionary = isinstance(arr, pa.DictionaryArray)
+        try:
+            if dictionary:
+                values = _plain_texts(arr.dictionary, kind)
+                return [values[k] if k is not None else "" for k in arr.indices.to_pylist()]
+            return _plain_texts(arr, kind)
+        except (pa.ArrowInvalid, UnicodeDecodeError):
+            pass
+        # The rare path: which row is not text.
+        plain = arr.dictionary if dictionary else arr
+        bad = next(n for n in range(len(plain)) if not _is_text(plain.slice(n, 1), kind))
+        offset = arr.indices.to_pylist().index(bad) if dictionary else bad
+        name = self.header[i]
+        _parquet_fail(
+            f"row {first + offset}: column {clip(name, _SHOW_NAME_CHARS)!r} is not valid UTF-8",
+            row=first + offset,
+            column=name,
+        )
+
+
+def _is_text(arr: pa.Array, kind: str) -> bool:
+    import pyarrow as pa
+
+    try:
+        _plain_texts(arr, kind)
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        return False
+    return True
+
+
+def _plain_texts(arr: pa.Array, kind: str) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if kind == "cast":
+        binary = pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)
+        # Binary is checked as UTF-8 by the cast (ArrowInvalid); numbers cannot hold a NUL.
+        arr = pc.cast(arr, pa.large_string() if pa.types.is_large_binary(arr.type) else pa.string())
+        if not binary:
+            values: list[str] = (pc.fill_null(arr, "") if arr.null_count else arr).to_pylist()
+            return values
+    if arr.null_count:
+        arr = pc.fill_null(arr, "")
+    if pc.any(pc.match_substring(arr, "\x00")).as_py():
+        arr = pc.replace_substring(arr, "\x00", "")
+    values = arr.to_pylist()
+    return values
+
+
+def ingest_parquet(
+    conn: psycopg.Connection[Any], job_id: uuid.UUID, upload: IO[bytes], opts: IngestOptions
+) -> IngestResult:
+    """A Parquet upload (seekable; read from its start) into ``documents`` for ``job_id``."""
+    reader = ParquetReader(upload, opts)
+    rows, extra = load_rows(
+        conn, job_id, reader.header, reader, opts, reader.progress, reader.source
+    )
+    return IngestResult(
+        rows=rows, columns=reader.header, delimiter="", extra_columns=extra, format="parquet"
+    )
