@@ -23,7 +23,6 @@ extra columns, rows, stored size) and the same stored rows as a CSV with those c
 from __future__ import annotations
 
 import codecs
-import functools
 import json
 import os
 import struct
@@ -31,6 +30,7 @@ import uuid
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
+import orjson
 import psycopg
 
 from service.errors import InvalidFileError, InvalidParameterError, clip
@@ -147,8 +147,10 @@ def _kind(value: Any) -> str:
 class JsonlReader:
     """An upload's JSON Lines as records in the first object's key order, checked as read.
 
-    ``progress.line`` is the line of the last record read, ``count`` the bytes read; every
-    fault is an ``InvalidFileError`` naming the row (objects, 1-based) and the line.
+    Lines are split from blocks of ``_READ_BYTES``; a line still open past
+    ``max_jsonl_line_bytes`` is refused before more of it is read. ``progress.line`` is the
+    line of the last record read, ``count`` the bytes read; every fault is an
+    ``InvalidFileError`` naming the row (objects, 1-based) and the line.
     """
 
     def __init__(self, binary: IO[bytes], opts: IngestOptions) -> None:
@@ -156,22 +158,14 @@ class JsonlReader:
         self.progress = _Progress()
         self.count = 0
         self.row = 0
-        self._limit = opts.max_jsonl_line_bytes
-        self._lines = iter(functools.partial(binary.readline, self._limit + 1), b"")
-        first = self._next_object()
-        if first is None:
+        self.header: list[str] = []
+        self._binary = binary
+        self._records = self._read()
+        self._first = next(self._records, None)
+        if self._first is None:
             raise InvalidFileError(
                 "the file is empty: expected JSON Lines, one object per line, at least one"
             )
-        self.header = list(first)
-        if len(self.header) > opts.max_columns:
-            raise InvalidFileError(
-                f"line {self.progress.line}: the first object has {len(self.header)} keys; "
-                f"the limit is {opts.max_columns} columns per file",
-                row=1,
-                line=self.progress.line,
-            )
-        self._first: dict[str, Any] | None = first
 
     def _fail(self, message: str, **where: Any) -> NoReturn:
         line = self.progress.line
@@ -179,62 +173,102 @@ class JsonlReader:
             f"line {line} (row {self.row}): {message}", row=self.row, line=line, **where
         )
 
-    def _next_object(self) -> dict[str, Any] | None:
-        """The next line's object (blank lines skipped); None at the end."""
-        loads, limit, progress = json.loads, self._limit, self.progress
-        for raw in self._lines:
-            progress.line += 1
-            self.count += len(raw)
-            if len(raw) > limit:
-                self.row += 1
-                self._fail(
-                    f"the line is longer than {limit} bytes, the limit per line "
-                    "(DOCQUEUE_MAX_JSONL_LINE_BYTES)"
-                )
-            if progress.line == 1:
-                raw = raw.removeprefix(codecs.BOM_UTF8)
-            try:
-                obj = loads(raw)
-            except ValueError as exc:
-                if not raw.strip():
-                    continue  # a blank line
-                self.row += 1
-                self._invalid(raw, exc)
-            self.row += 1
-            if type(obj) is not dict:
-                self._fail(
-                    f"expected a JSON object, found {_kind(obj)} (JSON Lines: one object per line)"
-                )
-            if b"\\u0000" in raw:  # PostgreSQL text cannot hold NUL; CSV drops it too
-                obj = {k: _no_nul(v) for k, v in obj.items()}
-            return obj
-        return None
-
-    def _invalid(self, raw: bytes, exc: ValueError) -> NoReturn:
-        if isinstance(exc, UnicodeDecodeError):
-            self._fail("invalid UTF-8 (the file must be UTF-8 encoded)")
-        if isinstance(exc, json.JSONDecodeError):
-            self._fail(f"invalid JSON at column {exc.colno}: {exc.msg}", column_number=exc.colno)
-        self._fail(f"invalid JSON: {exc}")  # pragma: no cover - json raises the two above
-
     def __iter__(self) -> Iterator[list[str]]:
-        header, width = self.header, len(self.header)
-        convert = self._convert
-        obj = self._first
-        self._first = None
-        while obj is not None:
-            try:
-                if len(obj) != width:
-                    raise KeyError
-                record = [obj[k] for k in header]
-            except KeyError:
-                record = self._rekey(obj)
-            for value in record:
-                if value.__class__ is not str:
-                    record = convert(record)
-                    break
-            yield record
-            obj = self._next_object()
+        first, self._first = self._first, None
+        if first is not None:
+            yield first
+        yield from self._records
+
+    def _read(self) -> Iterator[list[str]]:
+        """The records; the first object found sets the header. One loop, locals only: this
+        is the per-row cost of a JSON Lines upload."""
+        loads, read, limit, progress = (
+            orjson.loads,
+            self._binary.read,
+            self.opts.max_jsonl_line_bytes,
+            self.progress,
+        )
+        convert, rekey = self._convert, self._rekey
+        header: list[str] = []
+        width = line = row = 0
+        carry = b""
+        while True:
+            block = read(_READ_BYTES)
+            self.count += len(block)
+            if block:
+                if line == 0 and not carry:
+                    block = block.removeprefix(codecs.BOM_UTF8)
+                lines = (carry + block if carry else block).split(b"\n")
+                carry = lines.pop()
+            else:
+                lines, carry = ([carry] if carry else []), b""
+            for raw in lines:
+                line += 1
+                if len(raw) > limit:
+                    self.row, progress.line = row + 1, line
+                    self._too_long(limit)
+                try:
+                    obj = loads(raw)
+                except ValueError as exc:
+                    if not raw.strip():
+                        continue  # a blank line
+                    self.row, progress.line = row + 1, line
+                    self._invalid(exc)
+                row += 1
+                progress.line = line
+                if obj.__class__ is not dict:
+                    self.row = row
+                    self._fail(
+                        f"expected a JSON object, found {_kind(obj)} (JSON Lines: one object "
+                        "per line)"
+                    )
+                if b"\\u0000" in raw:  # PostgreSQL text cannot hold NUL; CSV drops it too
+                    obj = {k: _no_nul(v) for k, v in obj.items()}
+                if not header:
+                    header = self.header = self._first_keys(obj)
+                    width = len(header)
+                try:
+                    if len(obj) != width:
+                        raise KeyError
+                    record = [obj[k] for k in header]
+                except KeyError:
+                    self.row = row
+                    record = rekey(obj)
+                for value in record:
+                    if value.__class__ is not str:
+                        self.row = row
+                        record = convert(record)
+                        break
+                yield record
+            if not block:
+                return
+            if len(carry) > limit:  # a line still open: refused before more of it is read
+                self.row, progress.line = row + 1, line + 1
+                self._too_long(limit)
+
+    def _first_keys(self, obj: dict[str, Any]) -> list[str]:
+        header = list(obj)
+        if not header:
+            self._fail("the first object has no keys: it names the columns")
+        if len(header) > self.opts.max_columns:
+            self._fail(
+                f"the first object has {len(header)} keys; the limit is "
+                f"{self.opts.max_columns} columns per file"
+            )
+        return header
+
+    def _too_long(self, limit: int) -> NoReturn:
+        self._fail(
+            f"the line is longer than {limit} bytes, the limit per line "
+            "(DOCQUEUE_MAX_JSONL_LINE_BYTES)"
+        )
+
+    def _invalid(self, exc: ValueError) -> NoReturn:
+        if not isinstance(exc, json.JSONDecodeError):  # pragma: no cover - orjson raises these
+            self._fail(f"invalid JSON: {exc}")
+        if "UTF-8" in exc.msg:
+            self._fail(f"invalid UTF-8 (the file must be UTF-8 encoded): {exc.msg}")
+        self._fail(f"invalid JSON at column {exc.colno}: {exc.msg}", column_number=exc.colno)
 
     def _rekey(self, obj: dict[str, Any]) -> list[Any]:
         """The rare path: an object with keys left out, or one the first object lacks."""
@@ -465,10 +499,9 @@ class ParquetReader:
         dictionary = isinstance(arr, pa.DictionaryArray)
         try:
             if dictionary:
-                values = _plain_texts(arr.dictionary, kind)
-                return [values[k] if k is not None else "" for k in arr.indices.to_pylist()]
+                return _dictionary_texts(arr, kind)
             return _plain_texts(arr, kind)
-        except (pa.ArrowInvalid, UnicodeDecodeError):
+        except (pa.ArrowException, UnicodeDecodeError):
             pass
         # The rare path: which row is not text.
         plain = arr.dictionary if dictionary else arr
@@ -482,12 +515,27 @@ class ParquetReader:
         )
 
 
+def _dictionary_texts(arr: pa.DictionaryArray, kind: str) -> list[str]:
+    """A dictionary column's batch: only the values its rows use are converted, once each
+    (a batch carries its column chunk's whole dictionary, often many times its rows), and
+    the rows share them."""
+    import pyarrow.compute as pc
+
+    indices = pc.fill_null(arr.indices, -1) if arr.indices.null_count else arr.indices
+    used = pc.unique(indices)
+    valid = pc.filter(used, pc.greater_equal(used, 0))
+    texts = _plain_texts(arr.dictionary.take(valid), kind)
+    lookup = dict(zip(valid.to_numpy().tolist(), texts, strict=True))
+    lookup[-1] = ""
+    return [lookup[k] for k in indices.to_numpy(zero_copy_only=False).tolist()]
+
+
 def _is_text(arr: pa.Array, kind: str) -> bool:
     import pyarrow as pa
 
     try:
         _plain_texts(arr, kind)
-    except (pa.ArrowInvalid, UnicodeDecodeError):
+    except (pa.ArrowException, UnicodeDecodeError):
         return False
     return True
 
@@ -501,13 +549,18 @@ def _plain_texts(arr: pa.Array, kind: str) -> list[str]:
         # Binary is checked as UTF-8 by the cast (ArrowInvalid); numbers cannot hold a NUL.
         arr = pc.cast(arr, pa.large_string() if pa.types.is_large_binary(arr.type) else pa.string())
         if not binary:
-            values: list[str] = (pc.fill_null(arr, "") if arr.null_count else arr).to_pylist()
-            return values
+            return _pylist(pc.fill_null(arr, "") if arr.null_count else arr)
     if arr.null_count:
         arr = pc.fill_null(arr, "")
     if pc.any(pc.match_substring(arr, "\x00")).as_py():
         arr = pc.replace_substring(arr, "\x00", "")
-    values = arr.to_pylist()
+    return _pylist(arr)
+
+
+def _pylist(arr: pa.Array) -> list[str]:
+    """Strings as Python ``str``s, converted in C (``to_pylist`` makes a scalar per value,
+    five times slower)."""
+    values: list[str] = arr.to_numpy(zero_copy_only=False).tolist()
     return values
 
 

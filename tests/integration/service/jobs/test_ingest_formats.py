@@ -231,3 +231,22 @@ def test_parquet_dictionary_bomb_stopped_by_the_stored_size(
     assert len(body) < 64 * 1024
     err = refused(client, api_key, settings, body, filename="d.parquet")
     assert "more than 4 times the file" in err["message"]
+
+
+def test_lines_across_read_blocks_match_csv(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    # Lines of every length, some longer than a read block (64 KiB): split and joined again.
+    rows = [
+        {"id": f"r{i}", "text": "é" * (i * 37 % 900) + ("x" * 70_000 if i % 500 == 7 else "")}
+        for i in range(3000)
+    ]
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, ["id", "text"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _, from_csv = stored(client, api_key, settings, buf.getvalue().encode(), model=model_name)
+    body = as_jsonl(rows)
+    _, from_jsonl = stored(client, api_key, settings, body, model=model_name, filename="d.jsonl")
+    assert len(from_jsonl) == 3000
+    assert from_jsonl == from_csv
