@@ -15,11 +15,44 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class GenRequest:
+    """One prompt and how to sample it. Beyond the native tasks' few fields, what an OpenAI
+    request may ask (``n``, ``top_p``, ``stop``, penalties, a JSON response, logprobs)."""
+
     prompt_token_ids: list[int]
     max_tokens: int
     temperature: float = 0.0
     seed: int | None = None
     choices: tuple[str, ...] | None = None  # classify: constrain the output to one of these
+    n: int = 1
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    json_schema: str | None = None  # the output must match this JSON schema (its JSON text)
+    json_object: bool = False  # the output must be a JSON object
+    logprobs: int | None = None  # each token's logprob and this many alternatives (0: none)
+
+    @property
+    def wants_choices(self) -> bool:
+        """The result must carry each choice (several, or with their logprobs)."""
+        return self.n > 1 or self.logprobs is not None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # the likeliest tokens at this step
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a request's ``n`` completions."""
+
+    text: str
+    finish_reason: str | None
+    completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass
@@ -30,6 +63,9 @@ class GenResult:
     completion_tokens: int = 0
     confidence: float | None = None
     error: str | None = None  # the engine rejected this one prompt
+    # Every choice, when the request ``wants_choices``; ``text`` is then the first one's and
+    # ``completion_tokens`` all of theirs (as OpenAI's usage counts them).
+    choices: tuple[Choice, ...] | None = None
 
 
 class Batch:

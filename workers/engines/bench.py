@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from workers.engines.base import Batch, GenRequest, GenResult
+from workers.engines.base import Batch, Choice, GenRequest, GenResult, TokenLogprob
 
 
 class _Encoded:
@@ -59,14 +59,22 @@ class BenchEngine:
             return batch  # accepted, never answered
         for i, req in enumerate(requests):
             label = req.choices[0] if req.choices else None
+            text = label or ("{}" if req.json_schema or req.json_object else "ok")
+            logprobs = None if req.logprobs is None else (TokenLogprob(text, 0.0),)
+            choices = (
+                tuple(Choice(text, "stop", 1, logprobs) for _ in range(req.n))
+                if req.wants_choices
+                else None
+            )
             batch.set(
                 i,
                 GenResult(
-                    text=label or "ok",
+                    text=text,
                     finish_reason="stop",
                     prompt_tokens=len(req.prompt_token_ids),
-                    completion_tokens=1,
+                    completion_tokens=req.n,
                     confidence=1.0 if label else None,
+                    choices=choices,
                 ),
             )
         return batch

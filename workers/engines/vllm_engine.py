@@ -11,6 +11,7 @@ runs, fed continuously instead of once.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ import time
 from typing import Any
 
 from service.errors import EngineDeadError
-from workers.engines.base import Batch, GenRequest, GenResult
+from workers.engines.base import Batch, Choice, GenRequest, GenResult, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -202,16 +203,35 @@ class VllmEngine:
 
     def _params(self, req: GenRequest) -> Any:
         from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
         kw: dict[str, Any] = {
             "max_tokens": req.max_tokens,
             "temperature": req.temperature,
             "seed": req.seed,
         }
+        if req.n != 1:
+            # One output with all n completions when the last one ends: streamed outputs of a
+            # parent request end ("finished") with the first child that does.
+            kw["n"] = req.n
+            kw["output_kind"] = RequestOutputKind.FINAL_ONLY
+        if req.top_p != 1.0:
+            kw["top_p"] = req.top_p
+        if req.stop:
+            kw["stop"] = list(req.stop)
+        if req.presence_penalty:
+            kw["presence_penalty"] = req.presence_penalty
+        if req.frequency_penalty:
+            kw["frequency_penalty"] = req.frequency_penalty
+        if req.logprobs is not None:
+            kw["logprobs"] = req.logprobs
         if req.choices:
             kw["structured_outputs"] = StructuredOutputsParams(choice=list(req.choices))
             kw["logprobs"] = 0  # the sampled tokens' logprobs: the label's confidence
+        elif req.json_schema is not None:
+            kw["structured_outputs"] = StructuredOutputsParams(json=json.loads(req.json_schema))
+        elif req.json_object:
+            kw["structured_outputs"] = StructuredOutputsParams(json_object=True)
         return SamplingParams(**kw)
 
     def _drive(self) -> None:
@@ -219,7 +239,7 @@ class VllmEngine:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
 
         engine = self._engine
-        pending: dict[str, tuple[Batch, int, int]] = {}
+        pending: dict[str, tuple[Batch, int, int, bool]] = {}
         try:
             while True:
                 busy = engine.has_unfinished_requests()
@@ -256,7 +276,12 @@ class VllmEngine:
                                     ),
                                 )
                             else:
-                                pending[rid] = (batch, i, len(req.prompt_token_ids))
+                                pending[rid] = (
+                                    batch,
+                                    i,
+                                    len(req.prompt_token_ids),
+                                    req.wants_choices,
+                                )
                     elif cmd == "abort":
                         ids = [rid for rid in arg.request_ids if rid in pending]
                         if ids:
@@ -273,16 +298,16 @@ class VllmEngine:
                     slot = pending.get(out.request_id)
                     if slot is None:
                         continue
-                    batch, i, n_prompt = slot
+                    batch, i, n_prompt, wants = slot
                     if not out.finished:
                         batch.progress()  # a token: the engine is not hung
                         continue
                     del pending[out.request_id]
-                    batch.set(i, _convert(out, n_prompt))
+                    batch.set(i, _convert(out, n_prompt, wants))
         except BaseException as exc:  # the engine died: fail what is in flight, loudly
             log.exception("vllm engine driver stopped")
             self._dead = exc
-            for batch, _, _ in pending.values():
+            for batch, *_ in pending.values():
                 batch.fail(EngineDeadError(str(exc)))
             while True:
                 try:
@@ -308,13 +333,49 @@ def _confidence(comp: Any) -> float | None:
     return max(0.0, min(1.0, math.exp(sum(lps))))
 
 
-def _convert(out: Any, n_prompt: int) -> GenResult:
+def _convert(out: Any, n_prompt: int, wants_choices: bool = False) -> GenResult:
     comp = out.outputs[0]
     confidence = _confidence(comp)
-    return GenResult(
-        text=comp.text,
-        finish_reason=comp.finish_reason,
-        prompt_tokens=len(out.prompt_token_ids) if out.prompt_token_ids is not None else n_prompt,
-        completion_tokens=len(comp.token_ids),
-        confidence=confidence,
+    prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else n_prompt
+    if not wants_choices:
+        return GenResult(
+            text=comp.text,
+            finish_reason=comp.finish_reason,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(comp.token_ids),
+            confidence=confidence,
+        )
+    choices = tuple(
+        Choice(c.text, c.finish_reason, len(c.token_ids), _token_logprobs(c))
+        for c in sorted(out.outputs, key=lambda c: c.index)
     )
+    return GenResult(
+        text=choices[0].text,
+        finish_reason=choices[0].finish_reason,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=sum(c.completion_tokens for c in choices),
+        confidence=confidence,
+        choices=choices,
+    )
+
+
+def _token_logprobs(comp: Any) -> tuple[TokenLogprob, ...] | None:
+    """Each sampled token with its logprob and the step's likeliest alternatives, as vLLM
+    decoded them (None: the request asked for none)."""
+    if comp.logprobs is None:
+        return None
+    out = []
+    for tid, step in zip(comp.token_ids, comp.logprobs, strict=False):
+        chosen = step.get(tid)
+        ranked = sorted(
+            (lp for t, lp in step.items() if lp.rank is not None and lp.rank > 0),
+            key=lambda lp: lp.rank,
+        )
+        out.append(
+            TokenLogprob(
+                token=(chosen.decoded_token if chosen is not None else None) or "",
+                logprob=float(chosen.logprob) if chosen is not None else float("-inf"),
+                top=tuple((lp.decoded_token or "", float(lp.logprob)) for lp in ranked),
+            )
+        )
+    return tuple(out)
