@@ -56,6 +56,12 @@ def submit(
     delimiter: Annotated[
         str | None, typer.Option(help="',' ';' or 'tab' (default: sniffed).")
     ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help="csv | jsonl | parquet (default: from the file name, else content)."
+        ),
+    ] = None,
     idempotency_key: Annotated[
         str | None,
         typer.Option(
@@ -71,7 +77,7 @@ def submit(
     poll_s: Annotated[float, typer.Option(help="Seconds between polls with --wait.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
 ) -> None:
-    """Submit FILE (CSV) as a job."""
+    """Submit FILE (CSV, JSON Lines or Parquet, sent as it is) as a job."""
     fields = {
         "task": task,
         "model": model,
@@ -85,6 +91,7 @@ def submit(
         "chunk_size": chunk_size,
         "priority": priority,
         "delimiter": delimiter,
+        "format": fmt,
         "summary_words": summary_words,
         "language": language,
     }
@@ -238,6 +245,10 @@ def list_jobs(
     out.print(table)
 
 
+#: The result format an output file's extension implies.
+_RESULT_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
 @app.command()
 def results(
     job_id: Annotated[str, typer.Argument(help="Job id.")],
@@ -245,7 +256,8 @@ def results(
         Path | None, typer.Option("-o", "--output", help="File (default: stdout).")
     ] = None,
     fmt: Annotated[
-        str | None, typer.Option("--format", help="csv | jsonl (default: from -o).")
+        str | None,
+        typer.Option("--format", help="csv | jsonl | parquet (default: from -o's name)."),
     ] = None,
     table: Annotated[
         bool, typer.Option("--table", help="Print the results as a table instead.")
@@ -257,9 +269,11 @@ def results(
         _results_table(job_id, limit)
         return
     if fmt is None:
-        fmt = "jsonl" if output is not None and output.suffix in (".jsonl", ".ndjson") else "csv"
-    if fmt not in ("csv", "jsonl"):
-        fail(f"unknown format {fmt!r}; expected csv or jsonl")
+        fmt = _RESULT_SUFFIXES.get(output.suffix.lower(), "csv") if output is not None else "csv"
+    if fmt not in ("csv", "jsonl", "parquet"):
+        fail(f"unknown format {fmt!r}; expected csv, jsonl or parquet")
+    if fmt == "parquet" and output is None and sys.stdout.isatty():
+        fail("Parquet is binary: write it to a file (-o results.parquet) or a pipe")
     with api_client() as client:
         if output is None:
             _results_to_stdout(client, job_id, fmt)
