@@ -6,8 +6,13 @@ Creates a throw-away database, starts ``docqueue api`` against it, uploads a gen
 each size in a fresh API process after a warm-up upload, so "flat memory" shows as the ratio of
 the two peak deltas. Cleans up the API, Redis db 14 and the database (unless ``--keep``).
 
+The same rows are then uploaded as JSON Lines and as Parquet (issue 13), each in a fresh API
+process too, and their rows/s are compared with the CSV upload's: the run fails if either is
+more than ``FORMAT_TOLERANCE`` below it.
+
     .venv/bin/python scripts/bench/ingest.py                 # 1,000,000 rows (and 100,000)
     .venv/bin/python scripts/bench/ingest.py --rows 200000 --small-rows 0 --keep
+    .venv/bin/python scripts/bench/ingest.py --rows 200000 --small-rows 0 --formats csv,jsonl
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ import redis  # noqa: E402
 from psycopg import sql  # noqa: E402
 
 TARGET_ROWS_PER_S = 100_000
+FORMATS = ("csv", "jsonl", "parquet")
+# How far below the CSV upload's rows/s another format may land and still pass: one upload
+# of each, back to back, on a machine whose other load moves a run by a few percent (two CSV
+# uploads of the same file differ by about that much). A format that is really slower per
+# row misses by more.
+FORMAT_TOLERANCE = 0.05
 CHUNK_SIZE = 256
 WARMUP_ROWS = 1_000
 MiB = 1024 * 1024
@@ -88,6 +99,35 @@ def generate_csv(path: Path, rows: int, doc_chars: int, seed: int = 7) -> int:
     if show:
         print(file=sys.stderr)
     return path.stat().st_size
+
+
+def convert_rows(csv_path: Path, fmt: str) -> Path:
+    """The CSV's rows, unchanged, as JSON Lines or Parquet (every column a string), next to
+    it; returns the new file."""
+    out = csv_path.with_suffix(f".{fmt}")
+    if fmt == "jsonl":
+        with csv_path.open(encoding="utf-8", newline="") as src, out.open("wb") as dst:
+            import orjson
+
+            reader = csv.DictReader(src)
+            while batch := [orjson.dumps(r) for _, r in zip(range(10_000), reader, strict=False)]:
+                dst.write(b"\n".join(batch) + b"\n")
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        names = ("id", "text", "category")
+        table = pacsv.read_csv(
+            csv_path,
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string())),
+        )
+        # pyarrow's defaults (row groups of up to 1 Mi rows, dictionary pages, snappy).
+        pq.write_table(table, out)
+    else:
+        raise ValueError(fmt)
+    return out
 
 
 def _progress(label: str, done: int, total: int, started: float) -> None:
@@ -275,6 +315,7 @@ class TimedFile(io.BufferedReader):
 @dataclass
 class Measurement:
     rows: int
+    fmt: str
     file_bytes: int
     seconds: float
     sent_s: float
@@ -298,7 +339,7 @@ class Measurement:
         return self.rss_peak - self.rss_baseline
 
 
-def upload(api: Api, key: str, path: Path, rows: int, pg_dsn: str) -> Measurement:
+def upload(api: Api, key: str, path: Path, rows: int, pg_dsn: str, fmt: str = "csv") -> Measurement:
     """Uploads ``path``, checks the 202 answer and the stored row count; returns the figures."""
     size = path.stat().st_size
     data = {
@@ -342,6 +383,7 @@ def upload(api: Api, key: str, path: Path, rows: int, pg_dsn: str) -> Measuremen
     pg_cpu = pg1 - pg0 if pg0 is not None and pg1 is not None else None
     return Measurement(
         rows=rows,
+        fmt=fmt,
         file_bytes=size,
         seconds=elapsed,
         sent_s=sent_s,
@@ -355,14 +397,15 @@ def upload(api: Api, key: str, path: Path, rows: int, pg_dsn: str) -> Measuremen
 
 
 def measure(
-    rows: int, path: Path, warmup: Path, ctx: BenchContext, port: int | None
+    rows: int, path: Path, warmup: Path, ctx: BenchContext, port: int | None, fmt: str = "csv"
 ) -> Measurement:
-    """A fresh API process, one warm-up upload (imports, pools), then the measured upload."""
+    """A fresh API process, one warm-up upload (imports, pools) in the same format, then the
+    measured upload."""
     api = Api(port or free_port(), ctx.database_url, ctx.redis_url, ctx.tmp / "api.log")
     try:
-        upload(api, ctx.key, warmup, WARMUP_ROWS, ctx.pg_dsn)
+        upload(api, ctx.key, warmup, WARMUP_ROWS, ctx.pg_dsn, fmt)
         time.sleep(0.5)  # let the allocator settle before taking the baseline
-        return upload(api, ctx.key, path, rows, ctx.pg_dsn)
+        return upload(api, ctx.key, path, rows, ctx.pg_dsn, fmt)
     finally:
         api.stop()
 
@@ -443,14 +486,14 @@ def _mib(n: float) -> str:
 def report(results: list[Measurement]) -> bool:
     print()
     print(
-        f"{'rows':>10} {'file MiB':>9} {'seconds':>8} {'sent s':>7} {'rows/s':>9} "
+        f"{'format':>7} {'rows':>10} {'file MiB':>9} {'seconds':>8} {'sent s':>7} {'rows/s':>9} "
         f"{'MiB/s':>7} {'RSS base':>9} {'RSS peak':>9} {'RSS delta':>9} {'API cpu':>8} "
         f"{'PG cpu':>7} {'other':>6}"
     )
     for m in results:
         pg = f"{m.pg_cpu_s:.2f}" if m.pg_cpu_s is not None else "-"
         print(
-            f"{m.rows:>10,} {_mib(m.file_bytes):>9} {m.seconds:>8.2f} {m.sent_s:>7.2f} "
+            f"{m.fmt:>7} {m.rows:>10,} {_mib(m.file_bytes):>9} {m.seconds:>8.2f} {m.sent_s:>7.2f} "
             f"{m.rows_per_s:>9,.0f} {m.mib_per_s:>7.1f} {_mib(m.rss_baseline):>9} "
             f"{_mib(m.rss_peak):>9} {_mib(m.rss_delta):>9} {m.api_cpu_s:>8.2f} {pg:>7} "
             f"{m.other_cpu_s:>6.2f}"
@@ -461,6 +504,9 @@ def report(results: list[Measurement]) -> bool:
         "postgres processes, 'other' of the rest of the machine, this client included\n"
         "(a high 'other' means a noisy run)."
     )
+    csv_results = [m for m in results if m.fmt == "csv"]
+    others = [m for m in results if m.fmt != "csv"]
+    results = csv_results or results
     big = max(results, key=lambda m: m.rows)
     ok = big.rows_per_s >= TARGET_ROWS_PER_S
     verdict = "PASS" if ok else "MISS"
@@ -476,6 +522,18 @@ def report(results: list[Measurement]) -> bool:
             f"{_mib(big.rss_peak)} MiB at {big.rows:,} rows; delta ratio {ratio:.2f}x "
             f"for {big.rows / small.rows:.0f}x the rows"
         )
+    if csv_results and others:
+        floor = 1 - FORMAT_TOLERANCE
+        print(f"\nformats against CSV at {big.rows:,} rows (pass: ratio >= {floor:.2f}):")
+        for m in others:
+            ratio = m.rows_per_s / big.rows_per_s
+            fine = ratio >= floor
+            ok = ok and fine
+            print(
+                f"  {m.fmt:>7}: {m.rows_per_s:,.0f} rows/s, {ratio:.2f}x CSV's "
+                f"{big.rows_per_s:,.0f}, peak RSS {_mib(m.rss_peak)} MiB: "
+                f"{'PASS' if fine else 'MISS'}"
+            )
     return ok
 
 
@@ -489,6 +547,11 @@ def main(argv: list[str] | None = None) -> int:
         help="rows of the comparison upload for the memory ratio (0: skip)",
     )
     p.add_argument("--doc-bytes", type=int, default=60, help="approximate characters per text")
+    p.add_argument(
+        "--formats",
+        default=",".join(FORMATS),
+        help="formats of the main upload, compared with csv (default: csv,jsonl,parquet)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the bench database and CSV files")
     p.add_argument("--port", type=int, default=None, help="API port (default: a free one)")
     p.add_argument(
@@ -504,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rows < 1 or args.small_rows < 0:
         p.error("--rows must be >= 1 and --small-rows >= 0")
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if not set(formats) <= set(FORMATS) or "csv" not in formats:
+        p.error(f"--formats: a list of {', '.join(FORMATS)}, csv among them")
 
     db_name = f"docqueue_bench_{secrets.token_hex(4)}"
     host = args.pg.split("://", 1)[1].rsplit("/", 1)[0]
@@ -535,12 +601,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"generated {path.name}: {rows:,} rows, {_mib(size)} MiB "
                 f"({size / rows:.0f} B/row) in {time.perf_counter() - t0:.1f}s"
             )
-            m = measure(rows, path, warmup, ctx, args.port)
-            print(
-                f"uploaded {rows:,} rows in {m.seconds:.2f}s: {m.rows_per_s:,.0f} rows/s, "
-                f"API RSS {_mib(m.rss_baseline)} -> peak {_mib(m.rss_peak)} MiB"
-            )
-            results.append(m)
+            # The main size in every format (the same rows); the small one as CSV only.
+            for fmt in formats if rows == args.rows else ["csv"]:
+                upload_path = path if fmt == "csv" else convert_rows(path, fmt)
+                fmt_warmup = warmup if fmt == "csv" else convert_rows(warmup, fmt)
+                m = measure(rows, upload_path, fmt_warmup, ctx, args.port, fmt)
+                print(
+                    f"uploaded {rows:,} rows as {fmt} ({_mib(m.file_bytes)} MiB) in "
+                    f"{m.seconds:.2f}s: {m.rows_per_s:,.0f} rows/s, "
+                    f"API RSS {_mib(m.rss_baseline)} -> peak {_mib(m.rss_peak)} MiB"
+                )
+                results.append(m)
+                if not args.keep and upload_path != path:
+                    upload_path.unlink()
             if not args.keep:
                 path.unlink()
         ok = report(results)
