@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,9 +23,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api import (
     admin,
     collections,
+    files,
     health,
     jobs,
     metrics,
+    openai_errors,
     schedules,
     served_models,
     usage,
@@ -64,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(InterfaceError, _db_down)
     app.add_middleware(Boundary, settings=settings, db=db)
 
-    for module in (health, jobs, served_models, collections, schedules, usage, admin):
+    for module in (health, jobs, served_models, collections, schedules, usage, admin, files):
         app.include_router(module.router)
     metrics.install(app, settings, db)  # GET /metrics (Prometheus)
     return app
@@ -75,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 _UPLOAD_ROUTES = (
     ("POST", re.compile(r"/v1/jobs/?")),
     ("PUT", re.compile(r"/v1/collections/[^/]+/documents/?")),
+    ("POST", re.compile(r"/v1/files/?")),
 )
 
 
@@ -182,8 +186,7 @@ class Boundary:
 async def _refuse(scope: Scope, send: Send, exc: DocqueueError) -> None:
     """Answers ``exc`` as the error handlers would, and closes the connection (the request's
     body, if any, is left unread)."""
-    resp = _error(exc.status_code, exc.to_dict())
-    resp.headers.update(exc.headers)
+    resp = _error(exc.status_code, exc.to_dict(), scope["path"], exc.headers)
     if exc.status_code == 401:
         resp.headers["WWW-Authenticate"] = "Bearer"
     resp.headers["Connection"] = "close"
@@ -194,40 +197,50 @@ async def _refuse(scope: Scope, send: Send, exc: DocqueueError) -> None:
     await resp(scope, nothing, send)
 
 
-def _error(status: int, body: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": body})
+def _error(
+    status: int, body: dict[str, Any], path: str = "", headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """docqueue's error shape, or OpenAI's on the routes the ``openai`` SDK calls."""
+    if openai_errors.applies(path):
+        return JSONResponse(
+            status_code=status,
+            content={"error": openai_errors.body(status, body)},
+            headers=openai_errors.headers(status, headers),
+        )
+    return JSONResponse(status_code=status, content={"error": body}, headers=dict(headers or {}))
 
 
-async def _docqueue_error(_: Request, exc: DocqueueError) -> JSONResponse:
-    resp = _error(exc.status_code, exc.to_dict())
-    resp.headers.update(exc.headers)
+async def _docqueue_error(request: Request, exc: DocqueueError) -> JSONResponse:
+    resp = _error(exc.status_code, exc.to_dict(), request.url.path, exc.headers)
     if exc.status_code == 401:
         resp.headers["WWW-Authenticate"] = "Bearer"
     return resp
 
 
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Starlette's own refusals (no such route, wrong method, a body it cannot parse) in the
     same shape as every other error."""
     codes = {400: "bad_input", 404: "not_found", 405: "method_not_allowed"}
     body = {"code": codes.get(exc.status_code, "http_error"), "message": str(exc.detail)}
-    return JSONResponse(status_code=exc.status_code, content={"error": body}, headers=exc.headers)
+    return _error(exc.status_code, body, request.url.path, exc.headers)
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 naming every field at fault, and the first one as ``field``."""
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming every field at fault, and the first one as ``field`` (OpenAI's routes: 400,
+    the field as ``param``)."""
     errors = exc.errors()
     problems = []
     for err in errors:
         where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
         problems.append(f"{where}: {err.get('msg')}")
     field = str(errors[0].get("loc", ("", ""))[-1]) if errors else None
-    return _error(
-        422, {"code": "invalid_parameter", "message": "; ".join(problems), "field": field}
-    )
+    path = request.url.path
+    status = 400 if openai_errors.applies(path) else 422
+    body = {"code": "invalid_parameter", "message": "; ".join(problems), "field": field}
+    return _error(status, body, path)
 
 
-async def _db_down(_: Request, exc: Exception) -> JSONResponse:
+async def _db_down(request: Request, exc: Exception) -> JSONResponse:
     log.warning("database unavailable: %s", exc)
     err = StoreUnavailableError("database unavailable; retry later")
-    return _error(err.status_code, err.to_dict())
+    return _error(err.status_code, err.to_dict(), request.url.path)

@@ -23,6 +23,7 @@ from service.errors import InvalidParameterError
 from service.jobs.queries import progress
 from service.store.states import JobStatus, Task
 from service.store.tables import Collection, CollectionDocument, Job, Schedule, Worker
+from service.store.tables import File as FileRow
 
 #: An instant, written as ``isoformat()`` (what clients have always parsed).
 Instant = Annotated[datetime, PlainSerializer(lambda d: d.isoformat(), return_type=str)]
@@ -679,3 +680,67 @@ class QueueDepth(BaseModel):
 class QueueList(BaseModel):
     object: Literal["list"] = "list"
     data: list[QueueDepth]
+
+
+# --- the Files API (OpenAI's shapes) -----------------------------------------------------------
+
+
+class OpenAIErrorDetail(BaseModel):
+    """OpenAI's error: what the official SDK reads into ``APIStatusError.body``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIErrorDetail
+
+
+#: Error answers of the OpenAI-compatible routes (/v1/files), for the OpenAPI document.
+OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorBody} for code in (400, 401, 404, 413, 429, 503)
+}
+
+
+class FileObject(BaseModel):
+    """OpenAI's FileObject. Times are Unix seconds."""
+
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["uploaded", "processed", "error"]
+    expires_at: int | None = None
+    status_details: str | None = None
+
+    @classmethod
+    def of(cls, row: FileRow) -> FileObject:
+        return cls(
+            id=f"file-{row.id.hex}",
+            bytes=row.bytes,
+            created_at=int(row.created_at.timestamp()),
+            filename=row.filename,
+            purpose=row.purpose,
+            status=row.status,
+            expires_at=int(row.expires_at.timestamp()) if row.expires_at is not None else None,
+        )
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import BinaryIO, Literal
 
 from sqlalchemy import Engine, and_, delete, func, insert, or_, select, text, tuple_, update
@@ -124,20 +124,23 @@ def create(
     *,
     filename: str,
     purpose: Purpose,
-    expires_at: datetime | None,
+    expires_after_s: int | None,
     settings: Settings,
 ) -> File:
     """Stores ``source`` (read ``part_bytes`` at a time) as a new ``processed`` file, in the
     caller's transaction, and counts its bytes against the tenant's daily upload quota (under
     the lock ``quotas.check_file_upload`` takes, so concurrent uploads cannot both slip under
-    it). An empty file or one over ``max_upload_bytes`` is refused."""
+    it). An empty file or one over ``max_upload_bytes`` is refused. It expires
+    ``expires_after_s`` (default ``files.default_expires_s``) after its ``created_at``, both
+    read from the database's clock."""
+    life = timedelta(seconds=expires_after_s or settings.files.default_expires_s)
     row = File(
         id=uuid.uuid4(),
         tenant_id=tenant_id,
         filename=filename,
         purpose=purpose,
         status="uploaded",
-        expires_at=expires_at,
+        expires_at=func.now() + life,
     )
     session.add(row)
     session.flush()
@@ -154,6 +157,7 @@ def create(
     row.sha256 = parts.sha.hexdigest()
     row.status = "processed"
     session.flush()
+    session.refresh(row)  # created_at and expires_at, from the database's clock
     return row
 
 

@@ -46,7 +46,7 @@ def upload(
     settings: Settings,
     tenant: uuid.UUID,
     data: bytes,
-    expires_at: datetime | None = None,
+    expires_after_s: int | None = None,
 ) -> File:
     with Session(engine, expire_on_commit=False) as session, session.begin():
         return store.create(
@@ -55,7 +55,7 @@ def upload(
             io.BytesIO(data),
             filename="in.jsonl",
             purpose="batch",
-            expires_at=expires_at,
+            expires_after_s=expires_after_s,
             settings=settings,
         )
 
@@ -189,10 +189,11 @@ def test_a_writer_appends_parts_and_shows_the_file_only_when_closed(
 
 def test_expired_files_are_purged_in_batches(small: Settings, engine: Engine) -> None:
     tenant = new_tenant(small)
-    soon = datetime.now(UTC) + timedelta(hours=1)
-    gone = upload(engine, small, tenant, b"q" * (10 * PART), expires_at=soon)
-    kept = upload(engine, small, tenant, b"k\n", expires_at=soon + timedelta(days=30))
-    later = soon + timedelta(seconds=1)
+    gone = upload(engine, small, tenant, b"q" * (10 * PART), expires_after_s=3600)
+    kept = upload(engine, small, tenant, b"k\n")  # the default: 30 days
+    assert gone.expires_at == gone.created_at + timedelta(seconds=3600)
+    assert kept.expires_at == kept.created_at + timedelta(days=30)
+    later = datetime.now(UTC) + timedelta(seconds=3601)
     batches = override(small, files={"part_bytes": PART, "purge_batch_parts": 3})
     report = store.purge_expired(engine, batches, now=later)
     assert report.complete and report.files >= 1 and report.parts >= 10
