@@ -89,11 +89,20 @@ def reconcile() -> dict[str, Any]:
 
 @app.task(name=TASK_RETENTION)
 def retention() -> dict[str, Any]:
-    """Purges documents and results of jobs finished more than ``retention_days`` ago."""
-    from workers.ops.retention import purge_expired
+    """Purges documents and results of jobs finished more than ``retention_days`` ago, and
+    files past their ``expires_at``."""
+    from workers.ops.retention import purge_expired, purge_expired_files
 
-    report = purge_expired(get_engine(settings.database.url), settings)
-    return {"marked": report.marked, "purged_jobs": report.purged_jobs, "done": report.complete}
+    engine = get_engine(settings.database.url)
+    report = purge_expired(engine, settings)
+    expired_files = purge_expired_files(engine, settings)  # /v1/files past their expires_at
+    return {
+        "marked": report.marked,
+        "purged_jobs": report.purged_jobs,
+        "done": report.complete,
+        "files": expired_files.files,
+        "files_done": expired_files.complete,
+    }
 
 
 def command(loglevel: str = "info", concurrency: int | None = None) -> list[str]:

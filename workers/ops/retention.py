@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, text
 
+from service.files import store as files
 from service.jobs.lifecycle import purge_rows
 from service.settings import Settings
 from service.store.states import TERMINAL_STATUSES
@@ -76,4 +77,17 @@ def purge_expired(engine: Engine, settings: Settings, now: datetime | None = Non
         report.job_ids.append(str(job_id))
     if report.marked or report.purged_jobs:
         log.info("retention: %s", report)
+    return report
+
+
+def purge_expired_files(
+    engine: Engine, settings: Settings, now: datetime | None = None
+) -> files.PurgeReport:
+    """Files of the Files API (``/v1/files``) past their ``expires_at``, batch inputs and
+    outputs alike (and outputs a writer abandoned), their parts ``DOCQUEUE_FILE_PURGE_BATCH_PARTS``
+    per transaction. Apart from jobs' retention: a file's life is its own ``expires_after``,
+    not ``retention_days``."""
+    report = files.purge_expired(engine, settings, now)
+    if report.files or not report.complete:
+        log.info("retention: expired files: %s", report)
     return report
