@@ -11,6 +11,7 @@ from service.errors import RowError
 from service.jobs import templates
 from service.settings import get_settings
 from service.store.chunks import Doc
+from workers.engines.base import GenRequest
 
 SUMMARIZE = (
     "Summarize the following text in at most {words} words{language}. "
@@ -161,3 +162,74 @@ def _longest_prefix(
             miss = k
             k += slack
     return best
+
+
+def openai_request(
+    tokenizer: Any, task: str, doc: Doc, max_model_len: int, default_max_tokens: int
+) -> GenRequest:
+    """The engine request for one row of an OpenAI batch: its own body (``doc.extra["body"]``,
+    validated when the batch was made), with OpenAI's defaults rather than the native ones
+    (temperature 1, top_p 1). Chat messages go through the model's chat template as vLLM's
+    ``LLM.chat`` does; a completion's prompt is tokenized as is. Nothing is truncated: a prompt
+    that leaves no room for ``max_tokens`` is the row's error, as OpenAI answers it."""
+    from service.batches.requests import ChatBody, CompletionBody, parse_body
+
+    raw = (doc.extra or {}).get("body")
+    if not isinstance(raw, dict):
+        raise RowError("the row has no request body")
+    parsed = parse_body("chat" if task == "chat" else "completion", raw)
+    if parsed.body is None:
+        raise RowError(parsed.error or "invalid request body")
+    body = parsed.body
+    try:
+        if isinstance(body, ChatBody):
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            if getattr(tokenizer, "chat_template", None):
+                text = tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+                ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+            else:
+                ids = list(tokenizer("\n".join(m["content"] for m in messages)).input_ids)
+            asked = body.max_completion_tokens or body.max_tokens
+        else:
+            assert isinstance(body, CompletionBody)
+            ids = list(tokenizer(body.text()).input_ids)
+            asked = body.max_tokens
+    except Exception as exc:  # a tokenizer or template that chokes on this request
+        raise RowError(f"could not render the request: {exc}") from exc
+    room = max_model_len - len(ids)
+    if asked is not None and asked > room:
+        raise RowError(
+            f"this model's maximum context length is {max_model_len} tokens; the request has "
+            f"{len(ids)} prompt tokens and asks for {asked} more"
+        )
+    if room < 1:
+        raise RowError(
+            f"this model's maximum context length is {max_model_len} tokens; the prompt alone "
+            f"has {len(ids)}"
+        )
+    fmt = body.response_format if isinstance(body, ChatBody) else None
+    if isinstance(body, ChatBody):
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    else:
+        logprobs = body.logprobs
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    return GenRequest(
+        prompt_token_ids=ids,
+        max_tokens=asked if asked is not None else min(default_max_tokens, room),
+        temperature=1.0 if body.temperature is None else body.temperature,
+        seed=body.seed,
+        n=body.n or 1,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=stop,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        json_schema=(
+            json.dumps(fmt.json_schema.schema_)
+            if fmt is not None and fmt.json_schema is not None
+            else None
+        ),
+        json_object=fmt is not None and fmt.type == "json_object",
+        logprobs=logprobs,
+    )

@@ -23,7 +23,8 @@ from service.store.chunks import ChunkStore, Doc, Lease, RowResult
 from service.store.states import CANCEL_STATUSES, ChunkState, Task
 from workers import metrics as worker_metrics
 from workers.engines import Batch, Engine, GenRequest
-from workers.prompts import render
+from workers.engines.base import Choice
+from workers.prompts import openai_request, render
 
 log = logging.getLogger(__name__)
 #: How often a running chunk checks whether its job was cancelled or its lease lost.
@@ -232,8 +233,21 @@ def _submit(
     prepared: list[tuple[int, bool]] = []
     requests: list[GenRequest] = []
     errors: dict[int, str] = {}
+    own_requests = lease.task in (Task.CHAT, Task.COMPLETION)  # an OpenAI batch's rows
     for pos, doc in enumerate(part):
         try:
+            if own_requests:
+                requests.append(
+                    openai_request(
+                        tokenizer,
+                        lease.task,
+                        doc,
+                        engine.max_model_len,
+                        int(params.get("default_max_tokens", gen.max_tokens)),
+                    )
+                )
+                prepared.append((pos, False))
+                continue
             r = render(tokenizer, lease.task, params, doc, budget)
         except RowError as exc:
             errors[pos] = str(exc)
@@ -318,10 +332,34 @@ def row_results(group: Group, attempts: int, labels: tuple[str, ...] | None) -> 
                 truncated=truncated,
                 attempts=attempts,
                 latency_ms=elapsed_ms,
+                choices=None
+                if res.choices is None
+                else [_choice(i, c) for i, c in enumerate(res.choices)],
             )
         )
     out.sort(key=lambda r: r.idx)
     return out
+
+
+def _choice(index: int, choice: Choice) -> dict[str, Any]:
+    """One choice as the result row keeps it (``results.choices``)."""
+    logprobs = None
+    if choice.logprobs is not None:
+        logprobs = [
+            {
+                "token": t.token,
+                "logprob": t.logprob,
+                "top_logprobs": [{"token": tok, "logprob": lp} for tok, lp in t.top],
+            }
+            for t in choice.logprobs
+        ]
+    return {
+        "index": index,
+        "text": choice.text,
+        "finish_reason": choice.finish_reason,
+        "completion_tokens": choice.completion_tokens,
+        "logprobs": logprobs,
+    }
 
 
 def _cancel_rest(ctx: Context, lease: Lease, groups: list[Group]) -> str:

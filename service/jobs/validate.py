@@ -11,7 +11,7 @@ from service.jobs import templates
 from service.jobs.formats import parse_format
 from service.jobs.ingest import parse_delimiter
 from service.settings import Settings
-from service.store.states import Task
+from service.store.states import NATIVE_TASKS
 
 
 @dataclass
@@ -70,9 +70,10 @@ RESERVED_KEY_PREFIX = "schedule:"
 
 
 def validate(req: JobRequest, settings: Settings) -> None:
-    if req.task not in list(Task):
+    if req.task not in NATIVE_TASKS:
         raise InvalidParameterError(
-            f"unknown task {req.task!r}; expected one of: {', '.join(Task)}", field="task"
+            f"unknown task {req.task!r}; expected one of: {', '.join(NATIVE_TASKS)}",
+            field="task"
         )
     if not req.model.strip():
         raise InvalidParameterError("model must not be empty", field="model")

@@ -15,6 +15,7 @@ PostgreSQL decides who owns a chunk (the lease); Redis only delivers the news th
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import uuid
@@ -55,6 +56,22 @@ def pg_text(value: str | None) -> str | None:
         return value
     value = value.replace("\x00", "")
     return value.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _json_text(value: Any) -> str:
+    """JSON PostgreSQL can store: every string cleaned as a ``text`` column's is (``jsonb``
+    refuses ``\\u0000``, and a lone surrogate cannot be encoded)."""
+    return json.dumps(_pg_json(value), ensure_ascii=False)
+
+
+def _pg_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return pg_text(value)
+    if isinstance(value, dict):
+        return {str(pg_text(str(k))): _pg_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_pg_json(v) for v in value]
+    return value
 
 
 def _error_text(error: str | None) -> str | None:
@@ -119,6 +136,7 @@ class RowResult:
     error: str | None = None
     attempts: int = 1
     latency_ms: float | None = None
+    choices: list[dict[str, Any]] | None = None  # an OpenAI request's every choice
 
 
 class Written(NamedTuple):
@@ -830,13 +848,13 @@ _INSERT_RESULTS = """
     ins AS (
       INSERT INTO results (job_id, idx, output, label, confidence, finish_reason,
                            prompt_tokens, completion_tokens, truncated, error, attempts,
-                           latency_ms)
+                           latency_ms, choices)
       SELECT :j, u.* FROM unnest(
         CAST(:idx AS int[]), CAST(:output AS text[]), CAST(:label AS text[]),
         CAST(:confidence AS float8[]), CAST(:finish_reason AS text[]),
         CAST(:prompt_tokens AS int[]), CAST(:completion_tokens AS int[]),
         CAST(:truncated AS bool[]), CAST(:error AS text[]), CAST(:attempts AS int[]),
-        CAST(:latency_ms AS float8[])) AS u
+        CAST(:latency_ms AS float8[]), CAST(:choices AS jsonb[])) AS u
       WHERE EXISTS (SELECT 1 FROM fence)
       ON CONFLICT (job_id, idx) DO NOTHING
       RETURNING error IS NULL AS ok, prompt_tokens, completion_tokens
@@ -904,6 +922,7 @@ def _insert_results(
         "error": [pg_text(r.error) for r in results],
         "attempts": [r.attempts for r in results],
         "latency_ms": [r.latency_ms for r in results],
+        "choices": [None if r.choices is None else _json_text(r.choices) for r in results],
     }
     if fence is None:
         row = conn.execute(_INSERT_HELD, {"j": job_id, **cols}).first()

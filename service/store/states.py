@@ -10,11 +10,23 @@ from enum import StrEnum
 
 
 class Task(StrEnum):
-    """What a job does with each document."""
+    """What a job does with each document. ``chat`` and ``completion`` are an OpenAI batch's
+    rows: each document carries its own request (``documents.extra["body"]``)."""
 
     GENERATE = "generate"
     SUMMARIZE = "summarize"
     CLASSIFY = "classify"
+    CHAT = "chat"
+    COMPLETION = "completion"
+
+    @property
+    def openai(self) -> bool:
+        return self in (Task.CHAT, Task.COMPLETION)
+
+
+#: What a native job (an upload, a schedule) may ask, in the order messages list them; the
+#: others come from batch files.
+NATIVE_TASKS = (Task.GENERATE, Task.SUMMARIZE, Task.CLASSIFY)
 
 
 class JobStatus(StrEnum):
@@ -60,7 +72,7 @@ class ChunkState(StrEnum):
 FINISHED_STATES = frozenset({ChunkState.DONE, ChunkState.FAILED, ChunkState.CANCELLED})
 
 
-def sql_in(column: str, values: type[StrEnum] | frozenset[StrEnum]) -> str:
+def sql_in(column: str, values: type[StrEnum] | frozenset[StrEnum] | tuple[StrEnum, ...]) -> str:
     """``column IN ('a', 'b')`` for a CHECK constraint or a fixed filter."""
     items = sorted(values) if isinstance(values, frozenset) else list(values)
     return f"{column} IN ({', '.join(repr(str(v)) for v in items)})"

@@ -37,7 +37,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from service.store.states import ChunkState, JobStatus, Task, sql_in
+from service.store.states import NATIVE_TASKS, ChunkState, JobStatus, Task, sql_in
 
 # Stable constraint names so migrations can refer to them.
 NAMING = {
@@ -223,6 +223,9 @@ class Result(Base):
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     latency_ms: Mapped[float | None] = mapped_column(Float)
+    # An OpenAI request's every choice (n > 1, or with logprobs): [{index, text, finish_reason,
+    # completion_tokens, logprobs}]; ``output`` is the first one's. NULL for native tasks.
+    choices: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonDoc)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
 
     __table_args__ = (
@@ -359,7 +362,7 @@ class Schedule(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
 
     __table_args__ = (
-        CheckConstraint(sql_in("task", Task), name="task"),
+        CheckConstraint(sql_in("task", NATIVE_TASKS), name="task"),
         # A collection keeps one latest result per document and one pending state, so one
         # schedule per collection: two would share (and race for) the same pending documents.
         UniqueConstraint("collection_id", name="uq_schedules_collection"),

@@ -374,7 +374,7 @@ def _token_logprobs(comp: Any) -> tuple[TokenLogprob, ...] | None:
         out.append(
             TokenLogprob(
                 token=(chosen.decoded_token if chosen is not None else None) or "",
-                logprob=float(chosen.logprob) if chosen is not None else float("-inf"),
+                logprob=float(chosen.logprob) if chosen is not None else -9999.0,  # OpenAI's floor
                 top=tuple((lp.decoded_token or "", float(lp.logprob)) for lp in ranked),
             )
         )
