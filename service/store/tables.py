@@ -413,3 +413,66 @@ class FilePart(Base):
     )
     seq: Mapped[int] = mapped_column(Integer, primary_key=True)
     data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+#: A batch's life, as OpenAI names it: ``validating → in_progress → finalizing → completed``,
+#: or ``failed`` (its file was refused), ``cancelling → cancelled``, or ``expired``.
+BATCH_STATUSES = (
+    "validating",
+    "failed",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "expired",
+    "cancelling",
+    "cancelled",
+)
+
+
+class Batch(Base):
+    """An OpenAI batch: a job (its rows are the input file's requests) with OpenAI's view of
+    it (status, timestamps, files). One per job; deleting the job deletes it."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)  # batch_<hex>
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), unique=True
+    )
+    input_file_id: Mapped[uuid.UUID] = mapped_column()  # no key: files expire on their own
+    endpoint: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str | None] = mapped_column(String(500))  # as the requests name it
+    metadata_: Mapped[dict[str, str] | None] = mapped_column("metadata", JsonDoc)
+    status: Mapped[str] = mapped_column(String(16), default="validating")
+    # OpenAI's errors list: [{code, line, message, param}] (a failed batch's faulty lines).
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonDoc)
+    output_file_id: Mapped[uuid.UUID | None] = mapped_column()
+    error_file_id: Mapped[uuid.UUID | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_utcnow())
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (
+        CheckConstraint(f"status IN {BATCH_STATUSES!r}", name="status"),
+        # A tenant's list, newest first, paged by (created_at, id).
+        Index("ix_batches_tenant_created", "tenant_id", "created_at", "id"),
+        # The sweep's questions: batches not yet final (validating, running, finalizing).
+        Index(
+            "ix_batches_open",
+            "status",
+            postgresql_where=sa_text(
+                "status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
+            ),
+            sqlite_where=sa_text(
+                "status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
+            ),
+        ),
+    )
