@@ -23,11 +23,14 @@ extra columns, rows, stored size) and the same stored rows as a CSV with those c
 from __future__ import annotations
 
 import codecs
+import io
 import json
+import operator
 import os
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import orjson
@@ -173,13 +176,13 @@ class JsonlReader:
             f"line {line} (row {self.row}): {message}", row=self.row, line=line, **where
         )
 
-    def __iter__(self) -> Iterator[list[str]]:
+    def __iter__(self) -> Iterator[Sequence[str]]:
         first, self._first = self._first, None
         if first is not None:
             yield first
         yield from self._records
 
-    def _read(self) -> Iterator[list[str]]:
+    def _read(self) -> Iterator[Sequence[str]]:
         """The records; the first object found sets the header. One loop, locals only: this
         is the per-row cost of a JSON Lines upload."""
         loads, read, limit, progress = (
@@ -190,6 +193,7 @@ class JsonlReader:
         )
         convert, rekey = self._convert, self._rekey
         header: list[str] = []
+        pick: Callable[[dict[str, Any]], Sequence[Any]] = _picker(["-"])
         width = line = row = 0
         carry = b""
         while True:
@@ -198,13 +202,16 @@ class JsonlReader:
             if block:
                 if line == 0 and not carry:
                     block = block.removeprefix(codecs.BOM_UTF8)
-                lines = (carry + block if carry else block).split(b"\n")
+                data = carry + block if carry else block
+                lines = data.split(b"\n")
                 carry = lines.pop()
             else:
-                lines, carry = ([carry] if carry else []), b""
+                data, lines, carry = carry, ([carry] if carry else []), b""
+            # Per block, not per line: may a line in it pass the limit, or hold a NUL?
+            long, nul = len(data) > limit, b"\\u0000" in data
             for raw in lines:
                 line += 1
-                if len(raw) > limit:
+                if long and len(raw) > limit:
                     self.row, progress.line = row + 1, line
                     self._too_long(limit)
                 try:
@@ -216,24 +223,25 @@ class JsonlReader:
                     self._invalid(exc)
                 row += 1
                 progress.line = line
-                if obj.__class__ is not dict:
-                    self.row = row
-                    self._fail(
-                        f"expected a JSON object, found {_kind(obj)} (JSON Lines: one object "
-                        "per line)"
-                    )
-                if b"\\u0000" in raw:  # PostgreSQL text cannot hold NUL; CSV drops it too
-                    obj = {k: _no_nul(v) for k, v in obj.items()}
-                if not header:
-                    header = self.header = self._first_keys(obj)
-                    width = len(header)
+                if nul and b"\\u0000" in raw:  # PostgreSQL text cannot hold NUL; CSV drops it
+                    obj = _no_nul(obj)
                 try:
                     if len(obj) != width:
                         raise KeyError
-                    record = [obj[k] for k in header]
-                except KeyError:
+                    record = pick(obj)  # TypeError for anything but an object
+                except (KeyError, TypeError):
                     self.row = row
-                    record = rekey(obj)
+                    if obj.__class__ is not dict:
+                        self._fail(
+                            f"expected a JSON object, found {_kind(obj)} (JSON Lines: one "
+                            "object per line)"
+                        )
+                    if header:
+                        record = rekey(obj)
+                    else:
+                        header = self.header = self._first_keys(obj)
+                        width, pick = len(header), _picker(header)
+                        record = pick(obj)
                 for value in record:
                     if value.__class__ is not str:
                         self.row = row
@@ -282,7 +290,7 @@ class JsonlReader:
                 )
         return [obj.get(k) for k in self.header]
 
-    def _convert(self, record: list[Any]) -> list[str]:
+    def _convert(self, record: Sequence[Any]) -> list[str]:
         """Values other than strings as text; a document or an id must be a string (an id may
         also be an integer)."""
         out: list[str] = []
@@ -309,6 +317,15 @@ class JsonlReader:
             else:
                 out.append(json.dumps(value, ensure_ascii=False))
         return out
+
+
+def _picker(header: list[str]) -> Callable[[dict[str, Any]], Sequence[Any]]:
+    """The header's values of an object in C (``itemgetter``: half a list comprehension's
+    cost); KeyError for a key left out."""
+    if len(header) == 1:
+        key = header[0]
+        return lambda obj: (obj[key],)
+    return operator.itemgetter(*header)
 
 
 def _no_nul(value: Any) -> Any:
@@ -340,6 +357,19 @@ class _FileSize:
 
     def __init__(self, count: int) -> None:
         self.count = count
+
+
+def _arrow_source(upload: IO[bytes]) -> Any:
+    """The upload as arrow reads it best: a file on disk memory-mapped (no Python call, so no
+    GIL, per read), anything else (an upload still spooled in memory) as the file object."""
+    import pyarrow as pa
+
+    if isinstance(upload, io.BufferedReader | io.FileIO):
+        try:
+            return pa.memory_map(f"/proc/self/fd/{upload.fileno()}")
+        except (OSError, pa.ArrowException):  # pragma: no cover - no /proc: read it through
+            pass
+    return upload
 
 
 def _value_kind(t: pa.DataType) -> str | None:
@@ -443,7 +473,10 @@ class ParquetReader:
         ]
         try:
             self._file = pq.ParquetFile(
-                upload, metadata=meta, read_dictionary=read_dictionary, pre_buffer=False
+                _arrow_source(upload),
+                metadata=meta,
+                read_dictionary=read_dictionary,
+                pre_buffer=False,
             )
         except (pa.ArrowException, OSError, ValueError) as exc:
             _parquet_fail(f"not a valid Parquet file: {clip(str(exc), 300)}")
@@ -482,11 +515,29 @@ class ParquetReader:
         return kinds
 
     def __iter__(self) -> Iterator[tuple[str, ...]]:
+        """The rows, a batch at a time; the next batch is decoded (by arrow, without the GIL)
+        in a thread of its own while this one's rows are loaded."""
+        import pyarrow as pa
+
+        batches = self._file.iter_batches(batch_size=_PARQUET_BATCH_ROWS, use_threads=False)
         first = 1
-        for batch in self._file.iter_batches(batch_size=_PARQUET_BATCH_ROWS, use_threads=False):
-            columns = [self._texts(batch.column(i), i, first) for i in range(batch.num_columns)]
-            first += batch.num_rows
-            yield from zip(*columns, strict=True)
+        with ThreadPoolExecutor(1, thread_name_prefix="parquet-read") as ahead:
+            pending = ahead.submit(next, batches, None)
+            while True:
+                try:
+                    batch = pending.result()
+                except (pa.ArrowException, OSError, ValueError) as exc:
+                    _parquet_fail(
+                        f"row {first} and after: the Parquet data cannot be read: "
+                        f"{clip(str(exc), 300)}",
+                        row=first,
+                    )
+                if batch is None:
+                    return
+                pending = ahead.submit(next, batches, None)
+                columns = [self._texts(batch.column(i), i, first) for i in range(batch.num_columns)]
+                first += batch.num_rows
+                yield from zip(*columns, strict=True)
 
     def _texts(self, arr: pa.Array, i: int, first: int) -> list[str]:
         """A batch's column as text: nulls empty, NUL characters dropped; a dictionary's
