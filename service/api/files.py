@@ -165,7 +165,7 @@ def file_content(file_id: str, who: Auth, db: Db, settings: SettingsDep, slots: 
         media_type="application/octet-stream",
         headers={
             "Content-Length": str(row.bytes),
-            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(row.filename)}",
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(row.filename, safe='')}",
         },
     )
 

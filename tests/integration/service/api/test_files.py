@@ -275,3 +275,24 @@ def test_past_the_daily_upload_quota_is_a_429_not_retried(
                 "UPDATE tenants SET quota_upload_bytes_per_day = 60 WHERE name = %s", (name,)
             )
     assert len(client.files.list().data) == 1
+
+
+def test_a_bad_key_is_the_sdks_authentication_error(http: TestClient) -> None:
+    with pytest.raises(openai.AuthenticationError) as caught:
+        sdk(http, "dq_not-a-key").files.create(file=("f.jsonl", b"{}\n"), purpose="batch")
+    body = caught.value.body
+    assert isinstance(body, dict) and body["type"] == "authentication_error"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+
+
+def test_file_uploads_show_in_usage_as_upload_bytes(http: TestClient, settings: Settings) -> None:
+    _, key = new_tenant(settings)
+    sdk(http, key).files.create(file=("a b/ü.jsonl", b"x" * 123), purpose="batch")
+    body = http.get("/v1/usage?group_by=model", headers=auth(key)).json()
+    rows = [(r["model"], r["upload_bytes"]) for r in body["data"]]
+    assert rows == [(store.FILES_LEDGER_MODEL, 123)]
+    assert body["quotas"]["upload_bytes_per_day"]["used"] == 123
+    made = sdk(http, key).files.list().data[0]
+    assert made.filename == "ü.jsonl"  # the last path component
+    resp = http.get(f"/v1/files/{made.id}/content", headers=auth(key))
+    assert resp.headers["content-disposition"] == "attachment; filename*=UTF-8''%C3%BC.jsonl"
