@@ -11,7 +11,7 @@ from service.api.app import create_app
 from service.settings import Settings
 
 #: Routes whose 2xx body is not JSON: streamed files and Prometheus text.
-NOT_JSON = {("get", "/v1/jobs/{job_id}/results")}
+NOT_JSON = {("get", "/v1/jobs/{job_id}/results"), ("get", "/v1/files/{file_id}/content")}
 
 
 def openapi() -> dict[str, Any]:
