@@ -2,8 +2,9 @@
 
 Each group lives in its own module: ``servers`` (the processes: api, worker, flower, beat,
 db upgrade), ``keys``, ``jobs`` (the HTTP client commands for jobs), ``collections``
-(collections and schedules) and ``usage`` (usage, and the admin commands: quotas, tenants,
-workers, queues). ``app`` is the console script's entry point (``service.cli:app``).
+(collections and schedules), ``files`` (the Files API) and ``usage`` (usage, and the admin
+commands: quotas, tenants, workers, queues). ``app`` is the console script's entry point
+(``service.cli:app``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Annotated
 import typer
 
 from service import __version__
-from service.cli import collections, jobs, keys, servers, usage
+from service.cli import collections, files, jobs, keys, servers, usage
 from service.cli.output import fail, out
 
 app = typer.Typer(
@@ -29,6 +30,7 @@ app.add_typer(servers.db_app, name="db")
 app.add_typer(keys.app, name="keys")
 app.add_typer(collections.collections_app, name="collections")
 app.add_typer(collections.schedules_app, name="schedules")
+app.add_typer(files.app, name="files")
 app.add_typer(usage.app)
 app.add_typer(usage.quotas_app, name="quotas")
 

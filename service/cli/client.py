@@ -202,6 +202,40 @@ class Client:
     def queues(self) -> dict[str, Any]:
         return dict(self._request("GET", "/v1/queues").json())
 
+    # Files (OpenAI's Files API, /v1/files).
+
+    def upload_file(self, path: Path, expires_after_s: int | None = None) -> dict[str, Any]:
+        data = {"purpose": "batch"}
+        if expires_after_s is not None:
+            data |= {"expires_after[anchor]": "created_at"}
+            data |= {"expires_after[seconds]": str(expires_after_s)}
+        with path.open("rb") as f:
+            resp = self._request(
+                "POST", "/v1/files", data=data, files={"file": (path.name, f, "application/jsonl")}
+            )
+        return dict(resp.json())
+
+    def files(self, **params: Any) -> dict[str, Any]:
+        query = {k: str(v) for k, v in params.items() if v is not None}
+        return dict(self._request("GET", "/v1/files", params=query).json())
+
+    def file(self, file_id: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/files/{quote(file_id, safe='')}").json())
+
+    def delete_file(self, file_id: str) -> dict[str, Any]:
+        return dict(self._request("DELETE", f"/v1/files/{quote(file_id, safe='')}").json())
+
+    def file_content(self, file_id: str) -> Iterator[bytes]:
+        """Streams a file's bytes."""
+        try:
+            with self._http.stream("GET", f"/v1/files/{quote(file_id, safe='')}/content") as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _raise_for_error(resp)
+                yield from resp.iter_bytes()
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from exc
+
     def results(self, job_id: str, fmt: str = "csv") -> Iterator[bytes]:
         """Streams the results; the caller writes them wherever it likes."""
         try:
