@@ -65,6 +65,12 @@ _PARQUET_MAGIC = b"PAR1"
 # Rows per Parquet batch: a batch's values are Python strings at once (bounded by its row
 # group's size, which is bounded itself).
 _PARQUET_BATCH_ROWS = 8192
+# A column whose batch of repeats of its longest dictionary value would pass this is read as a
+# dictionary (its repeats share one value in memory); below it, plainly, which is faster.
+_PLAIN_BATCH_BYTES = 64 * 1024 * 1024
+# Row groups x columns whose dictionaries are looked at before reading; past it, every column
+# with a dictionary page is read as a dictionary.
+_MAX_DICTIONARY_PROBES = 1024
 _READ_BYTES = 1 << 16
 
 
@@ -372,6 +378,20 @@ def _arrow_source(upload: IO[bytes]) -> Any:
     return upload
 
 
+def _variable_width(t: pa.DataType) -> bool:
+    """Strings or bytes: the types whose dictionary values may be long."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        return False  # read as a dictionary whatever is asked (the file's own arrow schema)
+    return bool(
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+    )
+
+
 def _value_kind(t: pa.DataType) -> str | None:
     """How a column of type ``t`` becomes text: "str", "cast" (numbers, booleans, dates,
     times, decimals, binary checked as UTF-8), "null"; None for types that have no text form
@@ -450,7 +470,7 @@ class ParquetReader:
                 row=opts.max_rows + 1,
             )
         limit = opts.max_parquet_row_group_bytes
-        dictionary: set[int] = set()
+        dictionary: dict[int, list[int]] = {}  # row group: its columns with a dictionary page
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
             if group.total_byte_size > limit:
@@ -461,25 +481,71 @@ class ParquetReader:
                     "groups (pyarrow: row_group_size=)",
                     row_group=g + 1,
                 )
-            for c in range(group.num_columns):
-                if group.column(c).has_dictionary_page:
-                    dictionary.add(c)
+            dictionary[g] = [
+                c for c in range(group.num_columns) if group.column(c).has_dictionary_page
+            ]
         self.header = [f.name for f in schema]
         self._kinds = self._check_schema(schema)
-        names = [schema.field(i).name for i in range(len(schema))]
         # Leaves and top-level fields are the same columns here: nested types were refused.
-        read_dictionary = [
-            names[i] for i in sorted(dictionary) if self._kinds[i] in ("str", "cast")
-        ]
+        variable = {
+            c for c, f in enumerate(schema) if _variable_width(f.type) and self._kinds[c] != "null"
+        }
+        source = _arrow_source(upload)
         try:
+            read_dictionary = self._risky(pq, source, meta, dictionary, variable)
             self._file = pq.ParquetFile(
-                _arrow_source(upload),
-                metadata=meta,
-                read_dictionary=read_dictionary,
-                pre_buffer=False,
+                source, metadata=meta, read_dictionary=read_dictionary, pre_buffer=False
             )
         except (pa.ArrowException, OSError, ValueError) as exc:
             _parquet_fail(f"not a valid Parquet file: {clip(str(exc), 300)}")
+
+    def _risky(
+        self,
+        pq: Any,
+        source: Any,
+        meta: Any,
+        dictionary: dict[int, list[int]],
+        variable: set[int],
+    ) -> list[str]:
+        """The columns to read as dictionaries: those of strings or bytes whose dictionary
+        holds a value long enough that a batch of its repeats would pass
+        ``_PLAIN_BATCH_BYTES``. Every other column is read plainly (a dictionary read hashes
+        every value of a column's plain pages: five times the cost of decoding it).
+
+        Each row group's dictionaries are read first (a one-row batch reads a column's whole
+        dictionary page and its first data page); with too many to read, every such column
+        is read as a dictionary."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        names = self.header
+        wanted = {g: [c for c in cols if c in variable] for g, cols in dictionary.items()}
+        wanted = {g: cols for g, cols in wanted.items() if cols}
+        columns = sorted({c for cols in wanted.values() for c in cols})
+        if sum(len(cols) for cols in wanted.values()) > _MAX_DICTIONARY_PROBES:
+            return [names[c] for c in columns]
+        probe = pq.ParquetFile(
+            source, metadata=meta, read_dictionary=[names[c] for c in columns], pre_buffer=False
+        )
+        longest = dict.fromkeys(columns, 0)
+        for g, cols in wanted.items():
+            batch = next(
+                probe.iter_batches(
+                    batch_size=1,
+                    row_groups=[g],
+                    columns=[names[c] for c in cols],
+                    use_threads=False,
+                ),
+                None,
+            )
+            if batch is None:
+                continue
+            for i, c in enumerate(cols):
+                arr = batch.column(i)
+                if isinstance(arr, pa.DictionaryArray) and len(arr.dictionary):
+                    size = pc.max(pc.binary_length(arr.dictionary)).as_py() or 0
+                    longest[c] = max(longest[c], size)
+        return [names[c] for c in columns if longest[c] * _PARQUET_BATCH_ROWS > _PLAIN_BATCH_BYTES]
 
     def _check_schema(self, schema: pa.Schema) -> list[str]:
         import pyarrow as pa

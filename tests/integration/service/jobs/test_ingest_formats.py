@@ -250,3 +250,13 @@ def test_lines_across_read_blocks_match_csv(
     _, from_jsonl = stored(client, api_key, settings, body, model=model_name, filename="d.jsonl")
     assert len(from_jsonl) == 3000
     assert from_jsonl == from_csv
+
+
+def test_parquet_corrupt_data_pages_are_a_400(
+    client: TestClient, api_key: str, settings: Settings
+) -> None:
+    table = pa.table({"id": [f"r{i}" for i in range(50)], "text": ["doc"] * 50})
+    for kwargs in ({}, {"use_dictionary": False}):
+        body = garbled(as_parquet(table, **kwargs))
+        err = refused(client, api_key, settings, body, filename="d.parquet", id_column="id")
+        assert "Parquet" in err["message"], err
