@@ -328,6 +328,12 @@ def open_lines(
             line=number,
         )
 
+    def checked(line: bytes, number: int) -> bytes:
+        line = line[:-1] if line.endswith(b"\r") else line
+        if len(line) > max_line_bytes:
+            raise too_long(number)
+        return line
+
     buffer = bytearray()
     number = 0
     for part in iter_parts(engine, file):
@@ -335,18 +341,13 @@ def open_lines(
         start = 0
         while (end := buffer.find(b"\n", start)) >= 0:
             number += 1
-            if end - start > max_line_bytes + 1:
-                raise too_long(number)
-            line = bytes(buffer[start:end])
-            yield line[:-1] if line.endswith(b"\r") else line
+            yield checked(bytes(buffer[start:end]), number)
             start = end + 1
         del buffer[:start]
-        if len(buffer) > max_line_bytes + 1:
+        if len(buffer) > max_line_bytes + 1:  # no newline yet, and already too long
             raise too_long(number + 1)
     if buffer:
-        if len(buffer) > max_line_bytes:
-            raise too_long(number + 1)
-        yield bytes(buffer)
+        yield checked(bytes(buffer), number + 1)
 
 
 @dataclass

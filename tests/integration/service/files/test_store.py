@@ -102,6 +102,12 @@ def test_open_lines_refuses_a_line_over_the_limit_naming_it(
     with pytest.raises(BadInputError, match="line 2 ") as caught:
         list(store.open_lines(engine, tenant, row.id, max_line_bytes=5000))
     assert caught.value.where["line"] == 2
+    exact = upload(engine, small, tenant, b"a" * 5000 + b"\r\n" + b"b" * 5000)
+    sizes = [len(x) for x in store.open_lines(engine, tenant, exact.id, max_line_bytes=5000)]
+    assert sizes == [5000, 5000]  # at the limit, CR not counted; the last line without \n
+    last = upload(engine, small, tenant, b"a\n" + b"b" * 5001)
+    with pytest.raises(BadInputError, match="line 2 "):
+        list(store.open_lines(engine, tenant, last.id, max_line_bytes=5000))
 
 
 def test_another_tenants_file_is_not_found(small: Settings, engine: Engine) -> None:
