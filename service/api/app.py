@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import (
     admin,
+    batches,
     collections,
     files,
     health,
@@ -67,7 +68,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(InterfaceError, _db_down)
     app.add_middleware(Boundary, settings=settings, db=db)
 
-    for module in (health, jobs, served_models, collections, schedules, usage, admin, files):
+    for module in (
+        health,
+        jobs,
+        served_models,
+        collections,
+        schedules,
+        usage,
+        admin,
+        files,
+        batches,
+    ):
         app.include_router(module.router)
     metrics.install(app, settings, db)  # GET /metrics (Prometheus)
     return app

@@ -744,3 +744,99 @@ class FileDeleted(BaseModel):
     id: str
     object: Literal["file"] = "file"
     deleted: bool = True
+
+
+# --- batches (OpenAI's Batch API) --------------------------------------------------------------
+
+#: OpenAI's bounds on a batch's ``metadata``.
+MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
+
+
+def _metadata(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if len(value) > MAX_METADATA_KEYS:
+        raise ValueError(f"at most {MAX_METADATA_KEYS} keys (got {len(value)})")
+    for key, item in value.items():
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            raise ValueError(f"a key is at most {MAX_METADATA_KEY_CHARS} characters: {key[:80]!r}")
+        if len(item) > MAX_METADATA_VALUE_CHARS:
+            raise ValueError(f"the value of {key!r} is over {MAX_METADATA_VALUE_CHARS} characters")
+    return value
+
+
+class BatchCreate(BaseModel):
+    """``POST /v1/batches``, as the SDK's ``batches.create`` sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(max_length=100)
+    endpoint: str = Field(max_length=100)
+    completion_window: Literal["24h"]
+    metadata: Annotated[dict[str, str] | None, AfterValidator(_metadata)] = None
+    output_expires_after: dict[str, Any] | None = None  # accepted: output files get the default
+
+
+class BatchError(BaseModel):
+    code: str
+    line: int | None = None
+    message: str
+    param: str | None = None
+
+
+class BatchErrors(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchError]
+
+
+class BatchRequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class BatchUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
+    output_tokens: int
+    output_tokens_details: dict[str, int] = Field(
+        default_factory=lambda: {"reasoning_tokens": 0}
+    )
+    total_tokens: int
+
+
+class BatchObject(BaseModel):
+    """OpenAI's Batch. Times are Unix seconds. ``job_id`` is docqueue's own: the batch's job,
+    whose partial results ``GET /v1/jobs/{id}/results`` serves while it runs."""
+
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: str
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: BatchErrors | None = None
+    request_counts: BatchRequestCounts
+    metadata: dict[str, str] | None = None
+    model: str | None = None
+    usage: BatchUsage | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    expires_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    job_id: uuid.UUID
+
+
+class BatchList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[BatchObject]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False

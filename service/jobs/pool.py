@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -178,6 +179,15 @@ class SubmitPool:
         from service.jobs.submit import enqueue_job
 
         future = self._pool.submit(enqueue_job, job_id, settings)
+        future.add_done_callback(_log_failure)
+        return True
+
+    def later(self, fn: Callable[..., object], *args: object) -> bool:
+        """Runs ``fn(*args)`` in a pool process, not waited for (work that follows a response,
+        such as reading a batch's file). False without a pool: the caller runs it."""
+        if self._pool is None:
+            return False
+        future = self._pool.submit(fn, *args)
         future.add_done_callback(_log_failure)
         return True
 
