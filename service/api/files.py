@@ -171,9 +171,8 @@ def file_content(file_id: str, who: Auth, db: Db, settings: SettingsDep, slots: 
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
-def delete_file(file_id: str, who: Auth, db: Db) -> FileDeleted:
+def delete_file(file_id: str, who: Auth, db: Db, settings: SettingsDep) -> FileDeleted:
     """Deletes the file and its bytes."""
     uid = store.parse_id(file_id)
-    with tx(db) as session:
-        store.delete_file(session, who.tenant_id, uid)
+    store.delete_file(db, who.tenant_id, uid, settings)
     return FileDeleted(id=store.public_id(uid))

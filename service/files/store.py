@@ -287,10 +287,34 @@ def list_files(
     return FilePage(rows[:limit], len(rows) > limit)
 
 
-def delete_file(session: Session, tenant_id: uuid.UUID, file_id: uuid.UUID) -> None:
-    """Deletes the tenant's file and its parts (404 if it sees none)."""
-    get(session, tenant_id, file_id)
-    session.execute(delete(File).where(File.id == file_id))
+def delete_file(
+    engine: Engine, tenant_id: uuid.UUID, file_id: uuid.UUID, settings: Settings
+) -> None:
+    """Deletes the tenant's file (404 if it sees none): first expires it, so it is gone for
+    every reader at once, then deletes its parts ``purge_batch_parts`` per transaction, so a
+    large file holds no long transaction; if this process stops midway, retention finishes."""
+    with Session(engine) as session, session.begin():
+        get(session, tenant_id, file_id)
+        session.execute(update(File).where(File.id == file_id).values(expires_at=func.now()))
+    while not _purge_some(engine, file_id, settings.files.purge_batch_parts)[1]:
+        pass
+
+
+def _purge_some(engine: Engine, file_id: uuid.UUID, batch: int) -> tuple[int, bool]:
+    """Deletes up to ``batch`` of a file's parts, and the file once none is left: the parts
+    deleted, and whether the file is gone."""
+    with engine.begin() as conn:
+        deleted = conn.execute(
+            text(
+                "DELETE FROM file_parts WHERE file_id = :f AND seq IN "
+                "(SELECT seq FROM file_parts WHERE file_id = :f ORDER BY seq LIMIT :n)"
+            ),
+            {"f": file_id, "n": batch},
+        ).rowcount
+        if deleted < batch:
+            conn.execute(delete(File).where(File.id == file_id))
+            return deleted, True
+        return deleted, False
 
 
 def iter_parts(engine: Engine, file: File) -> Iterator[bytes]:
@@ -382,17 +406,8 @@ def purge_expired(engine: Engine, settings: Settings, now: datetime | None = Non
                 if time.monotonic() > deadline:
                     report.complete = False
                     return report
-                with engine.begin() as conn:
-                    deleted = conn.execute(
-                        text(
-                            "DELETE FROM file_parts WHERE file_id = :f AND seq IN "
-                            "(SELECT seq FROM file_parts WHERE file_id = :f "
-                            "ORDER BY seq LIMIT :n)"
-                        ),
-                        {"f": file_id, "n": batch},
-                    ).rowcount
-                    report.parts += deleted
-                    if deleted < batch:
-                        conn.execute(delete(File).where(File.id == file_id))
-                        report.files += 1
-                        break
+                deleted, gone = _purge_some(engine, file_id, batch)
+                report.parts += deleted
+                if gone:
+                    report.files += 1
+                    break

@@ -117,8 +117,8 @@ def test_another_tenants_file_is_not_found(small: Settings, engine: Engine) -> N
         assert store.get(session, owner, row.id).id == row.id
         with pytest.raises(NotFoundError, match=store.public_id(row.id)):
             store.get(session, other, row.id)
-        with pytest.raises(NotFoundError):
-            store.delete_file(session, other, row.id)
+    with pytest.raises(NotFoundError):
+        store.delete_file(engine, other, row.id, small)
     with pytest.raises(NotFoundError):
         list(store.open_lines(engine, other, row.id, max_line_bytes=100))
 
@@ -208,3 +208,17 @@ def test_expired_files_are_purged_in_batches(small: Settings, engine: Engine) ->
         with pytest.raises(NotFoundError):
             store.get(session, tenant, gone.id)
         assert store.get(session, tenant, kept.id).id == kept.id
+
+
+def test_delete_removes_a_large_file_in_batches_and_a_second_delete_is_404(
+    small: Settings, engine: Engine
+) -> None:
+    tenant = new_tenant(small)
+    row = upload(engine, small, tenant, b"d" * (7 * PART + 1))
+    assert len(parts_of(small, row.id)) == 8
+    store.delete_file(engine, tenant, row.id, override(small, files={"purge_batch_parts": 3}))
+    assert parts_of(small, row.id) == []
+    with pg(small.database.url) as conn:
+        assert conn.execute("SELECT 1 FROM files WHERE id = %s", (row.id,)).fetchone() is None
+    with pytest.raises(NotFoundError):
+        store.delete_file(engine, tenant, row.id, small)
