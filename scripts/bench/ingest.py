@@ -7,8 +7,9 @@ each size in a fresh API process after a warm-up upload, so "flat memory" shows 
 the two peak deltas. Cleans up the API, Redis db 14 and the database (unless ``--keep``).
 
 The same rows are then uploaded as JSON Lines and as Parquet (issue 13), each in a fresh API
-process too, and their rows/s are compared with the CSV upload's: the run fails if either is
-more than ``FORMAT_TOLERANCE`` below it.
+process too, the formats taking turns ``--repeat`` times (the best of each counts), and their
+rows/s are compared with the CSV upload's: the run fails if either is more than
+``FORMAT_TOLERANCE`` below it.
 
     .venv/bin/python scripts/bench/ingest.py                 # 1,000,000 rows (and 100,000)
     .venv/bin/python scripts/bench/ingest.py --rows 200000 --small-rows 0 --keep
@@ -47,10 +48,10 @@ from psycopg import sql  # noqa: E402
 
 TARGET_ROWS_PER_S = 100_000
 FORMATS = ("csv", "jsonl", "parquet")
-# How far below the CSV upload's rows/s another format may land and still pass: one upload
-# of each, back to back, on a machine whose other load moves a run by a few percent (two CSV
-# uploads of the same file differ by about that much). A format that is really slower per
-# row misses by more.
+# How far below the CSV upload's rows/s another format may land and still pass. Each format's
+# best of --repeat uploads, taking turns, counts; on a machine with other load the best of
+# three CSV uploads of the same file still differ by a few percent between runs. A format
+# that is really slower per row misses by more.
 FORMAT_TOLERANCE = 0.05
 CHUNK_SIZE = 256
 WARMUP_ROWS = 1_000
@@ -548,6 +549,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--doc-bytes", type=int, default=60, help="approximate characters per text")
     p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="uploads of the main size per format, taking turns; the best of each counts",
+    )
+    p.add_argument(
         "--formats",
         default=",".join(FORMATS),
         help="formats of the main upload, compared with csv (default: csv,jsonl,parquet)",
@@ -565,8 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         help="Redis for the chunk messages (FLUSHDB'd at the end)",
     )
     args = p.parse_args(argv)
-    if args.rows < 1 or args.small_rows < 0:
-        p.error("--rows must be >= 1 and --small-rows >= 0")
+    if args.rows < 1 or args.small_rows < 0 or args.repeat < 1:
+        p.error("--rows and --repeat must be >= 1 and --small-rows >= 0")
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if not set(formats) <= set(FORMATS) or "csv" not in formats:
         p.error(f"--formats: a list of {', '.join(FORMATS)}, csv among them")
@@ -601,19 +608,32 @@ def main(argv: list[str] | None = None) -> int:
                 f"generated {path.name}: {rows:,} rows, {_mib(size)} MiB "
                 f"({size / rows:.0f} B/row) in {time.perf_counter() - t0:.1f}s"
             )
-            # The main size in every format (the same rows); the small one as CSV only.
-            for fmt in formats if rows == args.rows else ["csv"]:
-                upload_path = path if fmt == "csv" else convert_rows(path, fmt)
-                fmt_warmup = warmup if fmt == "csv" else convert_rows(warmup, fmt)
-                m = measure(rows, upload_path, fmt_warmup, ctx, args.port, fmt)
-                print(
-                    f"uploaded {rows:,} rows as {fmt} ({_mib(m.file_bytes)} MiB) in "
-                    f"{m.seconds:.2f}s: {m.rows_per_s:,.0f} rows/s, "
-                    f"API RSS {_mib(m.rss_baseline)} -> peak {_mib(m.rss_peak)} MiB"
-                )
-                results.append(m)
-                if not args.keep and upload_path != path:
-                    upload_path.unlink()
+            # The main size in every format (the same rows), the formats taking turns
+            # --repeat times, each one's best kept; the small one as CSV, once.
+            main = rows == args.rows
+            fmts = formats if main else ["csv"]
+            files = {
+                f: (path, warmup)
+                if f == "csv"
+                else (convert_rows(path, f), convert_rows(warmup, f))
+                for f in fmts
+            }
+            best: dict[str, Measurement] = {}
+            for _ in range(args.repeat if main else 1):
+                for fmt in fmts:
+                    m = measure(rows, *files[fmt], ctx, args.port, fmt)
+                    print(
+                        f"uploaded {rows:,} rows as {fmt} ({_mib(m.file_bytes)} MiB) in "
+                        f"{m.seconds:.2f}s: {m.rows_per_s:,.0f} rows/s, "
+                        f"API RSS {_mib(m.rss_baseline)} -> peak {_mib(m.rss_peak)} MiB"
+                    )
+                    if fmt not in best or m.rows_per_s > best[fmt].rows_per_s:
+                        best[fmt] = m
+            results.extend(best[f] for f in fmts)
+            if not args.keep:
+                for f, (upload_path, _) in files.items():
+                    if f != "csv":
+                        upload_path.unlink()
             if not args.keep:
                 path.unlink()
         ok = report(results)
