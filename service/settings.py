@@ -177,6 +177,16 @@ class OpenAISettings(_Group):
     batch_max_line_bytes: int = env("BATCH_MAX_LINE_BYTES", 2 * MiB, gt=0)
     # OpenAI's default is "until the context is full": a request without max_tokens gets this.
     batch_default_max_tokens: int = env("BATCH_DEFAULT_MAX_TOKENS", 1024, gt=0)
+    # A finished batch's output and error files are written from this many rows per read
+    # (one short transaction each): what the finalizer holds in memory at once.
+    batch_finalize_page_rows: int = env("BATCH_FINALIZE_PAGE_ROWS", 1000, gt=0)
+    # A batch left ``finalizing`` this long without progress (its finalizer died) is retaken;
+    # a live finalizer renews its claim after every page.
+    batch_finalize_stale_s: float = env("BATCH_FINALIZE_STALE_S", 600.0, gt=0)
+    # Batches one sweep (a reconciler pass) finalizes or expires at most; the next resumes.
+    batch_sweep_limit: int = env("BATCH_SWEEP_LIMIT", 100, gt=0)
+    # An output or error file's largest size (n choices with logprobs outgrow the input).
+    batch_output_max_bytes: int = env("BATCH_OUTPUT_MAX_BYTES", 64 * 1024 * MiB, gt=0)
 
     @field_validator("model_aliases", mode="before")
     @classmethod

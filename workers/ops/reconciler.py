@@ -8,6 +8,8 @@
   (a worker that started, a lease that expired, a pass that failed earlier).
 - A released chunk whose message is gone from Redis (flushed, restarted without persistence)
   is sent again.
+- OpenAI batches (``service.batches.finalize.sweep``): one past its window has its job
+  cancelled; one whose job ended gets its output and error files and its final status.
 Runs at worker start and every ``reconcile_interval_s`` in each worker, and as a beat task in
 ``docqueue beat`` (workers/ops/beat.py); a Postgres advisory lock lets only one process
 expire leases at a time. Duplicate messages are harmless (leases, unique results).
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import redis as redis_lib
 from celery import Celery
 
+from service.batches import finalize as batch_finalize
 from service.contract import send_chunks
 from service.dispatcher import dispatch, message
 from service.settings import Settings
@@ -41,11 +44,14 @@ class Report:
     skipped: bool = False
     resent_ids: list[str] = field(default_factory=list)
     released_ids: list[str] = field(default_factory=list)
+    batches: batch_finalize.SweepReport | None = None
 
 
 def reconcile(store: PgChunkStore, app: Celery, settings: Settings) -> Report:
     """One pass: expire dead leases (the state machine), release waiting chunks (the
-    dispatcher), then re-send lost messages."""
+    dispatcher), re-send lost messages, then sweep batches (only in a pass that was not
+    skipped: finalizing writes files, so passes in every worker would mostly race for the same
+    batches; the claim keeps racing finalizers safe anyway)."""
     expired = store.expire()
     report = Report(
         len(expired.requeued), expired.failed, expired.cancelled, skipped=expired.skipped
@@ -69,7 +75,12 @@ def reconcile(store: PgChunkStore, app: Celery, settings: Settings) -> Report:
         report.resent = send_chunks(app, to_send)
         report.resent_ids = [str(m.chunk_id) for m in to_send]
         store.mark_enqueued([m.chunk_id for m in to_send])
-    if report.requeued or report.failed or report.cancelled or report.resent:
+    try:
+        report.batches = batch_finalize.sweep(store.db, settings)
+    except Exception:  # a batch that cannot be finalized must not stop the rest of the pass
+        log.warning("reconciler: batch sweep failed; next pass retries", exc_info=True)
+    swept = report.batches is not None and (report.batches.expired or report.batches.finalized)
+    if report.requeued or report.failed or report.cancelled or report.resent or swept:
         log.info("reconciler: %s", report)
     return report
 

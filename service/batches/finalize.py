@@ -1,0 +1,520 @@
+"""A finished batch's output and error files, and its final status.
+
+A batch is a job; once the job is terminal (completed, failed or cancelled) the batch is
+*finalized*: its requests are read back in line order with their results, and written as two
+files in OpenAI's shape (``objects.RequestOutput`` lines): the output file holds one line per
+request that succeeded, the error file one per request that did not (its row error as a 4xx or
+5xx response, or, for a request that never ran because the batch was cancelled or expired,
+no response and ``error.code`` ``batch_cancelled`` / ``batch_expired``). A file that would be
+empty is not made (its id stays null, as OpenAI does).
+
+Any number of finalizers may race (the reconciler runs in every worker and in beat): one UPDATE
+claims the batch (``finalizing``, ``finalizing_at`` from ``clock_timestamp()``), and that
+timestamp is the claim's token. The finalizer renews it after every page; one that died leaves
+it to age past ``batch_finalize_stale_s``, after which another retakes the batch. Every renewal
+and the last UPDATE require the token, so a finalizer that lost its claim cannot overwrite the
+winner: it deletes the files it wrote and returns None.
+
+The rows are read ``batch_finalize_page_rows`` at a time (keyset on ``idx``), each page in its
+own short transaction, and written through ``FileWriter`` part by part: no transaction, and no
+more than a page and a file part in memory, however large the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import Connection, Engine, Row, text
+
+from service.batches import objects as o
+from service.batches.requests import ENDPOINTS, parse_body
+from service.errors import ConflictError
+from service.files.store import FileWriter
+from service.settings import Settings
+from service.store.chunks import PgChunkStore
+from service.store.states import TERMINAL_STATUSES, JobStatus
+
+log = logging.getLogger(__name__)
+
+#: OpenAI's floor for a logprob it cannot tell (JSON has no -Infinity).
+LOGPROB_FLOOR = -9999.0
+#: Row errors that are the request's own fault (a 400); any other row error is docqueue's (500).
+_CONTEXT = "this model's maximum context length"
+_REQUEST_FAULTS = (_CONTEXT, "could not render the request", "the row has no request body")
+_TERMINAL = tuple(str(s) for s in sorted(TERMINAL_STATUSES))
+
+FinalStatus = Literal["completed", "cancelled", "expired"]
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A won claim on one batch: what the files need, and the token that fences the writes."""
+
+    batch_id: uuid.UUID
+    token: datetime
+    job_id: uuid.UUID
+    tenant_id: uuid.UUID
+    endpoint: str
+    model: str
+    status: FinalStatus
+
+
+_CLAIM = text(
+    f"""
+    UPDATE batches b SET status = 'finalizing', finalizing_at = clock_timestamp()
+    FROM jobs j
+    WHERE b.id = :b AND j.id = b.job_id AND j.status IN {_TERMINAL}
+      AND (b.status IN ('in_progress', 'cancelling')
+           OR (b.status = 'finalizing'
+               AND b.finalizing_at < clock_timestamp() - make_interval(secs => :stale)))
+    RETURNING b.finalizing_at, b.job_id, b.tenant_id, b.endpoint, coalesce(b.model, j.model)
+              AS model, b.cancelling_at IS NOT NULL AS user_cancelled,
+              j.status AS job_status, b.expires_at <= now() AS past_expiry
+    """
+)
+_RENEW = text(
+    "UPDATE batches SET finalizing_at = clock_timestamp() "
+    "WHERE id = :b AND status = 'finalizing' AND finalizing_at = :t RETURNING finalizing_at"
+)
+_PAGE = text(
+    """
+    SELECT d.idx, d.external_id AS custom_id, r.idx IS NOT NULL AS has_result,
+           r.output, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.error,
+           r.choices, r.created_at,
+           CASE WHEN r.error IS NOT NULL THEN d.extra -> 'body' END AS body,
+           CASE jsonb_typeof(d.extra -> 'body' -> 'prompt')
+             WHEN 'string' THEN length(d.extra -> 'body' ->> 'prompt')
+             WHEN 'array' THEN length(d.extra -> 'body' -> 'prompt' ->> 0)
+           END AS prompt_chars
+    FROM documents d
+    LEFT JOIN results r ON r.job_id = d.job_id AND r.idx = d.idx
+    WHERE d.job_id = :j AND d.idx > :after
+    ORDER BY d.idx
+    LIMIT :n
+    """
+)
+
+
+def final_status(job_status: str, user_cancelled: bool, past_expiry: bool) -> FinalStatus:
+    """OpenAI's name for how the batch ended. ``failed`` is not one of them: that is only a
+    refused input file; a batch whose every request failed is ``completed`` with an error
+    file. A job cancelled without the user asking was cancelled by the sweep at its expiry."""
+    if user_cancelled:
+        return "cancelled"
+    if job_status == JobStatus.CANCELLED:
+        return "expired" if past_expiry else "cancelled"
+    return "completed"
+
+
+def finalize(engine: Engine, batch_id: uuid.UUID, settings: Settings) -> str | None:
+    """Writes the batch's output and error files and gives it its final status, if its job is
+    terminal and no live finalizer holds it. Returns the final status, or None when there was
+    nothing to do (not finished, already final, another finalizer has it or took it over)."""
+    claim = _claim(engine, batch_id, settings)
+    if claim is None:
+        return None
+    writers = _Files(engine, claim, settings)
+    try:
+        token = claim.token
+        after = 0
+        while True:
+            with engine.connect() as conn:
+                rows = conn.execute(
+                    _PAGE,
+                    {
+                        "j": claim.job_id,
+                        "after": after,
+                        "n": settings.openai.batch_finalize_page_rows,
+                    },
+                ).all()
+            if not rows:
+                break
+            for row in rows:
+                writers.add(row)
+            after = rows[-1].idx
+            renewed = _renew(engine, claim.batch_id, token)
+            if renewed is None:
+                writers.abort()
+                log.info("batch finalize: lost the claim on %s to another finalizer", batch_id)
+                return None
+            token = renewed
+        output_id, error_id = writers.close()
+        if not _finish(engine, claim, token, output_id, error_id):
+            writers.delete_closed()
+            return None
+    except BaseException:
+        writers.abort()
+        raise
+    log.info(
+        "batch %s finalized %s: %d succeeded, %d errors",
+        batch_id,
+        claim.status,
+        writers.counts[0],
+        writers.counts[1],
+    )
+    return claim.status
+
+
+def _claim(engine: Engine, batch_id: uuid.UUID, settings: Settings) -> _Claim | None:
+    with engine.begin() as conn:
+        row = conn.execute(
+            _CLAIM, {"b": batch_id, "stale": settings.openai.batch_finalize_stale_s}
+        ).first()
+    if row is None:
+        return None
+    return _Claim(
+        batch_id=batch_id,
+        token=row.finalizing_at,
+        job_id=row.job_id,
+        tenant_id=row.tenant_id,
+        endpoint=row.endpoint,
+        model=row.model,
+        status=final_status(row.job_status, row.user_cancelled, row.past_expiry),
+    )
+
+
+def _renew(engine: Engine, batch_id: uuid.UUID, token: datetime) -> datetime | None:
+    with engine.begin() as conn:
+        value: datetime | None = conn.execute(_RENEW, {"b": batch_id, "t": token}).scalar()
+    return value
+
+
+def _finish(
+    engine: Engine,
+    claim: _Claim,
+    token: datetime,
+    output_id: uuid.UUID | None,
+    error_id: uuid.UUID | None,
+) -> bool:
+    """The files and the final status, only under our claim."""
+    stamp = {"completed": "completed_at", "cancelled": "cancelled_at", "expired": "expired_at"}
+    with engine.begin() as conn:
+        done = conn.execute(
+            text(
+                f"UPDATE batches SET status = :s, {stamp[claim.status]} = now(), "
+                "output_file_id = :o, error_file_id = :e "
+                "WHERE id = :b AND status = 'finalizing' AND finalizing_at = :t"
+            ),
+            {"s": claim.status, "o": output_id, "e": error_id, "b": claim.batch_id, "t": token},
+        ).rowcount
+    return bool(done)
+
+
+class _Files:
+    """The two files, each made on its first line (an empty one is never created)."""
+
+    def __init__(self, engine: Engine, claim: _Claim, settings: Settings) -> None:
+        self.engine = engine
+        self.claim = claim
+        self.settings = settings
+        self.kind = ENDPOINTS[claim.endpoint]
+        self.writers: list[FileWriter | None] = [None, None]
+        self.closed: list[uuid.UUID] = []
+        self.counts = [0, 0]
+
+    def add(self, row: Row[Any]) -> None:
+        line, ok = render(row, self.claim.batch_id, self.kind, self.claim.model, self.claim.status)
+        which = 0 if ok else 1
+        writer = self.writers[which]
+        if writer is None:
+            name = "output" if ok else "error"
+            writer = FileWriter(
+                self.engine,
+                self.claim.tenant_id,
+                filename=f"batch_{self.claim.batch_id.hex}_{name}.jsonl",
+                settings=self.settings,
+                max_bytes=self.settings.openai.batch_output_max_bytes,
+            )
+            self.writers[which] = writer
+        writer.write(line.model_dump_json().encode() + b"\n")
+        self.counts[which] += 1
+
+    def close(self) -> tuple[uuid.UUID | None, uuid.UUID | None]:
+        ids: list[uuid.UUID | None] = []
+        for i, writer in enumerate(self.writers):
+            if writer is None:
+                ids.append(None)
+                continue
+            file = writer.close()
+            self.writers[i] = None
+            self.closed.append(file.id)
+            ids.append(file.id)
+        return ids[0], ids[1]
+
+    def abort(self) -> None:
+        """Deletes whatever was written: files still open and files already closed."""
+        for i, writer in enumerate(self.writers):
+            if writer is not None:
+                writer.abort()
+                self.writers[i] = None
+        self.delete_closed()
+
+    def delete_closed(self) -> None:
+        if self.closed:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    text("DELETE FROM files WHERE id = ANY(:ids)"), {"ids": list(self.closed)}
+                )
+            self.closed = []
+
+
+def _hex(batch_id: uuid.UUID, idx: int, what: str) -> str:
+    """A stable id for one request's line: a retaken batch writes the same files."""
+    return hashlib.sha256(f"{batch_id}:{idx}:{what}".encode()).hexdigest()[:32]
+
+
+def render(
+    row: Row[Any],
+    batch_id: uuid.UUID,
+    kind: Literal["chat", "completion"],
+    model: str,
+    status: FinalStatus,
+) -> tuple[o.RequestOutput, bool]:
+    """One request's line, and whether it belongs to the output file (else the error file)."""
+    line_id = f"batch_req_{_hex(batch_id, row.idx, 'line')}"
+    custom_id = row.custom_id or str(row.idx)
+    if not row.has_result:
+        expired = status == "expired"
+        return (
+            o.RequestOutput(
+                id=line_id,
+                custom_id=custom_id,
+                response=None,
+                error=o.RequestError(
+                    code="batch_expired" if expired else "batch_cancelled",
+                    message="the batch expired before this request ran"
+                    if expired
+                    else "the batch was cancelled before this request ran",
+                ),
+            ),
+            False,
+        )
+    request_id = _hex(batch_id, row.idx, "request")
+    if row.error is not None:
+        status_code, detail = row_error(row.error, row.body, kind)
+        response = o.RequestResponse(
+            status_code=status_code, request_id=request_id, body=o.ErrorBody(error=detail)
+        )
+        return o.RequestOutput(
+            id=line_id, custom_id=custom_id, response=response, error=None
+        ), False
+    body = _completion(row, batch_id, kind, model)
+    response = o.RequestResponse(status_code=200, request_id=request_id, body=body)
+    return o.RequestOutput(id=line_id, custom_id=custom_id, response=response, error=None), True
+
+
+def row_error(
+    message: str, body: Any, kind: Literal["chat", "completion"]
+) -> tuple[int, o.ErrorDetail]:
+    """A row error as OpenAI answers it: the request's own fault (a field docqueue does not
+    support, a value out of range, a prompt too long for the model) is a 400
+    ``invalid_request_error`` naming the field; anything else (a chunk that failed after its
+    retries, an engine error) is docqueue's, a 500 ``server_error``, which clients may retry."""
+    if isinstance(body, dict):
+        parsed = parse_body(kind, body)
+        if parsed.error is not None:
+            unsupported = parsed.error.startswith("docqueue does not support")
+            code = "unsupported_parameter" if unsupported else "invalid_value"
+            return 400, o.ErrorDetail(
+                message=message, type="invalid_request_error", param=parsed.param, code=code
+            )
+    if message.startswith(_CONTEXT):
+        param = "messages" if kind == "chat" else "prompt"
+        return 400, o.ErrorDetail(
+            message=message,
+            type="invalid_request_error",
+            param=param,
+            code="context_length_exceeded",
+        )
+    if message.startswith(_REQUEST_FAULTS):
+        return 400, o.ErrorDetail(
+            message=message, type="invalid_request_error", param=None, code=None
+        )
+    return 500, o.ErrorDetail(message=message, type="server_error", param=None, code=None)
+
+
+@dataclass
+class _Choice:
+    index: int
+    text: str
+    finish_reason: o.FinishReason
+    logprobs: list[dict[str, Any]] | None = field(default=None)
+
+
+def _choices(row: Row[Any]) -> list[_Choice]:
+    """Every choice of a result: ``results.choices`` when kept (n > 1, logprobs), else the
+    one in ``output``/``finish_reason``."""
+    if not row.choices:
+        return [_Choice(0, row.output or "", _finish_reason(row.finish_reason))]
+    return [
+        _Choice(
+            int(c.get("index", i)),
+            c.get("text") or "",
+            _finish_reason(c.get("finish_reason")),
+            c.get("logprobs"),
+        )
+        for i, c in enumerate(row.choices)
+    ]
+
+
+def _finish_reason(value: str | None) -> o.FinishReason:
+    """vLLM's ``length`` is OpenAI's; everything else (a stop string, the end token) is stop."""
+    return "length" if value == "length" else "stop"
+
+
+def _logprob(value: Any) -> float:
+    number = float(value) if isinstance(value, int | float) else LOGPROB_FLOOR
+    return number if math.isfinite(number) else LOGPROB_FLOOR
+
+
+def _bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", "replace"))
+
+
+def _chat_logprobs(tokens: Sequence[dict[str, Any]]) -> o.ChatLogprobs:
+    return o.ChatLogprobs(
+        content=[
+            o.TokenLogprob(
+                token=str(t.get("token") or ""),
+                logprob=_logprob(t.get("logprob")),
+                bytes=_bytes(str(t.get("token") or "")),
+                top_logprobs=[
+                    o.TopLogprob(
+                        token=str(a.get("token") or ""),
+                        logprob=_logprob(a.get("logprob")),
+                        bytes=_bytes(str(a.get("token") or "")),
+                    )
+                    for a in t.get("top_logprobs") or ()
+                ],
+            )
+            for t in tokens
+        ]
+    )
+
+
+def _completion_logprobs(tokens: Sequence[dict[str, Any]], start: int) -> o.CompletionLogprobs:
+    """The legacy shape: parallel lists, ``text_offset`` counting characters from the end of
+    the prompt (the output follows it; no echo)."""
+    words = [str(t.get("token") or "") for t in tokens]
+    offsets: list[int] = []
+    at = start
+    for word in words:
+        offsets.append(at)
+        at += len(word)
+    return o.CompletionLogprobs(
+        tokens=words,
+        token_logprobs=[_logprob(t.get("logprob")) for t in tokens],
+        top_logprobs=[
+            {
+                str(a.get("token") or ""): _logprob(a.get("logprob"))
+                for a in t.get("top_logprobs") or ()
+            }
+            for t in tokens
+        ],
+        text_offset=offsets,
+    )
+
+
+def _completion(
+    row: Row[Any], batch_id: uuid.UUID, kind: Literal["chat", "completion"], model: str
+) -> o.ChatCompletion | o.TextCompletion:
+    created = int(row.created_at.timestamp())
+    prompt, completion = int(row.prompt_tokens or 0), int(row.completion_tokens or 0)
+    usage = o.Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+    choices = _choices(row)
+    if kind == "chat":
+        return o.ChatCompletion(
+            id=f"chatcmpl-{_hex(batch_id, row.idx, 'completion')}",
+            created=created,
+            model=model,
+            choices=[
+                o.ChatChoice(
+                    index=c.index,
+                    message=o.ChatMessage(content=c.text),
+                    finish_reason=c.finish_reason,
+                    logprobs=None if c.logprobs is None else _chat_logprobs(c.logprobs),
+                )
+                for c in choices
+            ],
+            usage=usage,
+        )
+    start = int(row.prompt_chars or 0)
+    return o.TextCompletion(
+        id=f"cmpl-{_hex(batch_id, row.idx, 'completion')}",
+        created=created,
+        model=model,
+        choices=[
+            o.CompletionChoice(
+                index=c.index,
+                text=c.text,
+                finish_reason=c.finish_reason,
+                logprobs=None if c.logprobs is None else _completion_logprobs(c.logprobs, start),
+            )
+            for c in choices
+        ],
+        usage=usage,
+    )
+
+
+# --- The sweep: every finished batch finalized, every batch past its window expired ---------
+
+
+@dataclass
+class SweepReport:
+    expired: int = 0  # batches whose job was cancelled now, at their expiry
+    finalized: dict[str, int] = field(default_factory=dict)  # final status -> batches
+
+
+def sweep(engine: Engine, settings: Settings) -> SweepReport:
+    """One pass (the reconciler's): batches past ``expires_at`` still running get their job
+    cancelled (``PgChunkStore.cancel``: queued rows never start, running ones finish their
+    step); then every open batch whose job is terminal is finalized, at most
+    ``batch_sweep_limit`` of each per pass."""
+    report = SweepReport()
+    limit = settings.openai.batch_sweep_limit
+    with engine.connect() as conn:
+        due = _ids(
+            conn,
+            "SELECT b.job_id FROM batches b JOIN jobs j ON j.id = b.job_id "
+            "WHERE b.status = 'in_progress' AND b.expires_at <= now() "
+            "AND j.status IN ('queued', 'running') "
+            "ORDER BY b.expires_at LIMIT :n",
+            limit,
+        )
+    if due:
+        store = PgChunkStore.from_settings(settings, engine)
+        for job_id in due:
+            try:
+                store.cancel(job_id)
+                report.expired += 1
+            except ConflictError:  # it ended meanwhile: finalized as it ended
+                pass
+    with engine.connect() as conn:
+        ready = _ids(
+            conn,
+            "SELECT b.id FROM batches b JOIN jobs j ON j.id = b.job_id "
+            f"WHERE j.status IN {_TERMINAL} AND (b.status IN ('in_progress', 'cancelling') "
+            "OR (b.status = 'finalizing' AND b.finalizing_at < "
+            "clock_timestamp() - make_interval(secs => :stale))) "
+            "ORDER BY b.created_at LIMIT :n",
+            limit,
+            stale=settings.openai.batch_finalize_stale_s,
+        )
+    for batch_id in ready:
+        status = finalize(engine, batch_id, settings)
+        if status is not None:
+            report.finalized[status] = report.finalized.get(status, 0) + 1
+    return report
+
+
+def _ids(conn: Connection, sql: str, limit: int, **params: Any) -> list[uuid.UUID]:
+    return list(conn.execute(text(sql), {"n": limit, **params}).scalars())
