@@ -107,6 +107,17 @@ def declared_format(explicit: str | None, file_name: str | None) -> str | None:
     return explicit or format_of_name(file_name)
 
 
+def resolve_format(upload: IO[bytes], explicit: str | None, file_name: str | None) -> str:
+    """The upload's format: the one the request names, else its first bytes' (peeked from the
+    seekable upload, which is left where it was)."""
+    fmt = declared_format(explicit, file_name)
+    if fmt is None:
+        start = upload.tell()
+        fmt = sniff_format(upload.read(_SNIFF_BYTES))
+        upload.seek(start)
+    return fmt
+
+
 def ingest_upload(
     conn: psycopg.Connection[Any],
     job_id: uuid.UUID,
@@ -120,11 +131,7 @@ def ingest_upload(
     may hash it on the way); ``upload`` the seekable file itself, which the format is peeked
     from and Parquet is read from, left at its start again.
     """
-    fmt = declared_format(opts.format, opts.file_name)
-    if fmt is None:
-        start = upload.tell()
-        fmt = sniff_format(upload.read(_SNIFF_BYTES))
-        upload.seek(start)
+    fmt = resolve_format(upload, opts.format, opts.file_name)
     if fmt == "parquet":
         try:
             return ingest_parquet(conn, job_id, upload, opts)

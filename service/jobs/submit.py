@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from service import logs
 from service.contract import queue_for_model
 from service.errors import IdempotencyConflictError
-from service.jobs.formats import declared_format, ingest_upload
+from service.jobs.formats import ingest_upload, resolve_format
 from service.jobs.ingest import IngestOptions, parse_delimiter
 from service.jobs.validate import JobRequest, job_params, template_fields, validate
 from service.settings import Settings
@@ -60,11 +60,10 @@ def request_hash(req: JobRequest, delimiter: str | None, chunk_size: int) -> _Ha
         "delimiter": delimiter,
         "chunk_size": chunk_size,
     }
-    # The format the request names (field, else file name): the same bytes read as another
-    # format are another job. CSV is left out, so CSV fingerprints are what they were.
-    declared = declared_format(req.format, req.source_name)
-    if declared not in (None, "csv"):
-        canonical["format"] = declared
+    # The format the upload is read as (create_job resolves it first): the same bytes read as
+    # another format are another job. CSV is left out, so CSV fingerprints are what they were.
+    if req.format not in (None, "csv"):
+        canonical["format"] = req.format
     head = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
     sha = hashlib.sha256(len(head).to_bytes(8, "big"))
     sha.update(head)
@@ -130,6 +129,7 @@ def create_job(
     chunk whose rows are not yet visible.
     """
     validate(req, settings)
+    req.format = resolve_format(upload, req.format, req.source_name)  # named, else peeked
     delimiter = parse_delimiter(req.delimiter)
     fields = template_fields(req.prompt) if req.prompt else frozenset()
     chunk_size = req.chunk_size or settings.jobs.default_chunk_size

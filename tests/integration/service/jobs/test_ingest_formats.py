@@ -260,3 +260,22 @@ def test_parquet_corrupt_data_pages_are_a_400(
         body = garbled(as_parquet(table, **kwargs))
         err = refused(client, api_key, settings, body, filename="d.parquet", id_column="id")
         assert "Parquet" in err["message"], err
+
+
+def test_idempotent_replay_of_parquet_and_jsonl_uploads(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """The fingerprint covers every byte however the format was read (Parquet from the file
+    itself, sniffed formats peeked first): the same request replays, another format is a 409."""
+    parquet = as_parquet(pa.Table.from_pylist(csv_rows()))
+    jsonl = as_jsonl(csv_rows())
+    for n, (body, name) in enumerate(((parquet, "d.parquet"), (parquet, "blob"), (jsonl, "x"))):
+        key = {"Idempotency-Key": f"formats-{n}-{model_name}"}
+        first = submit(client, api_key, body, model=model_name, filename=name, headers=key)
+        assert first.status_code == 202, first.text
+        again = submit(client, api_key, body, model=model_name, filename=name, headers=key)
+        assert again.headers.get("Idempotent-Replayed") == "true", again.text
+        assert again.json()["id"] == first.json()["id"]
+    key = {"Idempotency-Key": f"formats-2-{model_name}"}
+    other = submit(client, api_key, jsonl, model=model_name, format="csv", headers=key)
+    assert other.status_code == 409, other.text
