@@ -36,10 +36,16 @@ def put_documents(
     who: Auth,
     settings: SettingsDep,
     db: Db,
-    file: Annotated[UploadFile, File(description="CSV with an id and a text column")],
+    file: Annotated[
+        UploadFile, File(description="CSV, JSON Lines or Parquet with an id and a text column")
+    ],
     text_column: Column = "text",
     id_column: Column = "id",
     delimiter: Annotated[str | None, Form(max_length=8)] = None,
+    format: Annotated[
+        str | None,
+        Form(max_length=16, description="csv | jsonl | parquet; default: file name, content"),
+    ] = None,
 ) -> CollectionOut:
     """Upsert documents by id; the collection is created on first use. A changed text makes
     the document pending (summarized again at the next scheduled run)."""
@@ -51,6 +57,8 @@ def put_documents(
         text_column=text_column,
         id_column=id_column,
         delimiter=delimiter or None,
+        format=format or None,
+        file_name=file.filename,  # only its extension is read
     )
     with tx(db) as session:
         return CollectionOut.of(documents.describe(session, who.tenant_id, name), counts)

@@ -25,7 +25,8 @@ from service.contract import queue_for_model
 from service.errors import InvalidParameterError, NotFoundError
 from service.jobs import submit
 from service.jobs import validate as jobs
-from service.jobs.ingest import IngestOptions, ingest_csv, parse_delimiter
+from service.jobs.formats import ingest_upload, parse_format
+from service.jobs.ingest import IngestOptions, parse_delimiter
 from service.settings import Settings
 from service.store.engine import get_engine
 from service.store.tables import Chunk, Collection, CollectionDocument, Job, Schedule
@@ -73,8 +74,11 @@ def upsert_documents(
     text_column: str = "text",
     id_column: str = "id",
     delimiter: str | None = None,
+    format: str | None = None,
+    file_name: str | None = None,
 ) -> UpsertCounts:
-    """Streams the CSV into the collection, creating the collection on first use.
+    """Streams the CSV (or JSON Lines, or Parquet: ``format``, else the file name or the
+    content) into the collection, creating the collection on first use.
 
     The upload goes through the very parser and checks that job uploads use
     (``service.jobs.ingest.ingest_csv``: same errors with row and column, same limits, duplicate ids
@@ -99,9 +103,14 @@ def upsert_documents(
             "INCLUDING INDEXES) ON COMMIT DROP"
         )
         opts = IngestOptions.from_settings(
-            settings, text_column=text_column, id_column=id_column, delimiter=delimiter
+            settings,
+            text_column=text_column,
+            id_column=id_column,
+            delimiter=delimiter,
+            format=parse_format(format),
+            file_name=file_name,
         )
-        result = ingest_csv(raw, uuid.uuid4(), upload, opts)
+        result = ingest_upload(raw, uuid.uuid4(), upload, upload, opts)
         # Only now the collection: created on first use, then locked for the merge, so that
         # concurrent uploads to one collection apply one after the other.
         session.execute(

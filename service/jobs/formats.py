@@ -109,8 +109,11 @@ def declared_format(explicit: str | None, file_name: str | None) -> str | None:
 
 def resolve_format(upload: IO[bytes], explicit: str | None, file_name: str | None) -> str:
     """The upload's format: the one the request names, else its first bytes' (peeked from the
-    seekable upload, which is left where it was)."""
+    seekable upload, which is left where it was; a stream that cannot seek is CSV)."""
     fmt = declared_format(explicit, file_name)
+    seekable = getattr(upload, "seekable", None)
+    if fmt is None and not (seekable and seekable()):
+        fmt = "csv"
     if fmt is None:
         start = upload.tell()
         fmt = sniff_format(upload.read(_SNIFF_BYTES))
