@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 import uuid
@@ -105,6 +106,10 @@ class Context(Protocol):
 
     def stalled(self, lease: Lease) -> bool:
         """The heartbeat gave up on this lease: its engine made no progress in time."""
+
+    def closed(self, lease: Lease) -> None:
+        """The runner closed the lease's chunk (done or cancelled): if that ended its job, the
+        context may act on it (an OpenAI batch's files are written at once)."""
 
 
 def generation(task: str, params: dict[str, Any], tokenizer: Any, default: int) -> Generation:
@@ -218,6 +223,7 @@ def run_lease(ctx: Context, lease: Lease, docs: list[Doc]) -> str:
                 engine.cancel(g.batch)
         raise
     ctx.store.close(lease, ChunkState.DONE)
+    ctx.closed(lease)
     return "done"
 
 
@@ -341,6 +347,11 @@ def row_results(group: Group, attempts: int, labels: tuple[str, ...] | None) -> 
     return out
 
 
+def _floor(logprob: float) -> float:
+    """OpenAI's floor for a token the model gives no chance (vLLM says ``-inf``)."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
 def _choice(index: int, choice: Choice) -> dict[str, Any]:
     """One choice as the result row keeps it (``results.choices``)."""
     logprobs = None
@@ -348,8 +359,8 @@ def _choice(index: int, choice: Choice) -> dict[str, Any]:
         logprobs = [
             {
                 "token": t.token,
-                "logprob": t.logprob,
-                "top_logprobs": [{"token": tok, "logprob": lp} for tok, lp in t.top],
+                "logprob": _floor(t.logprob),
+                "top_logprobs": [{"token": tok, "logprob": _floor(lp)} for tok, lp in t.top],
             }
             for t in choice.logprobs
         ]
@@ -366,4 +377,5 @@ def _cancel_rest(ctx: Context, lease: Lease, groups: list[Group]) -> str:
     for g in groups:
         ctx.engine.cancel(g.batch)
     ctx.store.close(lease, ChunkState.CANCELLED)
+    ctx.closed(lease)
     return "cancelled"

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 from sqlalchemy import Engine as DbEngine
 
 from service import logs
@@ -24,6 +24,7 @@ from service.settings import Settings, get_settings
 from service.store.chunks import Lease, PgChunkStore
 from service.store.engine import get_engine
 from service.store.registry import heartbeat, register_worker, unregister_worker
+from service.store.states import Task
 from workers import metrics as worker_metrics
 from workers.engines import Batch, Engine, build_engine
 
@@ -103,6 +104,28 @@ class Runtime:
         """The heartbeat gave up on this lease: its engine made no progress in time."""
         with self.lock:
             return lease.token in self.stalled_leases
+
+    def closed(self, lease: Lease) -> None:
+        """An OpenAI batch whose last chunk this was gets its output and error files now, not
+        at the next reconciler pass. Native jobs cost nothing here. A failure is logged: the
+        reconciler's sweep finalizes the batch later."""
+        if lease.task not in (Task.CHAT, Task.COMPLETION):
+            return
+        try:
+            status = self.store.job_status(lease.job_id)
+            if status is None or not status.terminal:
+                return
+            from service.batches import finalize
+
+            with self.db.connect() as conn:
+                batch_id = conn.execute(
+                    text("SELECT id FROM batches WHERE job_id = :j"), {"j": lease.job_id}
+                ).scalar()
+            if batch_id is not None:
+                finalize.finalize(self.db, batch_id, self.settings)
+        except Exception:
+            log.warning("finalizing the batch of job %s failed; the reconciler retries",
+                        lease.job_id, exc_info=True)  # fmt: skip
 
     def _find_stalled(self, now: float) -> set[uuid.UUID]:
         """Leases waiting on unfinished engine batches while the engine returned nothing, for

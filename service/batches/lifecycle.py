@@ -292,7 +292,7 @@ def cancel(
     is still being read is cancelled before it starts."""
     batch, job = get(session, tenant_id, batch_id)
     session.refresh(batch, with_for_update=True)
-    if batch.status in ("cancelling", "cancelled"):
+    if batch.status == "cancelling":  # a second cancel while the first takes effect
         return batch
     if batch.status not in ("validating", "in_progress"):
         raise ConflictError(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -67,6 +68,8 @@ def _json_text(value: Any) -> str:
 def _pg_json(value: Any) -> Any:
     if isinstance(value, str):
         return pg_text(value)
+    if isinstance(value, float) and not math.isfinite(value):  # JSON has no inf or NaN
+        return None
     if isinstance(value, dict):
         return {str(pg_text(str(k))): _pg_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

@@ -24,6 +24,8 @@ def api_server(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
         "DOCQUEUE_DATABASE_URL": settings.database.url,
         "DOCQUEUE_REDIS_URL": settings.broker.url,
         "DOCQUEUE_METRICS_TOKEN": "e2e-metrics-token",  # test_flower.py scrapes /metrics with it
+        # OpenAI client code names an OpenAI model; the session's tiny worker serves it.
+        "DOCQUEUE_MODEL_ALIASES": f"gpt-4o-mini={tiny_model()}",
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(

@@ -5,6 +5,8 @@ result, and a body the model cannot take fails that row alone."""
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -14,7 +16,7 @@ from service.settings import Settings
 from service.store.chunks import PgChunkStore
 from service.store.engine import get_engine
 from tests.support.helpers import chunk_rows, job_view, pg, submit
-from workers.engines.base import Batch, GenRequest
+from workers.engines.base import Batch, GenRequest, TokenLogprob
 from workers.engines.bench import BenchEngine
 from workers.runner import process_chunk
 from workers.runtime import Runtime
@@ -29,7 +31,14 @@ class RecordingEngine(BenchEngine):
 
     def submit(self, requests: list[GenRequest]) -> Batch:
         self.seen += requests
-        return super().submit(requests)
+        batch = super().submit(requests)
+        for res in batch.results:  # vLLM gives a token it rules out -inf
+            if res is not None and res.choices and res.choices[0].logprobs:
+                res.choices = tuple(
+                    replace(c, logprobs=(TokenLogprob(c.text, float("-inf"), (("z", -math.inf),)),))
+                    for c in res.choices
+                )
+        return batch
 
 
 def chat_job(
@@ -96,6 +105,9 @@ def test_each_row_is_sampled_as_its_body_asks(
     choices = by_idx[2][3]
     assert [c["index"] for c in choices] == [0, 1, 2] and by_idx[2][4] == 3
     assert all(c["logprobs"] and c["logprobs"][0]["token"] == c["text"] for c in choices)
+    # -inf has no JSON: OpenAI's floor, or PostgreSQL would refuse the whole write.
+    assert choices[0]["logprobs"][0]["logprob"] == -9999.0
+    assert choices[0]["logprobs"][0]["top_logprobs"] == [{"token": "z", "logprob": -9999.0}]
     assert "maximum context length is 64 tokens" in by_idx[3][2]
     assert "does not support the parameter 'tools'" in by_idx[4][2]
     assert by_idx[5][1] == "{}" and by_idx[5][2] is None

@@ -339,6 +339,9 @@ class Worker:
     def stalled(self, lease: Lease) -> bool:
         return False
 
+    def closed(self, lease: Lease) -> None:
+        return None
+
 
 class DyingEngine(BenchEngine):
     """The bench engine, dead: every batch fails as the vLLM driver's do when the engine dies."""
