@@ -34,6 +34,7 @@ from typing import Any, Literal
 from sqlalchemy import Connection, Engine, Row, text
 
 from service.batches import objects as o
+from service.batches.lifecycle import validate_and_ingest
 from service.batches.requests import ENDPOINTS, parse_body
 from service.errors import ConflictError
 from service.files.store import FileWriter
@@ -468,19 +469,38 @@ def _completion(
 # --- The sweep: every finished batch finalized, every batch past its window expired ---------
 
 
+#: A batch still ``validating`` this long after its creation lost its reader (the API process
+#: died after answering): the sweep reads its file again.
+VALIDATING_STALE_S = 300
+
+
 @dataclass
 class SweepReport:
+    revalidated: int = 0  # batches whose file was read again (their first reader died)
     expired: int = 0  # batches whose job was cancelled now, at their expiry
     finalized: dict[str, int] = field(default_factory=dict)  # final status -> batches
 
 
 def sweep(engine: Engine, settings: Settings) -> SweepReport:
-    """One pass (the reconciler's): batches past ``expires_at`` still running get their job
+    """One pass (the reconciler's): a batch left ``validating`` by a reader that died is read
+    again; batches past ``expires_at`` still running get their job
     cancelled (``PgChunkStore.cancel``: queued rows never start, running ones finish their
     step); then every open batch whose job is terminal is finalized, at most
     ``batch_sweep_limit`` of each per pass."""
     report = SweepReport()
     limit = settings.openai.batch_sweep_limit
+    with engine.connect() as conn:
+        orphans = _ids(
+            conn,
+            "SELECT id FROM batches WHERE status = 'validating' "
+            "AND created_at < now() - make_interval(secs => :stale) "
+            "ORDER BY created_at LIMIT :n",
+            limit,
+            stale=VALIDATING_STALE_S,
+        )
+    for batch_id in orphans:  # safe twice: only a validating batch is read, under its lock
+        validate_and_ingest(batch_id, settings)
+        report.revalidated += 1
     with engine.connect() as conn:
         due = _ids(
             conn,
