@@ -236,6 +236,14 @@ class Client:
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from exc
 
+    # Batches (OpenAI's Batch API, /v1/batches).
+
+    def create_batch(self, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self._request("POST", "/v1/batches", json=body).json())
+
+    def batch(self, batch_id: str) -> dict[str, Any]:
+        return dict(self._request("GET", f"/v1/batches/{quote(batch_id, safe='')}").json())
+
     def results(self, job_id: str, fmt: str = "csv") -> Iterator[bytes]:
         """Streams the results; the caller writes them wherever it likes."""
         try:

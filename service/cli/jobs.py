@@ -40,7 +40,10 @@ UPLOAD_BAR_MIN_BYTES = 4 * 1024 * 1024
 @app.command()
 def submit(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
-    task: Annotated[str, typer.Option(help="generate | summarize | classify")],
+    task: Annotated[
+        str | None,
+        typer.Option(help="generate | summarize | classify (not for an OpenAI batch file)"),
+    ] = None,
     model: Annotated[
         str | None, typer.Option(help="Model name or path (default: server's).")
     ] = None,
@@ -77,7 +80,21 @@ def submit(
     poll_s: Annotated[float, typer.Option(help="Seconds between polls with --wait.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
 ) -> None:
-    """Submit FILE (CSV, JSON Lines or Parquet, sent as it is) as a job."""
+    """Submit FILE (CSV, JSON Lines or Parquet, sent as it is) as a job. An OpenAI batch file
+    (JSON Lines of {custom_id, method, url, body}) becomes a batch, as the OpenAI SDK makes one:
+    its requests carry their own model and parameters."""
+    endpoint = batch_endpoint(file)
+    if endpoint is not None:
+        if task is not None:
+            fail("FILE is an OpenAI batch file: its requests say what to do; drop --task")
+        with api_client() as client:
+            batch = _submit_batch(client, file, endpoint, as_json)
+            if wait and _follow_batch(client, batch, poll_s)["status"] != "completed":
+                raise typer.Exit(1)
+        return
+    if task is None:
+        fail("--task is required (generate, summarize or classify) unless FILE is an OpenAI "
+             "batch file")  # fmt: skip
     fields = {
         "task": task,
         "model": model,
@@ -101,6 +118,63 @@ def submit(
         # A job that did not complete is a failure for scripts that wait for it.
         if wait and _follow(client, job, poll_s)["status"] != "completed":
             raise typer.Exit(1)
+
+
+def batch_endpoint(file: Path) -> str | None:
+    """The endpoint of an OpenAI batch file (its first request's ``url``), or None when FILE
+    is not one: its first non-blank line is a JSON object with ``custom_id``, ``method``,
+    ``url`` and ``body``. Reads that line only (at most 1 MiB of it)."""
+    if file.suffix.lower() not in (".jsonl", ".ndjson", ".json", ".txt", ""):
+        return None
+    with file.open("rb") as f:
+        for raw in f:
+            if len(raw) > 1 << 20:
+                return None
+            if not raw.strip():
+                continue
+            try:
+                first = json.loads(raw)
+            except ValueError:
+                return None
+            keys = {"custom_id", "method", "url", "body"}
+            if isinstance(first, dict) and keys <= set(first) and isinstance(first["url"], str):
+                return str(first["url"])
+            return None
+    return None
+
+
+def _submit_batch(client: Client, file: Path, endpoint: str, as_json: bool) -> dict[str, Any]:
+    uploaded = client.upload_file(file)
+    batch = client.create_batch(
+        {"input_file_id": uploaded["id"], "endpoint": endpoint, "completion_window": "24h"}
+    )
+    if as_json:
+        print_json(batch)
+    else:
+        out.print(
+            f"batch [bold]{batch['id']}[/] {batch['status']} (job {batch['job_id']}), "
+            f"{endpoint}, file {uploaded['id']}; `docqueue results {batch['id']} --format "
+            "openai` writes its output lines"
+        )
+    return batch
+
+
+def _follow_batch(client: Client, batch: dict[str, Any], poll_s: float) -> dict[str, Any]:
+    """Waits until the file is read, then follows the batch's job with the bar, then until
+    its output files are written."""
+    while batch["status"] == "validating":
+        time.sleep(poll_s)
+        batch = client.batch(batch["id"])
+    if batch["status"] in ("in_progress", "cancelling"):
+        _follow(client, client.job(batch["job_id"]), poll_s)
+    while batch["status"] in ("in_progress", "finalizing", "cancelling"):
+        time.sleep(poll_s)
+        batch = client.batch(batch["id"])
+    errors = (batch.get("errors") or {}).get("data") or []
+    for e in errors[:20]:
+        err.print(f"[red]line {e.get('line')}[/]: {e.get('message')}", highlight=False)
+    out.print(f"batch {batch['id']} {batch['status']}")
+    return batch
 
 
 def _upload(
@@ -257,16 +331,23 @@ def results(
     ] = None,
     fmt: Annotated[
         str | None,
-        typer.Option("--format", help="csv | jsonl | parquet (default: from -o's name)."),
+        typer.Option(
+            "--format",
+            help="csv | jsonl | parquet (default: from -o's name); openai: a batch's lines.",
+        ),
     ] = None,
     table: Annotated[
         bool, typer.Option("--table", help="Print the results as a table instead.")
     ] = False,
     limit: Annotated[int, typer.Option(help="With --table: at most this many rows.")] = 50,
 ) -> None:
-    """Download a job's results (what is done so far while it runs)."""
+    """Download a job's results (what is done so far while it runs). With a batch id and
+    ``--format openai``: its output lines, then its error lines, as OpenAI writes them."""
     if table:
         _results_table(job_id, limit)
+        return
+    if fmt == "openai" or job_id.startswith("batch_"):
+        _batch_results(job_id, output)
         return
     if fmt is None:
         fmt = _RESULT_SUFFIXES.get(output.suffix.lower(), "csv") if output is not None else "csv"
@@ -279,6 +360,28 @@ def results(
             _results_to_stdout(client, job_id, fmt)
             return
         written = _results_to_file(client, job_id, fmt, output)
+    err.print(f"wrote {written} bytes to {output}")
+
+
+def _batch_results(batch_id: str, output: Path | None) -> None:
+    """A finished batch's output file, then its error file: one OpenAI line per request."""
+    if not batch_id.startswith("batch_"):
+        fail(f"--format openai takes a batch id (batch_...), not {batch_id!r}")
+    with api_client() as client:
+        batch = client.batch(batch_id)
+        files = [f for f in (batch.get("output_file_id"), batch.get("error_file_id")) if f]
+        if not files:
+            fail(f"batch {batch_id} is {batch['status']}: its output is written when it ends")
+        pieces = (piece for file_id in files for piece in client.file_content(file_id))
+        if output is None:
+            for piece in pieces:
+                sys.stdout.buffer.write(piece)
+            sys.stdout.buffer.flush()
+            return
+        tmp = output.with_name(output.name + ".part")
+        with tmp.open("wb") as f:
+            written = sum(f.write(piece) for piece in pieces)
+        tmp.replace(output)
     err.print(f"wrote {written} bytes to {output}")
 
 
