@@ -72,8 +72,7 @@ RESERVED_KEY_PREFIX = "schedule:"
 def validate(req: JobRequest, settings: Settings) -> None:
     if req.task not in NATIVE_TASKS:
         raise InvalidParameterError(
-            f"unknown task {req.task!r}; expected one of: {', '.join(NATIVE_TASKS)}",
-            field="task"
+            f"unknown task {req.task!r}; expected one of: {', '.join(NATIVE_TASKS)}", field="task"
         )
     if not req.model.strip():
         raise InvalidParameterError("model must not be empty", field="model")
