@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletion
@@ -107,7 +108,9 @@ def test_a_batch_runs_to_completed_with_every_request_once(
     assert bad["response"]["body"]["error"]["param"] == "tools"
 
 
-def test_cancel_mid_run_keeps_what_finished(client: openai.OpenAI, tiny_worker: Any) -> None:
+def test_cancel_mid_run_keeps_what_finished(
+    client: openai.OpenAI, api_server: str, tiny_worker: Any
+) -> None:
     reqs = [request(f"c-{i}", f"Write a long story number {i}.", max_tokens=64, temperature=0)
             for i in range(1500)]  # fmt: skip
     batch = client.batches.create(
@@ -117,6 +120,15 @@ def test_cancel_mid_run_keeps_what_finished(client: openai.OpenAI, tiny_worker: 
     while (client.batches.retrieve(batch.id).request_counts or _zero()).completed < 10:
         assert time.monotonic() < deadline, "no request finished in 120 s"
         time.sleep(0.3)
+    # Beyond OpenAI: the running batch is a job, whose partial results the native API serves.
+    job_id = (client.batches.retrieve(batch.id).model_extra or {})["job_id"]
+    native = httpx.get(
+        f"{api_server}/v1/jobs/{job_id}/results?format=jsonl",
+        headers={"Authorization": f"Bearer {client.api_key}"},
+        timeout=30,
+    )
+    partial = [json.loads(x) for x in native.text.splitlines()]
+    assert len(partial) >= 10 and all(r["id"].startswith("c-") and r["output"] for r in partial)
     assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
     done = wait(client, batch.id, ("cancelled",), 180)
     out, errors = lines_of(client, done.output_file_id), lines_of(client, done.error_file_id)
