@@ -117,10 +117,19 @@ def _log_failure(future: Future[Any]) -> None:
         log.error("sending chunk messages from the submit pool failed: %s", exc)
 
 
-def _warm() -> int:
-    """Imports the submission path, so the first upload does not pay for it."""
+def _start() -> None:
+    """Each pool process, at its start: a lower priority, then the submission path and the
+    readers' libraries imported (pyarrow alone takes most of a second), so no upload pays for
+    them, whichever process it lands in."""
+    _lower_priority()
     import service.jobs.submit  # noqa: F401
 
+    with contextlib.suppress(ImportError):  # Parquet uploads would then say what is missing
+        import pyarrow.parquet  # noqa: F401
+
+
+def _warm() -> int:
+    """Starts a pool process (the executor spawns them on demand)."""
     return os.getpid()
 
 
@@ -142,7 +151,7 @@ class SubmitPool:
         if processes > 0:
             # spawn, not fork: the API process has threads (and a database pool) by now.
             self._pool = ProcessPoolExecutor(
-                max_workers=processes, mp_context=get_context("spawn"), initializer=_lower_priority
+                max_workers=processes, mp_context=get_context("spawn"), initializer=_start
             )
             self._warming: list[Future[int]] = [self._pool.submit(_warm) for _ in range(processes)]
 
