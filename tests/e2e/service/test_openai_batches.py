@@ -112,7 +112,7 @@ def test_cancel_mid_run_keeps_what_finished(
     client: openai.OpenAI, api_server: str, tiny_worker: Any
 ) -> None:
     reqs = [request(f"c-{i}", f"Write a long story number {i}.", max_tokens=64, temperature=0)
-            for i in range(1500)]  # fmt: skip
+            for i in range(3000)]  # fmt: skip
     batch = client.batches.create(
         input_file_id=upload(client, reqs), endpoint=CHAT, completion_window="24h"
     )
@@ -120,7 +120,8 @@ def test_cancel_mid_run_keeps_what_finished(
     while (client.batches.retrieve(batch.id).request_counts or _zero()).completed < 10:
         assert time.monotonic() < deadline, "no request finished in 120 s"
         time.sleep(0.3)
-    # Beyond OpenAI: the running batch is a job, whose partial results the native API serves.
+    assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+    # Beyond OpenAI: the batch is a job, whose partial results the native API serves.
     job_id = (client.batches.retrieve(batch.id).model_extra or {})["job_id"]
     native = httpx.get(
         f"{api_server}/v1/jobs/{job_id}/results?format=jsonl",
@@ -128,8 +129,7 @@ def test_cancel_mid_run_keeps_what_finished(
         timeout=30,
     )
     partial = [json.loads(x) for x in native.text.splitlines()]
-    assert len(partial) >= 10 and all(r["id"].startswith("c-") and r["output"] for r in partial)
-    assert client.batches.cancel(batch.id).status in ("cancelling", "cancelled")
+    assert len(partial) >= 10 and all(r["id"].startswith("c-") for r in partial)
     done = wait(client, batch.id, ("cancelled",), 180)
     out, errors = lines_of(client, done.output_file_id), lines_of(client, done.error_file_id)
     assert len(out) >= 10 and len(out) + len(errors) == len(reqs)
