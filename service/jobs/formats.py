@@ -16,8 +16,7 @@ extra columns, rows, stored size) and the same stored rows as a CSV with those c
   data: the footer's length (``max_parquet_metadata_bytes``), then from the metadata the number
   of columns (leaves, ``max_columns``), of rows (``max_rows``), every row group's uncompressed
   size (``max_parquet_row_group_bytes``: what a row group costs in memory) and every column's
-  type. Data is read a batch at a time (the next one decoded in a thread while this one is
-  loaded). A column whose dictionary holds values long enough that a batch of their repeats
+  type. Data is read a batch at a time, in the loading thread. A column whose dictionary holds values long enough that a batch of their repeats
   would be large is read as a dictionary, so a few large values repeated by a million tiny
   indexes stay a few values in memory (the stored-size bound, four times the file, stops such
   a file on disk); every other column is read plainly, which is five times cheaper.
@@ -33,7 +32,6 @@ import os
 import struct
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import orjson
@@ -593,29 +591,28 @@ class ParquetReader:
         return kinds
 
     def __iter__(self) -> Iterator[tuple[str, ...]]:
-        """The rows, a batch at a time; the next batch is decoded (by arrow, without the GIL)
-        in a thread of its own while this one's rows are loaded."""
+        """The rows, a batch at a time, decoded in this thread: a decode thread beside the
+        ``COPY`` writer made the served upload slower (the two traded the GIL), though not the
+        reader alone (BENCHMARKS.md, ingest by format)."""
         import pyarrow as pa
 
         batches = self._file.iter_batches(batch_size=_PARQUET_BATCH_ROWS, use_threads=False)
         first = 1
-        with ThreadPoolExecutor(1, thread_name_prefix="parquet-read") as ahead:
-            pending = ahead.submit(next, batches, None)
-            while True:
-                try:
-                    batch = pending.result()
-                except (pa.ArrowException, OSError, ValueError) as exc:
-                    _parquet_fail(
-                        f"row {first} and after: the Parquet data cannot be read: "
-                        f"{clip(str(exc), 300)}",
-                        row=first,
-                    )
-                if batch is None:
-                    return
-                pending = ahead.submit(next, batches, None)
-                columns = [self._texts(batch.column(i), i, first) for i in range(batch.num_columns)]
-                first += batch.num_rows
-                yield from zip(*columns, strict=True)
+        it = iter(batches)
+        while True:
+            try:
+                batch = next(it, None)
+            except (pa.ArrowException, OSError, ValueError) as exc:
+                _parquet_fail(
+                    f"row {first} and after: the Parquet data cannot be read: "
+                    f"{clip(str(exc), 300)}",
+                    row=first,
+                )
+            if batch is None:
+                return
+            columns = [self._texts(batch.column(i), i, first) for i in range(batch.num_columns)]
+            first += batch.num_rows
+            yield from zip(*columns, strict=True)
 
     def _texts(self, arr: pa.Array, i: int, first: int) -> list[str]:
         """A batch's column as text: nulls empty, NUL characters dropped; a dictionary's
