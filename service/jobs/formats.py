@@ -16,10 +16,11 @@ extra columns, rows, stored size) and the same stored rows as a CSV with those c
   data: the footer's length (``max_parquet_metadata_bytes``), then from the metadata the number
   of columns (leaves, ``max_columns``), of rows (``max_rows``), every row group's uncompressed
   size (``max_parquet_row_group_bytes``: what a row group costs in memory) and every column's
-  type. Data is read a batch at a time, in the loading thread. A column whose dictionary holds values long enough that a batch of their repeats
-  would be large is read as a dictionary, so a few large values repeated by a million tiny
-  indexes stay a few values in memory (the stored-size bound, four times the file, stops such
-  a file on disk); every other column is read plainly, which is five times cheaper.
+  type. Data is read a batch at a time, in the loading thread. A column whose dictionary holds
+  values long enough that a batch of their repeats would be large is read as a dictionary, so a
+  few large values repeated by a million tiny indexes stay a few values in memory (the
+  stored-size bound, four times the file, stops such a file on disk); every other column is
+  read plainly, which is five times cheaper.
 """
 
 from __future__ import annotations
