@@ -100,13 +100,15 @@ def dep(test_host: NetHost, logs_dir: Path) -> Iterator[Deployment]:
 
 def refused_lines(worker: Worker, chunk_id: uuid.UUID) -> list[str]:
     """The worker's log lines saying its late work on the chunk did not land: a write under
-    its old lease was refused (the fence), or the transaction it had open when the link went
-    down was ended under it (the server's idle-in-transaction timeout, or the worker's own TCP
-    timeout), so nothing of it committed and the runner gave the chunk up."""
+    its old lease was refused (the fence), its heartbeat's renewal under that lease was refused
+    first (the runner then stops before writing), or the transaction it had open when the link
+    went down was ended under it (the server's idle-in-transaction timeout, or the worker's own
+    TCP timeout), so nothing of it committed and the runner gave the chunk up."""
     return [
         line
         for line in worker.log.read_text().splitlines()
         if (f"chunk {chunk_id}: lease lost" in line and "refused" in line)
+        or f"chunk {chunk_id}: the heartbeat lost its lease" in line
         or (f"chunk {chunk_id}: transient failure" in line and "database unavailable" in line)
     ]
 

@@ -159,7 +159,9 @@ def test_a_waiting_chunk_is_released_once_however_many_passes_run_at_once(
             ]
             released = [cid for f in futures for cid in f.result().chunk_ids]
         ours = {str(c[0]) for c in chunk_rows(settings, job_id)}
-        assert sorted(released) == sorted(ours)  # each once, all of them
+        # Each at most once by these passes; a reconciler of another worker in the test session
+        # may take some first (it dispatches every model with waiting chunks).
+        assert len(released) == len(set(released)) and set(released) <= ours
         bodies = [json.loads(raw) for raw in redis_client.lrange(queue, 0, -1)]
         assert len(bodies) == 24 and chunk_ids_in_broker(redis_client, [queue]) == ours
     finally:
