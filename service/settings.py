@@ -58,6 +58,10 @@ class JobSettings(_Group):
     max_upload_bytes: int = env("MAX_UPLOAD_BYTES", 8 * 1024 * MiB, gt=0)
     default_model: str = env("DEFAULT_MODEL", "smollm2-135m-instruct")
     default_chunk_size: int = env("DEFAULT_CHUNK_SIZE", 256, gt=0)
+    # A job that names no chunk_size is cut into at most this many chunks (each at least
+    # default_chunk_size rows): every chunk costs a row, a claim, a message and a dispatch
+    # pass, which for a million short rows in 256-row chunks outweighs the rows themselves.
+    chunks_per_job: int = env("CHUNKS_PER_JOB", 1000, gt=0)
     max_chunk_size: int = env("MAX_CHUNK_SIZE", 10_000, gt=0)
     # Smaller chunks are refused: each chunk is a row, a claim and a message, so a million-row
     # job at chunk_size=1 would cost a million of each.

@@ -153,7 +153,7 @@ def process_chunk(ctx: Context, chunk_id: uuid.UUID) -> str:
         return "wrong_model"
     ctx.hold(lease)
     try:
-        return run_lease(ctx, lease, ctx.store.pending(lease))
+        return run_lease(ctx, lease, list(claim.docs))
     except LeaseLostError as exc:
         log.warning("chunk %s: %s; stopping, the new owner's results stand", chunk_id, exc)
         return "lease_lost"
@@ -208,21 +208,35 @@ def run_lease(ctx: Context, lease: Lease, docs: list[Doc]) -> str:
     ]
     ctx.watch(lease, [g.batch for g in groups])
     try:
-        for n, group in enumerate(groups):
-            if not _wait(ctx, lease, group):
+        n = 0
+        while n < len(groups):
+            if not _wait(ctx, lease, groups[n]):
                 return _cancel_rest(ctx, lease, groups[n:])
-            if group.batch.failure is not None:
-                raise group.batch.failure
-            written = ctx.store.write(lease, row_results(group, lease.attempts, gen.choices))
+            failure = groups[n].batch.failure
+            if failure is not None:
+                raise failure
+            # Every sub-batch finished by now goes in one write: a fast engine (a classifier,
+            # one-token labels) then costs a transaction per chunk, not per sub-batch.
+            m = n + 1
+            while m < len(groups) and groups[m].batch.done and groups[m].batch.failure is None:
+                m += 1
+            rows = [r for g in groups[n:m] for r in row_results(g, lease.attempts, gen.choices)]
+            if m == len(groups):  # the last results and the close: one transaction
+                break
+            written = ctx.store.write(lease, rows)
             worker_metrics.count_written(ctx.model, lease.task, written)
-            if written.status in CANCEL_STATUSES and n + 1 < len(groups):
-                return _cancel_rest(ctx, lease, groups[n + 1 :])
+            if written.status in CANCEL_STATUSES:
+                return _cancel_rest(ctx, lease, groups[m:])
+            n = m
+        else:
+            rows = []  # a chunk whose rows all had results already (a re-run)
     except BaseException:
         for g in groups:
             if not g.batch.done:
                 engine.cancel(g.batch)
         raise
-    ctx.store.close(lease, ChunkState.DONE)
+    written = ctx.store.finish(lease, rows)
+    worker_metrics.count_written(ctx.model, lease.task, written)
     ctx.closed(lease)
     return "done"
 

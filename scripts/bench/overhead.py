@@ -158,7 +158,7 @@ def run_naive(ingest: Any, ctx: Any, texts: list[str], workdir: Path) -> tuple[f
 
 
 def run_docqueue(
-    ingest: Any, ctx: Any, texts: list[str], chunk_size: int, workdir: Path, runs: int
+    ingest: Any, ctx: Any, texts: list[str], chunk_size: int | None, workdir: Path, runs: int
 ) -> list[tuple[float, int, dict[str, float]]]:
     import httpx
     import psycopg
@@ -204,7 +204,11 @@ def run_docqueue(
             resp = httpx.post(
                 f"{api.base_url}/v1/jobs",
                 headers=headers,
-                data={"task": "generate", "model": BENCH_MODEL, "chunk_size": str(chunk_size)},
+                data={
+                    "task": "generate",
+                    "model": BENCH_MODEL,
+                    **({} if chunk_size is None else {"chunk_size": str(chunk_size)}),
+                },
                 files={"file": ("docs.csv", body, "text/csv")},
                 timeout=300,
             )
@@ -238,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--docs", type=int, default=100_000, help="documents in the docqueue job")
     p.add_argument("--naive-docs", type=int, default=20_000, help="documents for the naive design")
-    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument(
+        "--chunk-size", type=int, default=None, help="default: none sent (the service's choice)"
+    )
     p.add_argument("--runs", type=int, default=2, help="docqueue jobs in a row; the best counts")
     args = p.parse_args(argv)
 
@@ -248,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="docqueue-overhead-") as tmp:
             work = Path(tmp)
-            print(f"docqueue: {args.docs:,} documents, bench engine, chunk {args.chunk_size} ...")
+            size = args.chunk_size or "auto"
+            print(f"docqueue: {args.docs:,} documents, bench engine, chunk {size} ...")
             dq = run_docqueue(ingest, ctx, documents(args.docs), args.chunk_size, work, args.runs)
             print(f"naive: one Celery task per document, {args.naive_docs:,} documents ...")
             naive_s, naive_n = run_naive(ingest, ctx, documents(args.naive_docs), work)

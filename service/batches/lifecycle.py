@@ -25,7 +25,7 @@ from service.batches.requests import ENDPOINTS, LineError, parse_lines
 from service.contract import PRIORITIES, queue_for_model
 from service.errors import BadInputError, ConflictError, NotFoundError, QuotaExceededError
 from service.files import store as files
-from service.jobs.submit import chunk_rows, enqueue_job
+from service.jobs.submit import auto_chunk_size, chunk_rows, enqueue_job
 from service.settings import Settings
 from service.store import quotas
 from service.store.chunks import PgChunkStore
@@ -238,6 +238,7 @@ def _ingest(
         ]
         for start in range(0, len(rows), _INSERT_ROWS):
             session.execute(insert(Document), rows[start : start + _INSERT_ROWS])
+        job.chunk_size = auto_chunk_size(len(rows), settings)
         chunks = chunk_rows(job.id, len(rows), job.chunk_size)
         session.execute(
             insert(Chunk),

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import IO, Any, NamedTuple, cast
 
 import psycopg
-from sqlalchemy import delete, func, insert, select, text
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -326,6 +326,9 @@ def create_collection_job(
     if not n:
         session.execute(delete(Job).where(Job.id == job_id))  # never visible: same transaction
         return None
+    if not req.chunk_size:  # the rows are known only now
+        chunk_size = submit.auto_chunk_size(n, settings)
+        session.execute(update(Job).where(Job.id == job_id).values(chunk_size=chunk_size))
     chunks = submit.chunk_rows(job_id, n, chunk_size)
     session.execute(
         insert(Chunk),

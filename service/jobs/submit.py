@@ -132,10 +132,10 @@ def create_job(
     req.format = resolve_format(upload, req.format, req.source_name)  # named, else peeked
     delimiter = parse_delimiter(req.delimiter)
     fields = template_fields(req.prompt) if req.prompt else frozenset()
-    chunk_size = req.chunk_size or settings.jobs.default_chunk_size
+    asked_chunk_size = req.chunk_size or settings.jobs.default_chunk_size
     engine = get_engine(settings.database.url)
     # The upload is hashed while ingest reads it, or in its own streamed pass for a replay.
-    hashing = HashingReader(upload, request_hash(req, delimiter, chunk_size))
+    hashing = HashingReader(upload, request_hash(req, delimiter, asked_chunk_size))
 
     if req.idempotency_key:
         with Session(engine, expire_on_commit=False) as session:
@@ -158,7 +158,7 @@ def create_job(
                 priority=req.priority,
                 idempotency_key=req.idempotency_key,
                 source_name=req.source_name,
-                chunk_size=chunk_size,
+                chunk_size=asked_chunk_size,
             )
             session.add(job)
             session.flush()  # the documents' foreign key needs the job row
@@ -177,7 +177,8 @@ def create_job(
             # random access, from the upload itself, left at its start for the hash.
             result = ingest_upload(raw, job_id, upload, io.BufferedReader(hashing, 1 << 16), opts)
             job.request_sha256 = hashing.drain()
-            chunks = chunk_rows(job_id, result.rows, chunk_size)
+            job.chunk_size = req.chunk_size or auto_chunk_size(result.rows, settings)
+            chunks = chunk_rows(job_id, result.rows, job.chunk_size)
             with (
                 raw.cursor() as cur,
                 cur.copy(
@@ -219,6 +220,15 @@ def create_job(
             job.task,
         )
     return job, True
+
+
+def auto_chunk_size(rows: int, settings: Settings) -> int:
+    """The chunk size of a job that names none: ``default_chunk_size`` rows, or more for a
+    job that would otherwise have over ``chunks_per_job`` chunks (at most ``max_chunk_size``).
+    A thousand chunks still spread a job across many workers and give other tenants' jobs
+    turns between them, while their per-chunk costs stay small next to the rows'."""
+    jobs = settings.jobs
+    return min(max(jobs.default_chunk_size, -(-rows // jobs.chunks_per_job)), jobs.max_chunk_size)
 
 
 def chunk_rows(job_id: uuid.UUID, rows: int, size: int) -> list[tuple[uuid.UUID, int, int, int]]:

@@ -193,3 +193,32 @@ def test_a_job_from_before_fingerprints_is_replayed_as_before(
     again = submit(client, api_key, "text\nsomething else\n", model=model_name, headers=KEY)
     assert again.status_code == 202 and again.json()["id"] == first
     assert again.headers.get("Idempotent-Replayed") == "true"
+
+
+def test_a_large_job_without_a_chunk_size_gets_at_most_chunks_per_job_chunks(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """Each chunk costs a row, a claim, a message and a dispatch pass: a job that names no
+    chunk_size gets larger chunks once the default would make more than ``chunks_per_job``
+    of them; a small one keeps the default, and a chunk_size given is kept as given."""
+    from service.api.app import create_app
+    from tests.support.helpers import chunk_rows, job_view, override
+
+    s = override(
+        settings,
+        jobs={"default_chunk_size": 10, "chunks_per_job": 4},
+        api={"submit_processes": 0},
+    )
+    body = "text\n" + "".join(f"row {i}\n" for i in range(101))
+    with TestClient(create_app(s)) as c:
+        large = submit(c, api_key, body, model=model_name).json()["id"]
+        small = submit(c, api_key, "text\n" + "x\n" * 35, model=model_name).json()["id"]
+        given = submit(c, api_key, body, model=model_name, chunk_size=10).json()["id"]
+    with pg(settings.database.url) as conn:
+        spans = conn.execute(
+            "SELECT start_idx, end_idx FROM chunks WHERE job_id = %s ORDER BY seq", (large,)
+        ).fetchall()
+    assert spans == [(1, 27), (27, 53), (53, 79), (79, 102)]  # 101 rows: 4 chunks of <= 26
+    assert job_view(client, api_key, large)["chunk_size"] == 26
+    assert len(chunk_rows(settings, small)) == 4  # 35 rows in 10s: the default suffices
+    assert len(chunk_rows(settings, given)) == 11

@@ -51,6 +51,29 @@ def test_lease_admits_one_runner_and_done_is_a_no_op(
     assert store.claim(first[0], "w2").outcome == ClaimOutcome.DONE
 
 
+def test_a_claim_reads_the_rows_left_and_finish_writes_and_closes_at_once(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """The runner's two calls per chunk besides the claim: the claim's documents are those
+    with no result yet, and ``finish`` writes the last rows and closes the chunk in one
+    transaction (the job finishes with its last chunk)."""
+    job_id = submit(client, api_key, "text\na\nb\nc\n", model=model_name).json()["id"]
+    (chunk,) = chunk_rows(settings, job_id)
+    store = make_store(settings)
+    first = store.claim(chunk[0], "w1")
+    assert first.lease is not None and [d.text for d in first.docs] == ["a", "b", "c"]
+    store.write(first.lease, [RowResult(idx=1, output="A")])
+    expire_lease(settings, chunk[0])
+    again = store.claim(chunk[0], "w2")  # a re-run: only the rows left
+    assert again.lease is not None and [d.idx for d in again.docs] == [2, 3]
+    written = store.finish(again.lease, [RowResult(idx=2, output="B"), RowResult(idx=3, error="x")])
+    assert (written.succeeded, written.failed) == (1, 1)
+    job = job_view(client, api_key, job_id)
+    assert job["status"] == "completed"
+    assert job["counts"] == {"total": 3, "succeeded": 2, "failed": 1, "cancelled": 0}
+    assert store.claim(chunk[0], "w3").outcome == ClaimOutcome.DONE
+
+
 def test_expired_lease_can_be_taken_over(
     client: TestClient, api_key: str, settings: Settings, model_name: str
 ) -> None:
@@ -174,6 +197,10 @@ def assert_fenced_out(store: PgChunkStore, stale: Any) -> None:
         store.close(stale, ChunkState.FAILED, "stale worker fails the chunk")
     with pytest.raises(LeaseLostError):
         store.close(stale, ChunkState.DONE)
+    with pytest.raises(LeaseLostError):
+        store.finish(stale, [RowResult(idx=stale.start_idx, output="stale, closing")])
+    with pytest.raises(LeaseLostError):
+        store.finish(stale, [])
     assert store.renew([stale]) == {stale.token}
 
 
