@@ -47,6 +47,8 @@ def instruction(
     if max_chars is None:
         max_chars = get_settings().jobs.max_prompt_chars
     source = params.get("prompt")
+    if source is None and task == "generate" and len(text) <= max_chars:
+        return text  # the default template, "{text}", without building its values
     if source is not None and not isinstance(source, str):
         raise RowError("invalid prompt template: not a string")
     task_values: dict[str, str] = {}

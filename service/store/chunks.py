@@ -753,7 +753,7 @@ def _pending(conn: Connection, lease: Lease) -> list[Doc]:
     rows = conn.execute(
         _PENDING, {"j": lease.job_id, "s": lease.start_idx, "e": lease.end_idx}
     ).all()
-    return [Doc(r.idx, r.external_id, r.text, r.extra) for r in rows]
+    return [Doc(idx, external_id, text, extra) for idx, external_id, text, extra in rows]
 
 
 def _lock_job_of(conn: Connection, chunk_id: uuid.UUID) -> uuid.UUID | None:

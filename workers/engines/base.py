@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class GenRequest:
     """One prompt and how to sample it. Beyond the native tasks' few fields, what an OpenAI
-    request may ask (``n``, ``top_p``, ``stop``, penalties, a JSON response, logprobs)."""
+    request may ask (``n``, ``top_p``, ``stop``, penalties, a JSON response, logprobs).
+
+    Not frozen: a frozen dataclass sets each field through ``object.__setattr__``, 4.6 µs per
+    request against 1.4, paid for every document of a fast task."""
 
     prompt_token_ids: list[int]
     max_tokens: int
@@ -97,6 +100,17 @@ class Batch:
                 self._left -= 1
                 if self._left == 0:
                     self._done.set()
+
+    def fill(self, results: list[GenResult]) -> None:
+        """Every result at once (an engine that answers a whole batch together): one lock and
+        one clock read instead of one per request."""
+        with self._lock:
+            if len(results) != len(self.results) or self._left != len(self.results):
+                raise ValueError("fill() needs a fresh batch and one result per request")
+            self.results = list(results)
+            self._left = 0
+            self.progressed_at = time.monotonic()
+            self._done.set()
 
     def fail(self, exc: BaseException) -> None:
         self.failure = exc

@@ -57,26 +57,8 @@ class BenchEngine:
         batch = Batch(len(requests))
         if self.hang or any(HANG_TOKEN in r.prompt_token_ids for r in requests):
             return batch  # accepted, never answered
-        for i, req in enumerate(requests):
-            label = req.choices[0] if req.choices else None
-            text = label or ("{}" if req.json_schema or req.json_object else "ok")
-            logprobs = None if req.logprobs is None else (TokenLogprob(text, 0.0),)
-            choices = (
-                tuple(Choice(text, "stop", 1, logprobs) for _ in range(req.n))
-                if req.wants_choices
-                else None
-            )
-            batch.set(
-                i,
-                GenResult(
-                    text=text,
-                    finish_reason="stop",
-                    prompt_tokens=len(req.prompt_token_ids),
-                    completion_tokens=req.n,
-                    confidence=1.0 if label else None,
-                    choices=choices,
-                ),
-            )
+        if requests:
+            batch.fill([_answer(req) for req in requests])
         return batch
 
     def cancel(self, batch: Batch) -> None:
@@ -84,3 +66,20 @@ class BenchEngine:
 
     def close(self) -> None:
         return None
+
+
+def _answer(req: GenRequest) -> GenResult:
+    label = req.choices[0] if req.choices else None
+    text = label or ("{}" if req.json_schema or req.json_object else "ok")
+    choices = None
+    if req.wants_choices:
+        logprobs = None if req.logprobs is None else (TokenLogprob(text, 0.0),)
+        choices = tuple(Choice(text, "stop", 1, logprobs) for _ in range(req.n))
+    return GenResult(
+        text=text,
+        finish_reason="stop",
+        prompt_tokens=len(req.prompt_token_ids),
+        completion_tokens=req.n,
+        confidence=1.0 if label else None,
+        choices=choices,
+    )
