@@ -51,7 +51,8 @@ def test_compare_detects_a_difference() -> None:
 def test_deleting_a_job_deletes_its_documents_and_results(
     client: TestClient, api_key: str, settings: Settings
 ) -> None:
-    """Documents carry no per-row foreign key (ingest speed); a trigger keeps the cascade."""
+    """Documents and results carry no per-row foreign key (ingest and results-write speed); the
+    job-delete trigger keeps the cascade."""
     from tests.support.helpers import count_rows, pg, submit
 
     job_id = submit(client, api_key, "text\na\nb\n", model="cascade-test").json()["id"]
