@@ -313,7 +313,8 @@ class PgChunkStore:
                 model=row.model,
                 params=dict(row.params or {}),
             )
-            return Claim(lease, ClaimOutcome.LEASED, job_id, tuple(_pending(conn, lease)))
+            docs = _pending(conn, lease, first_claim=lease.attempts == 1)
+            return Claim(lease, ClaimOutcome.LEASED, job_id, tuple(docs))
 
     def pending(self, lease: Lease) -> list[Doc]:
         """The chunk's documents that have no result yet (a re-run never redoes finished rows)."""
@@ -749,9 +750,20 @@ _PENDING = text(
 )
 
 
-def _pending(conn: Connection, lease: Lease) -> list[Doc]:
+#: A chunk's first lease: none of its rows can have a result yet (results are written only
+#: under a lease, or when a leased chunk is closed or expires), so no per-row results probe.
+_FIRST_PENDING = text(
+    """
+    SELECT d.idx, d.external_id, d.text, d.extra FROM documents d
+    WHERE d.job_id = :j AND d.idx >= :s AND d.idx < :e ORDER BY d.idx
+    """
+)
+
+
+def _pending(conn: Connection, lease: Lease, *, first_claim: bool = False) -> list[Doc]:
     rows = conn.execute(
-        _PENDING, {"j": lease.job_id, "s": lease.start_idx, "e": lease.end_idx}
+        _FIRST_PENDING if first_claim else _PENDING,
+        {"j": lease.job_id, "s": lease.start_idx, "e": lease.end_idx},
     ).all()
     return [Doc(idx, external_id, text, extra) for idx, external_id, text, extra in rows]
 
