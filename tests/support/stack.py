@@ -43,6 +43,7 @@ FAST_RECOVERY = {
     "DOCQUEUE_WORKER_HEARTBEAT_S": "1",
     "DOCQUEUE_RETRY_BACKOFF_S": "1",
     "DOCQUEUE_VLLM_KV_CACHE_GIB": "1",
+    "DOCQUEUE_VLLM_ENFORCE_EAGER": "true",  # a quick engine start (compiled is the default)
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",

@@ -59,7 +59,7 @@ def engine_kwargs(
         "seed": seed,
         "gpu_memory_utilization": gpu_memory_utilization,
         "tensor_parallel_size": tensor_parallel_size,
-        "enforce_eager": device == "cpu" if enforce_eager is None else enforce_eager,
+        "enforce_eager": eager,
         "disable_log_stats": True,
         # Logprobs after the structured-output mask: a label's confidence is then its
         # probability among the allowed continuations, not among the whole vocabulary.
@@ -67,6 +67,14 @@ def engine_kwargs(
     }
     if max_model_len:
         kwargs["max_model_len"] = max_model_len
+    eager = bool(enforce_eager)  # None: compiled, vLLM's own default, on CPU hosts too
+    if device == "cpu" and not eager:
+        # Eager mode costs vLLM-CPU 7-10% of its output tokens/s. A compiled start reads
+        # torch inductor's cache (TORCHINDUCTOR_CACHE_DIR, /tmp/torchinductor_$USER): the
+        # first start on a host fills it (a minute or more), later ones compile in ~7 s.
+        # vLLM 0.32's own AOT compile cache never loads on CPU (its artifact has no
+        # finalize_loading), so with it every start recompiles, ~30 s: turned off.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     if max_num_seqs:
         kwargs["max_num_seqs"] = max_num_seqs
     if device == "cpu":

@@ -28,7 +28,7 @@ SCHEMA = {
 @pytest.fixture(scope="module")
 def engine() -> Iterator[VllmEngine]:
     saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")  # the engine sets it on CPU hosts
-    eng = VllmEngine(tiny_model(), max_model_len=512, kv_cache_gib=1)
+    eng = VllmEngine(tiny_model(), max_model_len=512, kv_cache_gib=1, enforce_eager=True)
     yield eng
     eng.close()
     if saved is None:  # later tests' worker processes inherit this process's environment
