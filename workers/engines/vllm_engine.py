@@ -6,6 +6,16 @@ waiting batches. Chunk tasks (Celery pool threads) render, tokenize and write to
 their own threads, so none of that sits on the engine's critical path, and several chunks in
 flight keep the engine's batch full across chunk boundaries — the same loop ``LLM.generate``
 runs, fed continuously instead of once.
+
+A fast GPU makes tokens faster than one Python thread handles per-token outputs, so the front
+end does as little as it can per token (scripts/bench/frontend.py measures it): requests ask
+vLLM for their final output only (``RequestOutputKind.FINAL_ONLY``: no ``RequestOutput`` per
+token, none for the driver to handle), and, with a byte-level tokenizer, without vLLM's
+token-by-token detokenization: the driver decodes each finished output once
+(``_final_text``, the same text). Requests with stop strings or logprobs keep vLLM's
+detokenizer, which they need. Since no output reports a token any more, a step's return is
+the engine's sign of life: the driver marks the batches in flight as progressing (at most
+every ``PROGRESS_EVERY_S``), which the heartbeat's stall deadline reads (``workers.runtime``).
 """
 
 from __future__ import annotations
@@ -18,12 +28,16 @@ import os
 import queue
 import threading
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from service.errors import EngineDeadError
 from workers.engines.base import Batch, Choice, GenRequest, GenResult, TokenLogprob
 
 log = logging.getLogger(__name__)
+
+#: How often, at most, a step that returned marks the batches in flight as progressing.
+PROGRESS_EVERY_S = 0.5
 
 
 def _on_cpu() -> bool:
@@ -102,7 +116,13 @@ class VllmEngine:
         enforce_eager: bool | None = None,
         tensor_parallel_size: int = 1,
         seed: int = 0,
+        engine_args: Mapping[str, Any] | None = None,
+        outputs: Literal["final", "stream"] = "final",
     ) -> None:
+        """``engine_args``: vLLM engine arguments over docqueue's (the front-end benchmark's
+        stub executor, ``workers.engines.stub_executor``). ``outputs="stream"`` is the former
+        design (an output per token, each a progress mark), kept so the front-end benchmark
+        measures both side by side; the results are the same."""
         self.device = "cpu" if _on_cpu() else "cuda"
         if self.device == "cpu":
             # The CPU backend otherwise reserves gpu_memory_utilization of the node's RAM and
@@ -113,25 +133,27 @@ class VllmEngine:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         started = time.monotonic()
-        args = EngineArgs(
-            **engine_kwargs(
-                model,
-                device=self.device,
-                max_model_len=max_model_len,
-                gpu_memory_utilization=gpu_memory_utilization,
-                max_num_seqs=max_num_seqs,
-                dtype=dtype,
-                enforce_eager=enforce_eager,
-                tensor_parallel_size=tensor_parallel_size,
-                seed=seed,
-            )
+        kwargs = engine_kwargs(
+            model,
+            device=self.device,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_num_seqs=max_num_seqs,
+            dtype=dtype,
+            enforce_eager=enforce_eager,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
         )
+        args = EngineArgs(**{**kwargs, **(engine_args or {})})
         # Offline batch inference is what `LLM` does: take its batch defaults (CPU: 256
         # sequences and 4,096 batched tokens a step; big GPUs: 1,024 and 16,384), not those of
         # a bare engine (128 and 2,048), which halve the batch.
         self._engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
         self.start_s = time.monotonic() - started
         self.model = model
+        self.outputs = outputs
+        # The backend that decodes finished outputs; None: vLLM detokenizes every request.
+        self._decoder = _bytelevel_decoder(self._engine) if outputs == "final" else None
         self.max_model_len = int(self._engine.model_config.max_model_len)
         self._tokenizer_local = threading.local()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -218,11 +240,13 @@ class VllmEngine:
             "temperature": req.temperature,
             "seed": req.seed,
         }
-        if req.n != 1:
-            # One output with all n completions when the last one ends: streamed outputs of a
-            # parent request end ("finished") with the first child that does.
-            kw["n"] = req.n
+        if self.outputs == "final" or req.n != 1:
+            # One output when the request ends; with n > 1, one with all n completions when
+            # the last one ends (streamed outputs of a parent request end, "finished", with the
+            # first child that does).
             kw["output_kind"] = RequestOutputKind.FINAL_ONLY
+        if req.n != 1:
+            kw["n"] = req.n
         if req.top_p != 1.0:
             kw["top_p"] = req.top_p
         if req.stop:
@@ -240,6 +264,11 @@ class VllmEngine:
             kw["structured_outputs"] = StructuredOutputsParams(json=json.loads(req.json_schema))
         elif req.json_object:
             kw["structured_outputs"] = StructuredOutputsParams(json_object=True)
+        if self._decoder is not None and not req.stop and "logprobs" not in kw:
+            # The driver decodes the text once the request ends (``_final_text``): vLLM's
+            # token-by-token detokenizer was most of the front end's CPU a token. Stop strings
+            # and logprobs need vLLM's.
+            kw["detokenize"] = False
         return SamplingParams(**kw)
 
     def _drive(self) -> None:
@@ -247,7 +276,8 @@ class VllmEngine:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
 
         engine = self._engine
-        pending: dict[str, tuple[Batch, int, int, bool]] = {}
+        pending: dict[str, tuple[Batch, int, int, bool, Any]] = {}
+        marked = 0.0
         try:
             while True:
                 busy = engine.has_unfinished_requests()
@@ -264,10 +294,11 @@ class VllmEngine:
                             zip(batch.request_ids, requests, strict=True)
                         ):
                             try:
+                                params = self._params(req)
                                 engine.add_request(
                                     rid,
                                     TokensPrompt(prompt_token_ids=req.prompt_token_ids),
-                                    self._params(req),
+                                    params,
                                 )
                             except Exception as exc:
                                 if isinstance(exc, VllmDead) or self._core_dead():
@@ -289,6 +320,7 @@ class VllmEngine:
                                     i,
                                     len(req.prompt_token_ids),
                                     req.wants_choices,
+                                    None if params.detokenize else self._decoder,
                                 )
                     elif cmd == "abort":
                         ids = [rid for rid in arg.request_ids if rid in pending]
@@ -306,12 +338,18 @@ class VllmEngine:
                     slot = pending.get(out.request_id)
                     if slot is None:
                         continue
-                    batch, i, n_prompt, wants = slot
+                    batch, i, n_prompt, wants, decoder = slot
                     if not out.finished:
                         batch.progress()  # a token: the engine is not hung
                         continue
                     del pending[out.request_id]
-                    batch.set(i, _convert(out, n_prompt, wants))
+                    batch.set(i, _convert(out, n_prompt, wants, decoder))
+                now = time.monotonic()
+                if now - marked >= PROGRESS_EVERY_S:
+                    # A step returned: the engine is not hung, whether or not a request ended.
+                    marked = now
+                    for batch in {id(b): b for b, *_ in pending.values()}.values():
+                        batch.progress()
         except BaseException as exc:  # the engine died: fail what is in flight, loudly
             log.exception("vllm engine driver stopped")
             self._dead = exc
@@ -341,20 +379,24 @@ def _confidence(comp: Any) -> float | None:
     return max(0.0, min(1.0, math.exp(sum(lps))))
 
 
-def _convert(out: Any, n_prompt: int, wants_choices: bool = False) -> GenResult:
+def _convert(
+    out: Any, n_prompt: int, wants_choices: bool = False, decoder: Any = None
+) -> GenResult:
+    """docqueue's result from vLLM's final output; ``decoder``: the tokenizer backend that
+    makes the text of a request vLLM did not detokenize (``_final_text``)."""
     comp = out.outputs[0]
     confidence = _confidence(comp)
     prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else n_prompt
     if not wants_choices:
         return GenResult(
-            text=comp.text,
+            text=_text(comp, decoder),
             finish_reason=comp.finish_reason,
             prompt_tokens=prompt_tokens,
             completion_tokens=len(comp.token_ids),
             confidence=confidence,
         )
     choices = tuple(
-        Choice(c.text, c.finish_reason, len(c.token_ids), _token_logprobs(c))
+        Choice(_text(c, decoder), c.finish_reason, len(c.token_ids), _token_logprobs(c))
         for c in sorted(out.outputs, key=lambda c: c.index)
     )
     return GenResult(
@@ -365,6 +407,46 @@ def _convert(out: Any, n_prompt: int, wants_choices: bool = False) -> GenResult:
         confidence=confidence,
         choices=choices,
     )
+
+
+def _text(comp: Any, decoder: Any) -> str:
+    if decoder is None:
+        return str(comp.text)  # vLLM detokenized this one
+    # vLLM leaves the token that stopped the request (EOS, a stop token id) out of the text.
+    ids = list(comp.token_ids[:-1] if comp.finish_reason == "stop" else comp.token_ids)
+    return _final_text(decoder, ids)
+
+
+def _final_text(decoder: Any, ids: list[int]) -> str:
+    """The text vLLM's incremental detokenizer makes of these output ids, in one decode.
+
+    vLLM feeds each token to tokenizers' ``DecodeStream``, which emits the new text of its
+    window unless the window's decoded text ends in U+FFFD (a character still incomplete),
+    and never emits what it holds back when the output ends. With a byte-level decoder
+    decoding is local (each token's bytes, concatenated, read as UTF-8 once), so the stream's
+    text is the decode of the output up to its last token that does not leave it ending in
+    U+FFFD, which this finds from the end. ``tests/unit/workers/engines/test_vllm_text.py``
+    checks it against vLLM's own detokenizer."""
+    end = len(ids)
+    text: str = decoder.decode(ids, skip_special_tokens=True)
+    while text.endswith("\ufffd") and end > 0:
+        end -= 1
+        text = decoder.decode(ids[:end], skip_special_tokens=True)
+    return text
+
+
+def _bytelevel_decoder(engine: Any) -> Any:
+    """vLLM's tokenizer's Rust backend when ``_final_text`` gives what vLLM's detokenizer
+    would (a fast tokenizer with a byte-level decoder: Llama 3, Qwen, SmolLM, GPT-2 and most
+    byte-level BPE models); None keeps vLLM's detokenizer for every request."""
+    from tokenizers import decoders
+    from vllm.v1.engine.detokenizer import uses_fast_detokenizer
+
+    tokenizer = getattr(engine.output_processor, "tokenizer", None)
+    if tokenizer is None or not uses_fast_detokenizer(tokenizer):
+        return None
+    backend = tokenizer._tokenizer
+    return backend if isinstance(backend.decoder, decoders.ByteLevel) else None
 
 
 def _token_logprobs(comp: Any) -> tuple[TokenLogprob, ...] | None:

@@ -99,3 +99,29 @@ def test_logprobs_name_each_token_and_its_alternatives(engine: VllmEngine) -> No
         # Greedy: the chosen token is the likeliest, so the first alternative is no likelier.
         assert step.top[0][1] <= step.logprob + 1e-6
         assert all(math.isfinite(lp) for _, lp in step.top)
+
+
+def test_final_outputs_equal_streamed_ones(engine: VllmEngine) -> None:
+    """The driver asks vLLM for final outputs only and decodes the text itself; the former
+    design took an output per token, detokenized by vLLM. Users must get the same results
+    either way: text, finish reasons, token counts, every choice and logprob."""
+    requests = [
+        GenRequest(prompt(engine), max_tokens=30, temperature=0.0),
+        GenRequest(prompt(engine, "Name a color."), max_tokens=20, temperature=1.0, seed=3),
+        GenRequest(prompt(engine), max_tokens=12, temperature=1.0, seed=7, n=3),
+        GenRequest(prompt(engine), max_tokens=6, temperature=0.0, logprobs=2),
+        GenRequest(prompt(engine), max_tokens=40, temperature=0.0, stop=("e",)),
+        GenRequest(prompt(engine), max_tokens=64, temperature=1.0, seed=1,
+                   json_schema=json.dumps(SCHEMA)),
+        GenRequest(prompt(engine), max_tokens=4, choices=("yes", "no")),
+    ]  # fmt: skip
+    assert engine.outputs == "final"
+    assert engine._decoder is not None  # byte-level: the driver decodes the plain requests
+    final = run(engine, *requests)
+    engine.outputs = "stream"
+    try:
+        streamed = run(engine, *requests)
+    finally:
+        engine.outputs = "final"
+    assert final == streamed
+    assert {r.finish_reason for r in final} >= {"stop", "length"}
