@@ -212,7 +212,9 @@ class OpenAISettings(_Group):
 
 
 class EngineSettings(_Group):
-    kind: Literal["vllm", "bench"] = env("ENGINE", "vllm")  # bench: zero-cost, benchmarks only
+    # bench: zero-cost; sim: a simulated GPU's step times (workers/engines/sim.py); both are
+    # for benchmarks only.
+    kind: Literal["vllm", "bench", "sim"] = env("ENGINE", "vllm")
     max_model_len: int | None = env("MAX_MODEL_LEN", None, gt=0)  # default: the model's own
     gpu_memory_utilization: float = env("VLLM_GPU_MEMORY_UTILIZATION", 0.90, gt=0, le=1)
     kv_cache_gib: float = env("VLLM_KV_CACHE_GIB", 2.0, gt=0)  # CPU backend only
@@ -225,6 +227,13 @@ class EngineSettings(_Group):
     # the quick start tests use.
     enforce_eager: bool | None = env("VLLM_ENFORCE_EAGER", None)
     tensor_parallel_size: int = env("TENSOR_PARALLEL_SIZE", 1, ge=1)
+    # The simulated engine (DOCQUEUE_ENGINE=sim): a decode step of sim_step_ms plus
+    # sim_step_ms_per_seq per running sequence, at most sim_max_num_seqs running, and the
+    # prompts a step admits prefilled at sim_prefill_tokens_per_ms in that step.
+    sim_step_ms: float = env("SIM_STEP_MS", 15.0, gt=0)
+    sim_step_ms_per_seq: float = env("SIM_STEP_MS_PER_SEQ", 0.02, ge=0)
+    sim_max_num_seqs: int = env("SIM_MAX_NUM_SEQS", 256, gt=0)
+    sim_prefill_tokens_per_ms: float = env("SIM_PREFILL_TOKENS_PER_MS", 50.0, gt=0)
 
 
 class LogSettings(_Group):

@@ -15,7 +15,16 @@ def build_engine(kind: str, model: str, **options: object) -> Engine:
         from workers.engines.bench import BenchEngine
 
         return BenchEngine(model)
-    raise ValueError(f"unknown engine {kind!r}; expected vllm or bench")
+    if kind == "sim":
+        from service.settings import get_settings
+        from workers.engines.sim import SimEngine, SimParams
+
+        s = get_settings().engine
+        params = SimParams(
+            s.sim_step_ms, s.sim_step_ms_per_seq, s.sim_max_num_seqs, s.sim_prefill_tokens_per_ms
+        )
+        return SimEngine(model, params, max_model_len=s.max_model_len or 32_768)
+    raise ValueError(f"unknown engine {kind!r}; expected vllm, bench or sim")
 
 
 __all__ = ["Batch", "Engine", "GenRequest", "GenResult", "build_engine"]
