@@ -389,14 +389,19 @@ def _convert(
     prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else n_prompt
     if not wants_choices:
         return GenResult(
-            text=_text(comp, decoder),
+            text=_text(comp, decoder, out.prompt_token_ids),
             finish_reason=comp.finish_reason,
             prompt_tokens=prompt_tokens,
             completion_tokens=len(comp.token_ids),
             confidence=confidence,
         )
     choices = tuple(
-        Choice(_text(c, decoder), c.finish_reason, len(c.token_ids), _token_logprobs(c))
+        Choice(
+            _text(c, decoder, out.prompt_token_ids),
+            c.finish_reason,
+            len(c.token_ids),
+            _token_logprobs(c),
+        )
         for c in sorted(out.outputs, key=lambda c: c.index)
     )
     return GenResult(
@@ -409,30 +414,43 @@ def _convert(
     )
 
 
-def _text(comp: Any, decoder: Any) -> str:
+def _text(comp: Any, decoder: Any, prompt_ids: list[int] | None) -> str:
     if decoder is None:
         return str(comp.text)  # vLLM detokenized this one
     # vLLM leaves the token that stopped the request (EOS, a stop token id) out of the text.
     ids = list(comp.token_ids[:-1] if comp.finish_reason == "stop" else comp.token_ids)
-    return _final_text(decoder, ids)
+    return _final_text(decoder, prompt_ids, ids)
 
 
-def _final_text(decoder: Any, ids: list[int]) -> str:
+def _final_text(decoder: Any, prompt_ids: list[int] | None, ids: list[int]) -> str:
     """The text vLLM's incremental detokenizer makes of these output ids, in one decode.
 
     vLLM feeds each token to tokenizers' ``DecodeStream``, which emits the new text of its
-    window unless the window's decoded text ends in U+FFFD (a character still incomplete),
-    and never emits what it holds back when the output ends. With a byte-level decoder
-    decoding is local (each token's bytes, concatenated, read as UTF-8 once), so the stream's
-    text is the decode of the output up to its last token that does not leave it ending in
-    U+FFFD, which this finds from the end. ``tests/unit/workers/engines/test_vllm_text.py``
-    checks it against vLLM's own detokenizer."""
-    end = len(ids)
+    window unless that ends in U+FFFD (a character still incomplete). With a byte-level
+    decoder decoding is local (each token's bytes, concatenated, read as UTF-8 once), so when
+    the whole output's decode does not end in U+FFFD it is the stream's text. When it does,
+    the stream held text back that it never emitted: the output is replayed through
+    ``DecodeStream`` as vLLM feeds it (rare, and linear). ``tests/unit/workers/engines/
+    test_vllm_text.py`` checks both against vLLM's own detokenizer."""
     text: str = decoder.decode(ids, skip_special_tokens=True)
-    while text.endswith("\ufffd") and end > 0:
-        end -= 1
-        text = decoder.decode(ids[:end], skip_special_tokens=True)
-    return text
+    if not text.endswith("\ufffd"):
+        return text
+    from tokenizers.decoders import DecodeStream
+
+    stream = DecodeStream(ids=list(prompt_ids or ()), skip_special_tokens=True)
+    pieces = []
+    for token in ids:
+        try:
+            piece = stream.step(decoder, token)
+        except Exception as exc:
+            if not str(exc).startswith("Invalid prefix encountered"):
+                raise
+            # vLLM's recovery (its FastIncrementalDetokenizer): a fresh stream, no prompt.
+            stream = DecodeStream(skip_special_tokens=True)
+            piece = stream.step(decoder, token)
+        if piece:
+            pieces.append(piece)
+    return "".join(pieces)
 
 
 def _bytelevel_decoder(engine: Any) -> Any:

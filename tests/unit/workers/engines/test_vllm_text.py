@@ -50,8 +50,8 @@ def vllm_text(tokenizer: Any, prompt: list[int], ids: list[int], stopped: bool) 
     return detokenizer.get_next_output_text(finished=True, delta=False)
 
 
-def driver_text(tokenizer: Any, ids: list[int], stopped: bool) -> str:
-    return _final_text(tokenizer._tokenizer, ids[:-1] if stopped else ids)
+def driver_text(tokenizer: Any, prompt: list[int], ids: list[int], stopped: bool) -> str:
+    return _final_text(tokenizer._tokenizer, prompt, ids[:-1] if stopped else ids)
 
 
 def test_real_text_cut_anywhere(tokenizer: Any) -> None:
@@ -60,7 +60,7 @@ def test_real_text_cut_anywhere(tokenizer: Any) -> None:
     cut_mid_character = 0
     for end in range(len(ids) + 1):
         expected = vllm_text(tokenizer, prompt, ids[:end], stopped=False)
-        assert driver_text(tokenizer, ids[:end], stopped=False) == expected, end
+        assert driver_text(tokenizer, prompt, ids[:end], stopped=False) == expected, end
         cut_mid_character += expected != tokenizer.decode(ids[:end])
     assert cut_mid_character > 0  # the held-back endings were exercised
 
@@ -80,6 +80,6 @@ def test_random_ids_special_tokens_and_stops(tokenizer: Any) -> None:
         if stopped:
             ids.append(eos)
         expected = vllm_text(tokenizer, prompt, ids, stopped)
-        assert driver_text(tokenizer, ids, stopped) == expected, (case, ids)
+        assert driver_text(tokenizer, prompt, ids, stopped) == expected, (case, ids)
         differs += expected != tokenizer.decode(ids[:-1] if stopped else ids)
     assert differs > 0  # plain decoding would have been wrong somewhere
