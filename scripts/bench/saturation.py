@@ -726,7 +726,7 @@ def _client_docqueue(
             if keep:
                 keep.write_bytes(profiler.out.read_bytes())
         if front:
-            names = py_thread_names(front[0]) if args.profile else {}
+            names = py_thread_names(front[0])  # after the clock: one dump, no cost to it
     finally:
         stack.stop()
         found = INIT_LINE.search(stack.log_path.read_text())
@@ -800,6 +800,16 @@ def client_report(
     for (role, name), s in sorted(acc.items(), key=lambda kv: -kv[1]):
         if s >= 0.01:
             print(f"  {role:9} {name:28} {s:7.2f}")
+    per_cpu = []  # a noise check: tokens per engine CPU-second hardly depend on others' load
+    for r in rows:
+        a = r["a_tokens"] / sum(r["a_cpu"].get(f"raw:{k}", 0.0) for k in ("core", "model"))
+        c = r["c_tokens"] / sum(r["c_cpu"].get(f"worker:{k}", 0.0) for k in ("core", "model"))
+        per_cpu.append(f"{a:,.0f} / {c:,.0f} ({c / a:.3f})")
+    print("output tokens per engine CPU-second, (a) / (c) (c/a): " + ", ".join(per_cpu))
+    busy = max(r[k + "_cpu"]["other"] / r[k + "_cpu"]["machine"] for r in rows for k in "ac")
+    if busy > 0.1:
+        print(f"NOISY: processes outside the benchmark used up to {100 * busy:.0f}% of the"
+              " machine's busy CPU in a phase; rerun on a quiet machine")  # fmt: skip
     ok = med >= CLIENT_TARGET
     print("PASS" if ok else "MISS", f"(median c/a {med:.3f}; target >= {CLIENT_TARGET},"
           f" goal {TARGET_RATIO})")  # fmt: skip
