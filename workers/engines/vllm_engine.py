@@ -67,6 +67,14 @@ def engine_kwargs(
     from vllm.engine.arg_utils import EngineArgs
     from vllm.usage.usage_lib import UsageContext
 
+    eager = bool(enforce_eager)  # None: compiled, vLLM's own default, on CPU hosts too
+    if device == "cpu" and not eager:
+        # Eager mode costs vLLM-CPU 7-10% of its output tokens/s. A compiled start reads
+        # torch inductor's cache (TORCHINDUCTOR_CACHE_DIR, /tmp/torchinductor_$USER): the
+        # first start on a host fills it (a minute or more), later ones compile in 7-15 s.
+        # vLLM 0.32's own AOT compile cache never loads on CPU (its artifact has no
+        # finalize_loading), so with it every start recompiles, ~30 s: turned off.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     kwargs: dict[str, Any] = {
         "model": model,
         "dtype": dtype,
@@ -81,14 +89,6 @@ def engine_kwargs(
     }
     if max_model_len:
         kwargs["max_model_len"] = max_model_len
-    eager = bool(enforce_eager)  # None: compiled, vLLM's own default, on CPU hosts too
-    if device == "cpu" and not eager:
-        # Eager mode costs vLLM-CPU 7-10% of its output tokens/s. A compiled start reads
-        # torch inductor's cache (TORCHINDUCTOR_CACHE_DIR, /tmp/torchinductor_$USER): the
-        # first start on a host fills it (a minute or more), later ones compile in ~7 s.
-        # vLLM 0.32's own AOT compile cache never loads on CPU (its artifact has no
-        # finalize_loading), so with it every start recompiles, ~30 s: turned off.
-        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     if max_num_seqs:
         kwargs["max_num_seqs"] = max_num_seqs
     if device == "cpu":
