@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -122,10 +123,25 @@ def _start() -> None:
     readers' libraries imported (pyarrow alone takes most of a second), so no upload pays for
     them, whichever process it lands in."""
     _lower_priority()
+    _end_with_parent(os.getppid())
     import service.jobs.submit  # noqa: F401
 
     with contextlib.suppress(ImportError):  # Parquet uploads would then say what is missing
         import pyarrow.parquet  # noqa: F401
+
+
+def _end_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """The process ends once the API process is gone, however it ended: a pool process whose
+    parent was SIGKILLed (or whose shutdown was cut short) would wait forever on a queue no
+    one writes, holding its memory, one pair more at every restart. A thread that notices the
+    new parent, where ``PR_SET_PDEATHSIG`` would fire when the spawning *thread* ends."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every_s)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="end-with-parent", daemon=True).start()
 
 
 def _warm() -> int:
