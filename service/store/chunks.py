@@ -598,16 +598,26 @@ class PgChunkStore:
             ).all()
         return [Unsent(*r) for r in rows]
 
-    def mark_enqueued(self, chunk_ids: Sequence[uuid.UUID]) -> None:
-        """Stamps the chunks whose messages were re-sent (their wait starts again)."""
+    def restamp(self, chunk_ids: Sequence[uuid.UUID], requeue_after_s: float) -> set[uuid.UUID]:
+        """Stamps the chunks about to be re-sent (their wait starts again) and returns those
+        this call stamped. Every worker runs a reconciler: the stamp is conditional, so of
+        passes that found the same lost message at once only one re-sends it."""
         if not chunk_ids:
-            return
+            return set()
         with self._tx() as conn:
             # = ANY(array): one parameter however many chunks (IN (...) stops at 65,535).
-            conn.execute(
-                text("UPDATE chunks SET enqueued_at = now() WHERE id = ANY(:ids)"),
-                {"ids": list(chunk_ids)},
-            )
+            rows = conn.execute(
+                text(
+                    """
+                    UPDATE chunks SET enqueued_at = now()
+                    WHERE id = ANY(:ids) AND state = 'queued'
+                      AND enqueued_at < now() - make_interval(secs => :after)
+                    RETURNING id
+                    """
+                ),
+                {"ids": list(chunk_ids), "after": float(requeue_after_s)},
+            ).scalars()
+            return set(rows)
 
     # --- erasing a job ----------------------------------------------------------------------
 

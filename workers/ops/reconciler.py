@@ -7,7 +7,8 @@
 - The dispatcher's periodic pass: every model with waiting chunks gets what its workers can take
   (a worker that started, a lease that expired, a pass that failed earlier).
 - A released chunk whose message is gone from Redis (flushed, restarted without persistence)
-  is sent again.
+  is sent again, by one pass only: every worker runs these passes, and the chunk is stamped
+  in Postgres before it is sent, so a racing pass skips it.
 - OpenAI batches (``service.batches.finalize.sweep``): one past its window has its job
   cancelled; one whose job ended gets its output and error files and its final status.
 Runs at worker start and every ``reconcile_interval_s`` in each worker, and as a beat task in
@@ -70,11 +71,14 @@ def reconcile(store: PgChunkStore, app: Celery, settings: Settings) -> Report:
             )
         finally:
             client.close()
-    to_send = [message(c) for c in candidates if str(c.chunk_id) not in in_broker]
+    lost = [c.chunk_id for c in candidates if str(c.chunk_id) not in in_broker]
+    # Stamped before sending, so a pass racing this one skips them. A send that fails leaves
+    # the stamp: those chunks are sent again ``requeue_after_s`` later.
+    stamped = store.restamp(lost, settings.worker.requeue_after_s)
+    to_send = [message(c) for c in candidates if c.chunk_id in stamped]
     if to_send:
         report.resent = send_chunks(app, to_send)
         report.resent_ids = [str(m.chunk_id) for m in to_send]
-        store.mark_enqueued([m.chunk_id for m in to_send])
     try:
         report.batches = batch_finalize.sweep(store.db, settings)
     except Exception:  # a batch that cannot be finalized must not stop the rest of the pass

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -184,17 +185,34 @@ class Deployment:
         )
         return [(r[0], r[1]) for r in rows]
 
-    def taken_over(self, chunk_id: uuid.UUID, token: uuid.UUID, lost_by: Worker) -> str | None:
+    def taken_over(
+        self,
+        chunk_id: uuid.UUID,
+        token: uuid.UUID,
+        lost_by: Worker,
+        not_before: datetime | None = None,
+    ) -> str | None:
         """The worker that took the chunk over from ``lost_by`` (None: nobody yet). The
-        chunk's ``worker`` changes when another worker claims it, with a new token."""
+        chunk's ``worker`` changes when another worker claims it, with a new token. Seen taken
+        over while Postgres's clock is still before ``not_before`` (the lost lease's expiry)
+        fails: a live lease was stolen."""
         rows = self.sql(
-            "SELECT worker FROM chunks WHERE id = %s AND worker <> %s "
+            "SELECT worker, now() < %s FROM chunks WHERE id = %s AND worker <> %s "
             "AND lease_token IS DISTINCT FROM %s",
+            not_before,
             chunk_id,
             lost_by.name,
             token,
         )
+        if rows and rows[0][1]:
+            raise AssertionError(f"chunk {chunk_id} taken over before its lease ran out")
         return str(rows[0][0]) if rows else None
+
+    def lease_expiry(self, chunk_id: uuid.UUID) -> datetime:
+        """When the chunk's current lease runs out, by Postgres's clock."""
+        ((expires,),) = self.sql("SELECT lease_expires_at FROM chunks WHERE id = %s", chunk_id)
+        assert isinstance(expires, datetime)
+        return expires
 
     def locking_a_job(
         self, client_ports: Sequence[int] = (), client_addr: str | None = None

@@ -97,15 +97,16 @@ def test_reconciler_resends_lost_messages_only(
     app.close()
 
 
-def test_reconciler_resends_a_delivery_to_a_dead_worker(
+def lost_delivery(
     client: TestClient,
     api_key: str,
     settings: Settings,
     model_name: str,
     redis_client: redis.Redis,
-) -> None:
-    """A message delivered (unacked) long ago whose chunk was never claimed went to a worker
-    that died before claiming it; a recent delivery is left alone."""
+    delivered_s_ago: float,
+) -> tuple[uuid.UUID, str, str]:
+    """A one-chunk job whose message was delivered (unacked) ``delivered_s_ago`` and whose chunk
+    was never claimed, released a minute ago: (chunk id, queue, unacked tag)."""
     job_id = submit(client, api_key, "text\na\n", model=model_name).json()["id"]
     wait_enqueued(settings, job_id, 1)
     (chunk,) = chunk_rows(settings, job_id)
@@ -114,23 +115,77 @@ def test_reconciler_resends_a_delivery_to_a_dead_worker(
     assert raw is not None
     tag = f"tag-{uuid.uuid4().hex}"
     redis_client.hset("unacked", tag, json.dumps([json.loads(raw), "", queue]))
-    app = make_celery(settings)
-    s = override(settings, worker={"requeue_after_s": 30})
-    store = make_store(s)
+    redis_client.zadd("unacked_index", {tag: time.time() - delivered_s_ago})
     with pg(settings.database.url) as conn:
         conn.execute(
             "UPDATE chunks SET enqueued_at = now() - interval '1 minute' WHERE id = %s", (chunk[0],)
         )
+    return chunk[0], queue, tag
+
+
+def test_reconciler_resends_a_delivery_to_a_dead_worker(
+    client: TestClient,
+    api_key: str,
+    settings: Settings,
+    model_name: str,
+    redis_client: redis.Redis,
+) -> None:
+    """A message delivered (unacked) long ago whose chunk was never claimed went to a worker
+    that died before claiming it; a recent delivery is left alone.
+
+    The warm workers of the test session reconcile the same database every 2 s (their
+    ``requeue_after_s`` is 5): the recent delivery is fresh for them too, and the old one may
+    be re-sent by one of them instead of this pass, but only once in all."""
+    chunk_id, queue, tag = lost_delivery(
+        client, api_key, settings, model_name, redis_client, delivered_s_ago=0
+    )
+    app = make_celery(settings)
+    s = override(settings, worker={"requeue_after_s": 30})
+    store = make_store(s)
     try:
-        redis_client.zadd("unacked_index", {tag: time.time() - 5})  # delivered 5 s ago
-        assert str(chunk[0]) not in reconcile(store, app, s).resent_ids
+        assert str(chunk_id) not in reconcile(store, app, s).resent_ids
+        assert redis_client.llen(queue) == 0
         redis_client.zadd("unacked_index", {tag: time.time() - 300})  # 5 minutes ago
-        assert str(chunk[0]) in reconcile(store, app, s).resent_ids
-        assert redis_client.llen(queue) == 1
+        reconcile(store, app, s)  # this pass re-sends it, or a session worker's did just before
+        with pg(settings.database.url) as conn:
+            row = conn.execute(
+                "SELECT enqueued_at > now() - interval '20 s' FROM chunks WHERE id = %s",
+                (chunk_id,),
+            ).fetchone()
+        assert row is not None and row[0], "the re-sent chunk's wait starts again"
+        assert chunk_ids_in_broker(redis_client, [queue]) == {str(chunk_id)}
+        assert redis_client.llen(queue) == 1, "re-sent once"
     finally:
         redis_client.hdel("unacked", tag)
         redis_client.zrem("unacked_index", tag)
         app.close()
+
+
+def test_a_lost_message_is_resent_once_however_many_passes_run_at_once(
+    client: TestClient,
+    api_key: str,
+    settings: Settings,
+    model_name: str,
+    redis_client: redis.Redis,
+) -> None:
+    """Every worker reconciles: passes that find the same lost message at once send it once."""
+    chunk_id, queue, tag = lost_delivery(
+        client, api_key, settings, model_name, redis_client, delivered_s_ago=300
+    )
+    s = override(settings, worker={"requeue_after_s": 30})
+    apps = [make_celery(s) for _ in range(6)]
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            reports = list(pool.map(lambda app: reconcile(make_store(s), app, s), apps))
+        resent = [cid for r in reports for cid in r.resent_ids if cid == str(chunk_id)]
+        assert len(resent) <= 1
+        assert redis_client.llen(queue) == 1
+        assert chunk_ids_in_broker(redis_client, [queue]) == {str(chunk_id)}
+    finally:
+        redis_client.hdel("unacked", tag)
+        redis_client.zrem("unacked_index", tag)
+        for app in apps:
+            app.close()
 
 
 def test_a_waiting_chunk_is_released_once_however_many_passes_run_at_once(
