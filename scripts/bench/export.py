@@ -14,7 +14,6 @@ resident memory (baseline before, peak during). A smaller job is measured the sa
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import tempfile
 import time
@@ -28,15 +27,6 @@ if str(ROOT) not in sys.path:
 
 TARGET_ROWS_PER_S = 100_000
 MiB = 1024 * 1024
-
-
-def _load(name: str, path: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass
@@ -144,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small-rows", type=int, default=100_000, help="0: skip the small job")
     args = p.parse_args(argv)
 
-    ingest = _load("docqueue_bench_ingest", ROOT / "scripts" / "bench" / "ingest.py")
+    from scripts.bench import ingest
+
     ctx = ingest.local_context()
     ingest.create_database(ctx)
     sizes = [n for n in (args.small_rows, args.rows) if n]

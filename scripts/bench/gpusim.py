@@ -34,13 +34,11 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import importlib.util
 import io
 import os
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -70,15 +68,6 @@ WORDS = (  # noqa: SIM905 - a sentence reads better than a list literal
     "tickets within a day customers asked about refunds delays invoices and new releases of "
     "the mobile app engineers fixed outages upgraded databases and reviewed dashboards alerts"
 ).split()
-
-
-def _load(name: str, path: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def documents(n: int, seed: int = 14) -> list[str]:
@@ -182,32 +171,13 @@ class Docqueue:
             "DOCQUEUE_REDIS_URL": ctx.redis_url,
             "DOCQUEUE_LOG_LEVEL": "INFO",  # the engine's busy periods (see ``periods``)
         }
-        exe = Path(sys.executable).with_name("docqueue")
         self.log_path = workdir / "worker.log"
-        self._log = self.log_path.open("ab")
-        self.worker = subprocess.Popen(
-            [str(exe), "worker", "--model", MODEL, "--gpus", "none", "--loglevel", "info"],
-            cwd=ROOT,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.worker = ingest.start_worker(MODEL, env, self.log_path, loglevel="info")
 
     def wait_ready(self, timeout_s: float = 120) -> None:
-        import psycopg
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with psycopg.connect(self.ctx.pg_dsn) as conn:
-                ready = conn.execute(
-                    "SELECT 1 FROM workers WHERE model = %s AND engine_ready", (MODEL,)
-                ).fetchone()
-            if ready:
-                return
-            if self.worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start; see {self.log_path}")
-            time.sleep(0.3)
+        self.ingest.wait_worker_ready(
+            self.ctx.pg_dsn, MODEL, [self.worker], self.log_path, timeout_s
+        )
 
     def periods(self, since: float, until: float) -> list[BusyPeriod]:
         """The worker's simulated GPU busy periods within [since, until] (time.monotonic(), one
@@ -264,7 +234,6 @@ class Docqueue:
     def stop(self) -> None:
         self.ingest.stop_group(self.worker, timeout_s=30)
         self.api.stop()
-        self._log.close()
 
 
 # ---------------------------------------------------------------------------------- main
@@ -306,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     params = SimParams(
         args.step_ms, args.step_ms_per_seq, args.max_num_seqs, args.prefill_tokens_per_ms
     )
-    ingest = _load("docqueue_bench_ingest", ROOT / "scripts" / "bench" / "ingest.py")
+    from scripts.bench import ingest
+
     texts = documents(args.docs)
     ctx = dataclasses.replace(
         ingest.local_context(), redis_url=f"redis://127.0.0.1:6379/{args.redis_db}"

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -438,6 +439,51 @@ def local_context() -> BenchContext:
         redis_url="redis://127.0.0.1:6379/14",
         tmp=Path(tempfile.gettempdir()),
     )
+
+
+def start_worker(
+    model: str, env: dict[str, str], log_path: Path, loglevel: str = "warning"
+) -> subprocess.Popen[bytes]:
+    """A ``docqueue worker`` for ``model`` on this host's CPU (``--gpus none``), in its own
+    process group (``stop_group`` ends it with its engine), logging to ``log_path``."""
+    exe = Path(sys.executable).with_name("docqueue")
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [str(exe), "worker", "--model", model, "--gpus", "none", "--loglevel", loglevel],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_worker_ready(
+    dsn: str,
+    model: str,
+    procs: Sequence[subprocess.Popen[bytes]],
+    log_path: Path,
+    timeout_s: float,
+    every_s: float = 0.3,
+) -> None:
+    """Until a worker for ``model`` has registered its engine ready (a live heartbeat, so a
+    row left by an earlier worker does not count); raises if one of ``procs`` (the worker, or
+    the API it needs) exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with psycopg.connect(dsn) as conn:
+            ready = conn.execute(
+                "SELECT 1 FROM workers WHERE model = %s AND engine_ready "
+                "AND last_heartbeat_at > now() - interval '60 seconds'",
+                (model,),
+            ).fetchone()
+        if ready:
+            return
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"docqueue did not start; see {log_path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"worker not ready after {timeout_s:.0f} s; see {log_path}")
+        time.sleep(every_s)
 
 
 def stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:

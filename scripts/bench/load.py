@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -32,15 +31,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-
-def _load(name: str, path: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # ------------------------------------------------------------------------------ the load client
@@ -125,10 +115,10 @@ def main() -> int:
 
     import httpx
 
+    from scripts.bench import ingest
     from service.store.engine import session_scope
     from service.store.keys import create_key
 
-    ingest = _load("bench_ingest", ROOT / "scripts" / "bench" / "ingest.py")
     ctx = ingest.local_context()
     ingest.create_database(ctx)
     api = None

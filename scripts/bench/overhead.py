@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import io
 import os
 import subprocess
@@ -71,15 +70,6 @@ try:  # importable by the naive Celery worker: `celery -A overhead:naive_app wor
         )
 except ImportError:  # pragma: no cover - celery is a dependency
     pass
-
-
-def _load(name: str, path: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def documents(n: int) -> list[str]:
@@ -163,7 +153,6 @@ def run_docqueue(
     ingest: Any, ctx: Any, texts: list[str], chunk_size: int | None, workdir: Path, runs: int
 ) -> list[tuple[float, int, dict[str, float]]]:
     import httpx
-    import psycopg
 
     api = ingest.Api(ingest.free_port(), ctx.database_url, ctx.redis_url, workdir / "api.log")
     env = {
@@ -173,28 +162,10 @@ def run_docqueue(
         "DOCQUEUE_ENGINE": "bench",  # the zero-cost benchmark engine, named as such
         "DOCQUEUE_LOG_LEVEL": "WARNING",
     }
-    exe = Path(sys.executable).with_name("docqueue")
-    log = (workdir / "worker.log").open("ab")
-    worker = subprocess.Popen(
-        [str(exe), "worker", "--model", BENCH_MODEL, "--gpus", "none", "--loglevel", "warning"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    worker = ingest.start_worker(BENCH_MODEL, env, workdir / "worker.log")
     out = []
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            with psycopg.connect(ctx.pg_dsn) as conn:
-                ready = conn.execute(
-                    "SELECT 1 FROM workers WHERE model = %s AND engine_ready", (BENCH_MODEL,)
-                ).fetchone()
-            if ready:
-                break
-            if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start; see {workdir / 'worker.log'}")
-            time.sleep(0.3)
+        ingest.wait_worker_ready(ctx.pg_dsn, BENCH_MODEL, [worker], workdir / "worker.log", 120)
         buf = io.StringIO()
         csv.writer(buf).writerows([["text"], *[[t] for t in texts]])
         body = buf.getvalue().encode()
@@ -233,7 +204,6 @@ def run_docqueue(
     finally:
         ingest.stop_group(worker, timeout_s=30)
         api.stop()
-        log.close()
 
 
 def _cpu(ingest: Any, pids: dict[str, int]) -> dict[str, float]:
@@ -253,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=2, help="docqueue jobs in a row; the best counts")
     args = p.parse_args(argv)
 
-    ingest = _load("docqueue_bench_ingest", ROOT / "scripts" / "bench" / "ingest.py")
+    from scripts.bench import ingest
+
     ctx = ingest.local_context()
     ingest.create_database(ctx)
     try:

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import io
 import json
 import math
@@ -72,15 +71,6 @@ ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1", "VLLM_NO_USA
 REPLY = "@@saturation "
 #: vLLM's own log line for its engine's start, the compile included.
 INIT_LINE = re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([0-9.]+) s")
-
-
-def _load(name: str, path: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def documents(n: int) -> list[str]:
@@ -219,31 +209,13 @@ class Docqueue:
         }
         if eager is not None:  # else the worker's default: compiled
             env["DOCQUEUE_VLLM_ENFORCE_EAGER"] = "true" if eager else "false"
-        exe = Path(sys.executable).with_name("docqueue")
         self.log_path = workdir / "worker.log"
-        self._log = self.log_path.open("ab")
-        self.worker = subprocess.Popen(
-            [str(exe), "worker", "--model", model, "--gpus", "none", "--loglevel", "warning"],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.worker = ingest.start_worker(model, env, self.log_path)
 
     def wait_ready(self, timeout_s: float = 600) -> None:
-        import psycopg
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with psycopg.connect(self.dsn) as conn:
-                ready = conn.execute(
-                    "SELECT 1 FROM workers WHERE model = %s AND engine_ready", (self.model,)
-                ).fetchone()
-            if ready:
-                return
-            if self.worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start; see {self.log_path}")
-            time.sleep(0.5)
+        self.ingest.wait_worker_ready(
+            self.dsn, self.model, [self.worker], self.log_path, timeout_s, every_s=0.5
+        )
 
     def warm_up(self, texts: list[str], max_tokens: int) -> None:
         """One small untimed job, as (a) and (b) get an untimed ``LLM.chat`` of 8 prompts:
@@ -289,7 +261,6 @@ class Docqueue:
     def stop(self) -> None:
         self.ingest.stop_group(self.worker)
         self.api.stop()
-        self._log.close()
 
 
 # ------------------------------------------------------------------------------ accounting
@@ -469,23 +440,10 @@ class UserStack:
 
     def wait_ready(self, timeout_s: float = 1200) -> float:
         """Until the worker's engine is registered ready; returns seconds since the start."""
-        import psycopg
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with psycopg.connect(self.dsn) as conn:
-                ready = conn.execute(
-                    "SELECT 1 FROM workers WHERE model = %s AND engine_ready "
-                    "AND last_heartbeat_at > now() - interval '60 seconds'",
-                    (self.model,),
-                ).fetchone()
-            if ready:
-                return time.monotonic() - self.started
-            if self.worker.poll() is not None or self.api.poll() is not None:
-                raise RuntimeError(f"docqueue did not start; see {self.log_path}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"worker not ready after {timeout_s:.0f} s; {self.log_path}")
-            time.sleep(0.5)
+        self.ingest.wait_worker_ready(
+            self.dsn, self.model, [self.worker, self.api], self.log_path, timeout_s, every_s=0.5
+        )
+        return time.monotonic() - self.started
 
     def run_job(
         self,
@@ -872,8 +830,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    prepare = _load("docqueue_prepare_models", ROOT / "scripts" / "prepare_models.py")
-    ingest = _load("docqueue_bench_ingest", ROOT / "scripts" / "bench" / "ingest.py")
+    from scripts import prepare_models as prepare
+    from scripts.bench import ingest
+
     if args.client_observed:
         return client_observed(args, prepare, ingest)
     args.docs, args.max_tokens = args.docs or 2000, args.max_tokens or 64

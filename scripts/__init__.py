@@ -1,0 +1,1 @@
+"""Operational scripts: installation, model preparation, benchmarks."""
