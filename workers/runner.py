@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import time
 import uuid
@@ -19,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from service.batches.requests import finite_logprob
 from service.errors import EngineDeadError, LeaseLostError, RowError, TransientError
 from service.store.chunks import ChunkStore, Doc, Lease, RowResult
 from service.store.states import CANCEL_STATUSES, ChunkState, Task
@@ -361,11 +361,6 @@ def row_results(group: Group, attempts: int, labels: tuple[str, ...] | None) -> 
     return out
 
 
-def _floor(logprob: float) -> float:
-    """OpenAI's floor for a token the model gives no chance (vLLM says ``-inf``)."""
-    return logprob if math.isfinite(logprob) else -9999.0
-
-
 def _choice(index: int, choice: Choice) -> dict[str, Any]:
     """One choice as the result row keeps it (``results.choices``)."""
     logprobs = None
@@ -373,8 +368,10 @@ def _choice(index: int, choice: Choice) -> dict[str, Any]:
         logprobs = [
             {
                 "token": t.token,
-                "logprob": _floor(t.logprob),
-                "top_logprobs": [{"token": tok, "logprob": _floor(lp)} for tok, lp in t.top],
+                "logprob": finite_logprob(t.logprob),
+                "top_logprobs": [
+                    {"token": tok, "logprob": finite_logprob(lp)} for tok, lp in t.top
+                ],
             }
             for t in choice.logprobs
         ]

@@ -144,12 +144,7 @@ def list_batches(
     with read(db) as session:
         found = lifecycle.page(session, who.tenant_id, limit=limit, after=mark)
         data = [batch_object(b, j) for b, j in found.rows]
-    return BatchList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=found.has_more,
-    )
+    return BatchList.of(data, found.has_more)
 
 
 @router.get("/{batch_id}", response_model=BatchObject)

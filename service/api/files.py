@@ -131,12 +131,7 @@ def list_files(
             session, who.tenant_id, limit=limit, after=_after(after), order=order, purpose=purpose
         )
         data = [FileObject.of(f) for f in page.files]
-    return FileList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=page.has_more,
-    )
+    return FileList.of(data, page.has_more)
 
 
 @router.get("/{file_id}", response_model=FileObject)

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from datetime import UTC, date, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, Self, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
 
@@ -706,10 +706,15 @@ OPENAI_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-class FileObject(BaseModel):
-    """OpenAI's FileObject. Times are Unix seconds."""
+class Identified(BaseModel):
+    """An OpenAI object a list pages by (``after=<id>``)."""
 
     id: str
+
+
+class FileObject(Identified):
+    """OpenAI's FileObject. Times are Unix seconds."""
+
     object: Literal["file"] = "file"
     bytes: int
     created_at: int
@@ -732,12 +737,30 @@ class FileObject(BaseModel):
         )
 
 
-class FileList(BaseModel):
+Item = TypeVar("Item", bound="Identified")
+
+
+class CursorPage(BaseModel, Generic[Item]):
+    """OpenAI's list page: ``first_id`` and ``last_id`` are what ``after`` pages on."""
+
     object: Literal["list"] = "list"
-    data: list[FileObject]
+    data: list[Item]
     first_id: str | None = None
     last_id: str | None = None
     has_more: bool = False
+
+    @classmethod
+    def of(cls, data: list[Item], has_more: bool) -> Self:
+        return cls(
+            data=data,
+            first_id=data[0].id if data else None,
+            last_id=data[-1].id if data else None,
+            has_more=has_more,
+        )
+
+
+class FileList(CursorPage[FileObject]):
+    pass
 
 
 class FileDeleted(BaseModel):
@@ -803,11 +826,10 @@ class BatchUsage(BaseModel):
     total_tokens: int
 
 
-class BatchObject(BaseModel):
+class BatchObject(Identified):
     """OpenAI's Batch. Times are Unix seconds. ``job_id`` is docqueue's own: the batch's job,
     whose partial results ``GET /v1/jobs/{id}/results`` serves while it runs."""
 
-    id: str
     object: Literal["batch"] = "batch"
     endpoint: str
     input_file_id: str
@@ -832,9 +854,5 @@ class BatchObject(BaseModel):
     job_id: uuid.UUID
 
 
-class BatchList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[BatchObject]
-    first_id: str | None = None
-    last_id: str | None = None
-    has_more: bool = False
+class BatchList(CursorPage[BatchObject]):
+    pass

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from sqlalchemy import Connection, Engine, Row, text
 
 from service.batches import objects as o
 from service.batches.lifecycle import validate_and_ingest
-from service.batches.requests import ENDPOINTS, parse_body
+from service.batches.requests import ENDPOINTS, finite_logprob, parse_body
 from service.errors import ConflictError
 from service.files.store import FileWriter
 from service.settings import Settings
@@ -44,8 +43,6 @@ from service.store.states import TERMINAL_STATUSES, JobStatus
 
 log = logging.getLogger(__name__)
 
-#: OpenAI's floor for a logprob it cannot tell (JSON has no -Infinity).
-LOGPROB_FLOOR = -9999.0
 #: Row errors that are the request's own fault (a 400); any other row error is docqueue's (500).
 _CONTEXT = "this model's maximum context length"
 _REQUEST_FAULTS = (_CONTEXT, "could not render the request", "the row has no request body")
@@ -370,11 +367,6 @@ def _finish_reason(value: str | None) -> o.FinishReason:
     return "length" if value == "length" else "stop"
 
 
-def _logprob(value: Any) -> float:
-    number = float(value) if isinstance(value, int | float) else LOGPROB_FLOOR
-    return number if math.isfinite(number) else LOGPROB_FLOOR
-
-
 def _bytes(token: str) -> list[int]:
     return list(token.encode("utf-8", "replace"))
 
@@ -384,12 +376,12 @@ def _chat_logprobs(tokens: Sequence[dict[str, Any]]) -> o.ChatLogprobs:
         content=[
             o.TokenLogprob(
                 token=str(t.get("token") or ""),
-                logprob=_logprob(t.get("logprob")),
+                logprob=finite_logprob(t.get("logprob")),
                 bytes=_bytes(str(t.get("token") or "")),
                 top_logprobs=[
                     o.TopLogprob(
                         token=str(a.get("token") or ""),
-                        logprob=_logprob(a.get("logprob")),
+                        logprob=finite_logprob(a.get("logprob")),
                         bytes=_bytes(str(a.get("token") or "")),
                     )
                     for a in t.get("top_logprobs") or ()
@@ -411,10 +403,10 @@ def _completion_logprobs(tokens: Sequence[dict[str, Any]], start: int) -> o.Comp
         at += len(word)
     return o.CompletionLogprobs(
         tokens=words,
-        token_logprobs=[_logprob(t.get("logprob")) for t in tokens],
+        token_logprobs=[finite_logprob(t.get("logprob")) for t in tokens],
         top_logprobs=[
             {
-                str(a.get("token") or ""): _logprob(a.get("logprob"))
+                str(a.get("token") or ""): finite_logprob(a.get("logprob"))
                 for a in t.get("top_logprobs") or ()
             }
             for t in tokens

@@ -13,12 +13,24 @@ nothing about the generation and are accepted as such).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+#: OpenAI's floor for a logprob it cannot tell: a token the model gives no chance (vLLM says
+#: ``-inf``, and JSON has no -Infinity), or one the engine did not report.
+LOGPROB_FLOOR = -9999.0
+
+
+def finite_logprob(value: Any) -> float:
+    """A logprob as OpenAI sends it: a finite number, else ``LOGPROB_FLOOR``."""
+    number = float(value) if isinstance(value, int | float) else LOGPROB_FLOOR
+    return number if math.isfinite(number) else LOGPROB_FLOOR
+
 
 #: The endpoints a batch may name, and the kind of request each line is.
 ENDPOINTS: dict[str, Literal["chat", "completion"]] = {

@@ -39,3 +39,16 @@ def tiny_model_alias(tag: str) -> str:
 
 def smollm2_model() -> str:
     return str(prepare_models().ensure_smollm2())
+
+
+#: A JSON schema the structured-output tests constrain the tiny model with: an enum and a
+#: boolean, both required, nothing else (what a yes/no verdict looks like).
+VERDICT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "string", "enum": ["yes", "no"]},
+        "sure": {"type": "boolean"},
+    },
+    "required": ["answer", "sure"],
+    "additionalProperties": False,
+}

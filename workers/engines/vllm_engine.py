@@ -31,6 +31,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from service.batches.requests import LOGPROB_FLOOR
 from service.errors import EngineDeadError
 from workers.engines.base import Batch, Choice, GenRequest, GenResult, TokenLogprob
 
@@ -487,7 +488,7 @@ def _token_logprobs(comp: Any) -> tuple[TokenLogprob, ...] | None:
         out.append(
             TokenLogprob(
                 token=(chosen.decoded_token if chosen is not None else None) or "",
-                logprob=float(chosen.logprob) if chosen is not None else -9999.0,  # OpenAI's floor
+                logprob=float(chosen.logprob) if chosen is not None else LOGPROB_FLOOR,
                 top=tuple((lp.decoded_token or "", float(lp.logprob)) for lp in ranked),
             )
         )

@@ -19,18 +19,10 @@ from openai.types.chat import ChatCompletion
 
 from service.settings import Settings
 from tests.support import ROOT
+from tests.support.models import VERDICT_SCHEMA
 from tests.support.stack import new_key, worker_env
 
 CHAT: Literal["/v1/chat/completions"] = "/v1/chat/completions"
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "answer": {"type": "string", "enum": ["yes", "no"]},
-        "sure": {"type": "boolean"},
-    },
-    "required": ["answer", "sure"],
-    "additionalProperties": False,
-}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +71,7 @@ def test_a_batch_runs_to_completed_with_every_request_once(
     reqs += [
         request("json-1", "Is water wet?", max_tokens=48, temperature=1.0, seed=3,
                 response_format={"type": "json_schema",
-                                 "json_schema": {"name": "verdict", "schema": SCHEMA}}),
+                                 "json_schema": {"name": "verdict", "schema": VERDICT_SCHEMA}}),
         request("three", "Pick a word.", max_tokens=4, n=3, temperature=1.0, seed=5),
         request("bad", "x", tools=[{"type": "function"}]),
     ]  # fmt: skip

@@ -10,19 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.models import tiny_model
+from tests.support.models import VERDICT_SCHEMA, tiny_model
 from workers.engines.base import GenRequest, GenResult
 from workers.engines.vllm_engine import VllmEngine
-
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "answer": {"type": "string", "enum": ["yes", "no"]},
-        "sure": {"type": "boolean"},
-    },
-    "required": ["answer", "sure"],
-    "additionalProperties": False,
-}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +62,7 @@ def test_a_stop_string_ends_the_output_before_it(engine: VllmEngine) -> None:
 def test_a_json_schema_output_parses_and_matches_it(engine: VllmEngine) -> None:
     requests = [
         GenRequest(prompt(engine, f"Question {i}?"), max_tokens=64, temperature=1.0, seed=i,
-                   json_schema=json.dumps(SCHEMA))
+                   json_schema=json.dumps(VERDICT_SCHEMA))
         for i in range(4)
     ]  # fmt: skip
     for res in run(engine, *requests):
@@ -112,7 +102,7 @@ def test_final_outputs_equal_streamed_ones(engine: VllmEngine) -> None:
         GenRequest(prompt(engine), max_tokens=6, temperature=0.0, logprobs=2),
         GenRequest(prompt(engine), max_tokens=40, temperature=0.0, stop=("e",)),
         GenRequest(prompt(engine), max_tokens=64, temperature=1.0, seed=1,
-                   json_schema=json.dumps(SCHEMA)),
+                   json_schema=json.dumps(VERDICT_SCHEMA)),
         GenRequest(prompt(engine), max_tokens=4, choices=("yes", "no")),
     ]  # fmt: skip
     assert engine.outputs == "final"
