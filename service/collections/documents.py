@@ -26,7 +26,7 @@ from service.errors import InvalidParameterError, NotFoundError
 from service.jobs import submit
 from service.jobs import validate as jobs
 from service.jobs.formats import ingest_upload, parse_format
-from service.jobs.ingest import IngestOptions, parse_delimiter
+from service.jobs.ingest import IngestOptions, PgCopySink, parse_delimiter
 from service.settings import Settings
 from service.store.engine import get_engine
 from service.store.tables import Chunk, Collection, CollectionDocument, Job, Schedule
@@ -110,7 +110,8 @@ def upsert_documents(
             format=parse_format(format),
             file_name=file_name,
         )
-        result = ingest_upload(raw, uuid.uuid4(), upload, upload, opts)
+        with PgCopySink(raw, uuid.uuid4(), opts.id_column) as sink:
+            result = ingest_upload(sink, upload, upload, opts)
         # Only now the collection: created on first use, then locked for the merge, so that
         # concurrent uploads to one collection apply one after the other.
         session.execute(

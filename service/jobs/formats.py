@@ -31,18 +31,17 @@ import json
 import operator
 import os
 import struct
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 import orjson
-import psycopg
 
 from service.errors import InvalidFileError, InvalidParameterError, clip
 from service.jobs.ingest import (
     _SHOW_NAME_CHARS,
     IngestOptions,
     IngestResult,
+    RowSink,
     _Progress,
     ingest_csv,
     load_rows,
@@ -124,13 +123,9 @@ def resolve_format(upload: IO[bytes], explicit: str | None, file_name: str | Non
 
 
 def ingest_upload(
-    conn: psycopg.Connection[Any],
-    job_id: uuid.UUID,
-    upload: IO[bytes],
-    stream: IO[bytes],
-    opts: IngestOptions,
+    sink: RowSink, upload: IO[bytes], stream: IO[bytes], opts: IngestOptions
 ) -> IngestResult:
-    """Loads an upload in any format into ``documents``, in the caller's transaction.
+    """Loads an upload in any format into ``sink`` (the job's documents).
 
     ``stream`` is the upload read once from its start (CSV and JSON Lines read it; the caller
     may hash it on the way); ``upload`` the seekable file itself, which the format is peeked
@@ -139,12 +134,12 @@ def ingest_upload(
     fmt = resolve_format(upload, opts.format, opts.file_name)
     if fmt == "parquet":
         try:
-            return ingest_parquet(conn, job_id, upload, opts)
+            return ingest_parquet(sink, upload, opts)
         finally:
             upload.seek(0)
     if fmt == "jsonl":
-        return ingest_jsonl(conn, job_id, stream, opts)
-    return ingest_csv(conn, job_id, stream, opts)
+        return ingest_jsonl(sink, stream, opts)
+    return ingest_csv(sink, stream, opts)
 
 
 # --- JSON Lines --------------------------------------------------------------------------------
@@ -355,12 +350,10 @@ def _no_nul(value: Any) -> Any:
     return value
 
 
-def ingest_jsonl(
-    conn: psycopg.Connection[Any], job_id: uuid.UUID, binary: IO[bytes], opts: IngestOptions
-) -> IngestResult:
-    """JSON Lines into ``documents`` for ``job_id``, in the caller's transaction."""
+def ingest_jsonl(sink: RowSink, binary: IO[bytes], opts: IngestOptions) -> IngestResult:
+    """JSON Lines into ``sink`` (the job's documents)."""
     reader = JsonlReader(binary, opts)
-    rows, extra = load_rows(conn, job_id, reader.header, reader, opts, reader.progress, reader)
+    rows, extra = load_rows(sink, reader.header, reader, opts, reader.progress, reader)
     return IngestResult(
         rows=rows, columns=reader.header, delimiter="", extra_columns=extra, format="jsonl"
     )
@@ -691,14 +684,10 @@ def _pylist(arr: pa.Array) -> list[str]:
     return values
 
 
-def ingest_parquet(
-    conn: psycopg.Connection[Any], job_id: uuid.UUID, upload: IO[bytes], opts: IngestOptions
-) -> IngestResult:
-    """A Parquet upload (seekable; read from its start) into ``documents`` for ``job_id``."""
+def ingest_parquet(sink: RowSink, upload: IO[bytes], opts: IngestOptions) -> IngestResult:
+    """A Parquet upload (seekable; read from its start) into ``sink`` (the job's documents)."""
     reader = ParquetReader(upload, opts)
-    rows, extra = load_rows(
-        conn, job_id, reader.header, reader, opts, reader.progress, reader.source
-    )
+    rows, extra = load_rows(sink, reader.header, reader, opts, reader.progress, reader.source)
     return IngestResult(
         rows=rows, columns=reader.header, delimiter="", extra_columns=extra, format="parquet"
     )

@@ -41,12 +41,11 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from typing import IO, TYPE_CHECKING, Any, NoReturn, Protocol
 
-import psycopg
-from psycopg import errors as pg_errors
-
 from service.errors import InvalidFileError, InvalidParameterError, clip
 
 if TYPE_CHECKING:
+    import psycopg
+
     from service.settings import Settings
 
 DELIMITERS = (",", ";", "\t")
@@ -553,13 +552,11 @@ def read_rows(binary: IO[bytes], opts: IngestOptions) -> tuple[list[str], str, I
     return reader.header, reader.delimiter, iter(reader)
 
 
-def ingest_csv(
-    conn: psycopg.Connection[Any], job_id: uuid.UUID, binary: IO[bytes], opts: IngestOptions
-) -> IngestResult:
-    """Loads the upload's rows into ``documents`` for ``job_id`` inside the caller's transaction."""
+def ingest_csv(sink: RowSink, binary: IO[bytes], opts: IngestOptions) -> IngestResult:
+    """Loads the upload's rows into ``sink`` (the job's documents)."""
     reader = CsvReader(binary, opts)
     rows, extra_columns = load_rows(
-        conn, job_id, reader.header, reader, opts, reader.progress, reader.source, reader.hint()
+        sink, reader.header, reader, opts, reader.progress, reader.source, reader.hint()
     )
     return IngestResult(
         rows=rows, columns=reader.header, delimiter=reader.delimiter, extra_columns=extra_columns
@@ -572,9 +569,75 @@ class Counted(Protocol):
     count: int
 
 
+class RowSink(Protocol):
+    """Where checked rows go: PostgreSQL's ``COPY`` (``PgCopySink``) for the service, the
+    embedded store for ``docqueue run``. ``load_rows`` has checked every bound before ``add``.
+    ``extra`` is the row's other columns as a JSON object's text; ``line`` where the row ends
+    (0 where the format has no lines), for errors the sink finds (bad UTF-8, a duplicate id)."""
+
+    def add(
+        self, idx: int, external_id: str | None, text: str, extra: str | None, line: int
+    ) -> None: ...
+
+    def flush(self) -> None:
+        """Sends what was added so far (``load_rows`` calls it every few thousand rows)."""
+
+
+class PgCopySink:
+    """Rows into ``documents`` for ``job_id`` with one ``COPY``, in the caller's transaction.
+    A context manager: the ``COPY`` ends on exit, where a duplicate id becomes the file's error
+    (with its row)."""
+
+    def __init__(self, conn: psycopg.Connection[Any], job_id: uuid.UUID, id_column: str | None):
+        self._conn, self._id_column = conn, id_column
+        self._prefix = f"{job_id}\t"
+        self._batch: list[str] = []
+        self._where: list[int] = []  # the line of each row in the batch
+        self._first = 1  # idx of the batch's first row
+        self._copy: Any = None
+
+    def __enter__(self) -> PgCopySink:
+        self._cm = self._conn.cursor().copy(
+            "COPY documents (job_id, idx, external_id, text, extra) FROM STDIN"
+        )
+        self._copy = self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from psycopg import errors as pg_errors
+
+        try:
+            if exc[0] is None:
+                self.flush()
+            self._cm.__exit__(*exc)
+        except pg_errors.UniqueViolation as err:
+            raise _duplicate_error(err, self._id_column) from err
+
+    def add(
+        self, idx: int, external_id: str | None, text: str, extra: str | None, line: int
+    ) -> None:
+        ext = "\\N" if external_id is None else _copy_escape(external_id)
+        ext_json = "\\N" if extra is None else _copy_escape(extra)
+        if not self._batch:
+            self._first = idx
+        self._batch.append(f"{self._prefix}{idx}\t{ext}\t{_copy_escape(text)}\t{ext_json}\n")
+        self._where.append(line)
+
+    def flush(self) -> None:
+        if self._batch:
+            from psycopg import errors as pg_errors
+
+            data = encode_rows(self._batch, self._first, self._where)
+            try:
+                self._copy.write(data)
+            except pg_errors.UniqueViolation as err:
+                raise _duplicate_error(err, self._id_column) from err
+            self._batch.clear()
+            self._where.clear()
+
+
 def load_rows(
-    conn: psycopg.Connection[Any],
-    job_id: uuid.UUID,
+    sink: RowSink,
     header: list[str],
     records: Iterable[Sequence[str]],
     opts: IngestOptions,
@@ -582,11 +645,11 @@ def load_rows(
     source: Counted,
     hint: str = "",
 ) -> tuple[int, list[str]]:
-    """COPYs ``records`` (each a value per ``header`` column, as text) into ``documents`` with
-    every per-row bound; returns (rows, extra columns). Every format's reader ends here, so the
-    limits and the stored rows are the same whatever the upload's format. ``progress.line`` is
-    the line where the last record ends (0 where a format has no lines), ``source.count`` the
-    bytes read so far."""
+    """Checks ``records`` (each a value per ``header`` column, as text) against every per-row
+    bound and hands them to ``sink``; returns (rows, extra columns). Every format's reader ends
+    here, so the limits and the stored rows are the same whatever the upload's format.
+    ``progress.line`` is the line where the last record ends (0 where a format has no lines),
+    ``source.count`` the bytes read so far."""
     found = _names(header)
     if opts.text_column not in header:
         raise InvalidFileError(
@@ -629,82 +692,64 @@ def load_rows(
     # Stored sizes are counted in characters, cheaply; the names, repeated in every row, in
     # bytes: this many more per row.
     names_extra_bytes = keys_bytes - len(keys_json)
-    prefix = f"{job_id}\t"
     limit = opts.max_document_bytes
     char_guard = limit // 4  # below this many characters a field cannot exceed `limit` bytes
     extra_guard = max_extra // 4
     stored = 0  # text, id and extra JSON of the rows so far
     flush_at = _COPY_BATCH_CHARS
+    pending = 0  # rows added since the last flush
 
-    rows = 0
-    cur = conn.cursor()
-    try:
-        with cur.copy("COPY documents (job_id, idx, external_id, text, extra) FROM STDIN") as cp:
-            batch: list[str] = []
-            where: list[int] = []  # the line of each row in the batch
-            idx = 0
-            for row in records:
-                idx += 1
-                if idx > opts.max_rows:
-                    raise InvalidFileError(
-                        f"more than {opts.max_rows} rows: the limit per job is {opts.max_rows}",
-                        row=idx,
-                        line=progress.line or None,
-                    )
-                text = row[text_pos]
-                if len(text) > char_guard and len(text.encode("utf-8", "surrogateescape")) > limit:
-                    raise InvalidFileError(
-                        f"row {idx}: column {clip(opts.text_column, _SHOW_NAME_CHARS)!r} is "
-                        f"{len(text.encode('utf-8', 'surrogateescape'))} bytes; "
-                        f"the limit is {limit} bytes per document",
-                        row=idx,
-                        line=progress.line or None,
-                        column=opts.text_column,
-                    )
-                stored += len(text)
-                if id_pos is not None:
-                    ext = row[id_pos].strip()
-                    if not ext:
-                        raise InvalidFileError(
-                            f"row {idx}: empty id in column "
-                            f"{clip(opts.id_column or '', _SHOW_NAME_CHARS)!r}",
-                            row=idx,
-                            line=progress.line or None,
-                            column=opts.id_column,
-                        )
-                    stored += len(ext)
-                    ext = _copy_escape(ext)
-                else:
-                    ext = "\\N"
-                if extra_keys:
-                    # The JSON object built by hand with pre-encoded keys: the same text as
-                    # json.dumps(..., ensure_ascii=False), at a twentieth of its per-row cost.
-                    extra = (
-                        "{"
-                        + ", ".join([k + encode_basestring(row[i]) for i, k in extra_keys])
-                        + "}"
-                    )
-                    if len(extra) > extra_guard:
-                        _check_extra(extra, max_extra, idx, progress.line or None)
-                    stored += len(extra) + names_extra_bytes
-                    extra = _copy_escape(extra)
-                else:
-                    extra = "\\N"
-                batch.append(f"{prefix}{idx}\t{ext}\t{_copy_escape(text)}\t{extra}\n")
-                where.append(progress.line)
-                if stored >= flush_at or len(batch) >= _COPY_BATCH_ROWS:
-                    _check_stored(stored, source.count, idx, progress.line or None)
-                    cp.write(_encode_batch(batch, idx - len(batch) + 1, where))
-                    rows += len(batch)
-                    batch.clear()
-                    where.clear()
-                    flush_at = stored + _COPY_BATCH_CHARS
-            if batch:
-                _check_stored(stored, source.count, idx, progress.line or None)
-                cp.write(_encode_batch(batch, rows + 1, where))
-                rows += len(batch)
-    except pg_errors.UniqueViolation as exc:
-        raise _duplicate_error(exc, opts.id_column) from exc
+    idx = 0
+    for row in records:
+        idx += 1
+        if idx > opts.max_rows:
+            raise InvalidFileError(
+                f"more than {opts.max_rows} rows: the limit per job is {opts.max_rows}",
+                row=idx,
+                line=progress.line or None,
+            )
+        text = row[text_pos]
+        if len(text) > char_guard and len(text.encode("utf-8", "surrogateescape")) > limit:
+            raise InvalidFileError(
+                f"row {idx}: column {clip(opts.text_column, _SHOW_NAME_CHARS)!r} is "
+                f"{len(text.encode('utf-8', 'surrogateescape'))} bytes; "
+                f"the limit is {limit} bytes per document",
+                row=idx,
+                line=progress.line or None,
+                column=opts.text_column,
+            )
+        stored += len(text)
+        ext: str | None = None
+        if id_pos is not None:
+            ext = row[id_pos].strip()
+            if not ext:
+                raise InvalidFileError(
+                    f"row {idx}: empty id in column "
+                    f"{clip(opts.id_column or '', _SHOW_NAME_CHARS)!r}",
+                    row=idx,
+                    line=progress.line or None,
+                    column=opts.id_column,
+                )
+            stored += len(ext)
+        extra: str | None = None
+        if extra_keys:
+            # The JSON object built by hand with pre-encoded keys: the same text as
+            # json.dumps(..., ensure_ascii=False), at a twentieth of its per-row cost.
+            extra = "{" + ", ".join([k + encode_basestring(row[i]) for i, k in extra_keys]) + "}"
+            if len(extra) > extra_guard:
+                _check_extra(extra, max_extra, idx, progress.line or None)
+            stored += len(extra) + names_extra_bytes
+        sink.add(idx, ext, text, extra, progress.line)
+        pending += 1
+        if stored >= flush_at or pending >= _COPY_BATCH_ROWS:
+            _check_stored(stored, source.count, idx, progress.line or None)
+            sink.flush()
+            pending = 0
+            flush_at = stored + _COPY_BATCH_CHARS
+    if pending:
+        _check_stored(stored, source.count, idx, progress.line or None)
+        sink.flush()
+    rows = idx
     if rows == 0:
         raise InvalidFileError("no data rows: the file has a header but no documents")
     return rows, [name for _, name in extra_cols]
@@ -735,7 +780,9 @@ def _check_stored(stored: int, read: int, rows: int, line: int | None) -> None:
         )
 
 
-def _encode_batch(batch: list[str], first_idx: int, where: list[int]) -> bytes:
+def encode_rows(batch: list[str], first_idx: int, where: list[int]) -> bytes:
+    """The rows' text as UTF-8; a row with undecodable bytes from the file (held as
+    surrogates) is the file's error, with its row and line."""
     try:
         return "".join(batch).encode("utf-8")
     except UnicodeEncodeError:
@@ -755,7 +802,8 @@ _DUP_DETAIL = re.compile(r"Key \(job_id, external_id\)=\([^,]+, (?P<id>.*)\) alr
 _COPY_LINE = re.compile(r"COPY documents, line (?P<line>\d+)")
 
 
-def _duplicate_error(exc: pg_errors.UniqueViolation, id_column: str | None) -> InvalidFileError:
+def _duplicate_error(exc: Any, id_column: str | None) -> InvalidFileError:
+    """A ``psycopg.errors.UniqueViolation`` from the ``COPY`` as the file's error."""
     detail = exc.diag.message_detail or ""
     context = exc.diag.context or ""
     m_id, m_line = _DUP_DETAIL.search(detail), _COPY_LINE.search(context)

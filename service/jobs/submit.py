@@ -20,7 +20,7 @@ from service import logs
 from service.contract import queue_for_model
 from service.errors import IdempotencyConflictError
 from service.jobs.formats import ingest_upload, resolve_format
-from service.jobs.ingest import IngestOptions, parse_delimiter
+from service.jobs.ingest import IngestOptions, PgCopySink, parse_delimiter
 from service.jobs.validate import JobRequest, job_params, template_fields, validate
 from service.settings import Settings
 from service.store import quotas
@@ -175,7 +175,8 @@ def create_job(
             )
             # CSV and JSON Lines are read (and hashed) through `hashing`; Parquet, which needs
             # random access, from the upload itself, left at its start for the hash.
-            result = ingest_upload(raw, job_id, upload, io.BufferedReader(hashing, 1 << 16), opts)
+            with PgCopySink(raw, job_id, opts.id_column) as sink:
+                result = ingest_upload(sink, upload, io.BufferedReader(hashing, 1 << 16), opts)
             job.request_sha256 = hashing.drain()
             job.chunk_size = req.chunk_size or auto_chunk_size(result.rows, settings)
             chunks = chunk_rows(job_id, result.rows, job.chunk_size)
