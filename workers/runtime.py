@@ -21,7 +21,7 @@ from sqlalchemy import Engine as DbEngine
 from service import logs
 from service.contract import queue_for_model
 from service.settings import Settings, get_settings
-from service.store.chunks import Lease, PgChunkStore
+from service.store.chunks import ChunkStore, Lease, PgChunkStore
 from service.store.engine import get_engine
 from service.store.registry import heartbeat, register_worker, unregister_worker
 from service.store.states import Task
@@ -33,14 +33,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Runtime:
-    """The chunk runner's context (``workers.runner.Context``) in a worker process."""
+    """The chunk runner's context (``workers.runner.Context``) in a worker process, or in
+    ``docqueue run`` (``workers.embedded``): there ``db`` is None, the store is the embedded
+    one, and there is no registration to keep, only the leases."""
 
     settings: Settings
     model: str
     name: str
     engine: Engine
-    db: DbEngine
-    store: PgChunkStore
+    db: DbEngine | None
+    store: ChunkStore
     slots: int = 1  # chunks this process runs at once (its Celery pool's threads)
     # By lease token, not chunk id: one process may hold, lose and retake the same chunk.
     leases: dict[uuid.UUID, Lease] = field(default_factory=dict)
@@ -54,6 +56,13 @@ class Runtime:
     engine_progress_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def pg_store(self) -> PgChunkStore:
+        """The service's store, which the dispatcher and the reconciler need (a worker's)."""
+        if not isinstance(self.store, PgChunkStore):
+            raise TypeError("the dispatcher and the reconciler run on PostgreSQL's store only")
+        return self.store
 
     @property
     def queue(self) -> str:
@@ -109,7 +118,7 @@ class Runtime:
         """An OpenAI batch whose last chunk this was gets its output and error files now, not
         at the next reconciler pass. Native jobs cost nothing here. A failure is logged: the
         reconciler's sweep finalizes the batch later."""
-        if lease.task not in (Task.CHAT, Task.COMPLETION):
+        if lease.task not in (Task.CHAT, Task.COMPLETION) or self.db is None:
             return
         try:
             status = self.store.job_status(lease.job_id)
@@ -175,6 +184,8 @@ class Runtime:
             log.warning("leases lost to other workers, chunks %s", chunks)
             with self.lock:
                 self.lost_leases |= lost & self.leases.keys()
+        if self.db is None:
+            return
         with self.db.begin() as conn:
             if not heartbeat(conn, self.name, ready=True):
                 log.warning("worker %s was not registered any more; registering again", self.name)
@@ -201,17 +212,19 @@ class Runtime:
         )
 
     def start(self) -> None:
-        with self.db.begin() as conn:
-            self._register(conn)
+        if self.db is not None:
+            with self.db.begin() as conn:
+                self._register(conn)
         threading.Thread(target=self._beat_loop, name="docqueue-heartbeat", daemon=True).start()
 
     def shutdown(self) -> None:
         self.stop.set()
-        try:
-            with self.db.begin() as conn:
-                unregister_worker(conn, self.name)
-        except Exception:
-            log.warning("could not unregister worker %s", self.name, exc_info=True)
+        if self.db is not None:
+            try:
+                with self.db.begin() as conn:
+                    unregister_worker(conn, self.name)
+            except Exception:
+                log.warning("could not unregister worker %s", self.name, exc_info=True)
         self.engine.close()
 
 

@@ -38,7 +38,7 @@ def run_chunk(self: Task[Any, Any], chunk_id: str) -> str:
         with worker_metrics.observe_chunk(rt.model) as seen:  # duration, chunks in flight
             outcome = seen.outcome = process_chunk(rt, cid)
     except TransientError as exc:
-        dispatch(rt.store, app, rt.settings, [rt.model])
+        dispatch(rt.pg_store, app, rt.settings, [rt.model])
         if isinstance(exc, EngineDeadError) or isinstance(
             getattr(exc, "cause", None), EngineDeadError
         ):
@@ -54,7 +54,7 @@ def run_chunk(self: Task[Any, Any], chunk_id: str) -> str:
         raise self.retry(exc=exc, countdown=countdown) from exc
     # This slot is free again: the dispatcher releases the model's next chunk (the fairest
     # one, across tenants) before the slot takes its next message.
-    dispatch(rt.store, app, rt.settings, [rt.model])
+    dispatch(rt.pg_store, app, rt.settings, [rt.model])
     log.info("chunk %s: %s", chunk_id, outcome)
     return outcome
 
@@ -79,11 +79,11 @@ def _on_worker_ready(**_: Any) -> None:
     global _reconciler_stop
     rt = runtime.current()
     try:
-        reconcile(rt.store, app, rt.settings)
+        reconcile(rt.pg_store, app, rt.settings)
     except Exception:
         log.warning("reconciler at worker start failed", exc_info=True)
     _reconciler_stop = threading.Event()
-    run_periodically(rt.store, app, rt.settings, _reconciler_stop)
+    run_periodically(rt.pg_store, app, rt.settings, _reconciler_stop)
 
 
 @worker_shutdown.connect

@@ -25,7 +25,8 @@ from service.batches.requests import ENDPOINTS, LineError, parse_lines
 from service.contract import PRIORITIES, queue_for_model
 from service.errors import BadInputError, ConflictError, NotFoundError, QuotaExceededError
 from service.files import store as files
-from service.jobs.submit import auto_chunk_size, chunk_rows, enqueue_job
+from service.jobs.submit import chunk_rows, enqueue_job
+from service.jobs.validate import auto_chunk_size
 from service.settings import Settings
 from service.store import quotas
 from service.store.chunks import PgChunkStore

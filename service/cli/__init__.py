@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from service import __version__
-from service.cli import collections, files, jobs, keys, servers, usage
+from service.cli import collections, files, jobs, keys, run, servers, usage
 from service.cli.output import fail, out
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Unnamed groups add their commands to the root; `docqueue --help` lists them in this order.
+app.add_typer(run.app)
 app.add_typer(servers.app)
 app.add_typer(jobs.app)
 app.add_typer(servers.db_app, name="db")

@@ -328,7 +328,7 @@ def create_collection_job(
         session.execute(delete(Job).where(Job.id == job_id))  # never visible: same transaction
         return None
     if not req.chunk_size:  # the rows are known only now
-        chunk_size = submit.auto_chunk_size(n, settings)
+        chunk_size = jobs.auto_chunk_size(n, settings)
         session.execute(update(Job).where(Job.id == job_id).values(chunk_size=chunk_size))
     chunks = submit.chunk_rows(job_id, n, chunk_size)
     session.execute(

@@ -18,11 +18,15 @@ aborts the transfer instead of ending it short.
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from sqlalchemy import Engine
 
@@ -325,3 +329,87 @@ def _expired(engine: Engine, job_id: uuid.UUID) -> bool:
     finally:
         conn.close()
     return bool(row[0]) if row else True
+
+
+# --- files written in-process (``docqueue run``) -----------------------------------------------
+
+#: Cell starts a spreadsheet reads as a formula (the CSV download's ``_FORMULA_STARTS``).
+_FORMULA_CHARS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: str | None) -> str | None:
+    return "'" + value if value and value[0] in _FORMULA_CHARS else value
+
+
+def result_record(external_id: str | None, idx: int, r: dict[str, Any]) -> dict[str, Any]:
+    """One row of a results file, the download's columns (``PARQUET_COLUMNS``) in its order."""
+    return {
+        "id": external_id if external_id is not None else str(idx),
+        "output": r["output"],
+        "label": r["label"],
+        "confidence": r["confidence"],
+        "finish_reason": r["finish_reason"],
+        "prompt_tokens": r["prompt_tokens"],
+        "completion_tokens": r["completion_tokens"],
+        "truncated": bool(r["truncated"]),
+        "error": r["error"],
+    }
+
+
+def write_file(records: Iterable[dict[str, Any]], fmt: Format, path: Path) -> int:
+    """Results (``result_record``s, in input order) to ``path`` as the download would give
+    them: CSV (formula-safe cells, NULL empty), JSON Lines or Parquet. Written to a temporary
+    file first and renamed, so ``path`` is never half-written. Returns the rows written."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        rows = _write(records, fmt, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return rows
+
+
+def _write(records: Iterable[dict[str, Any]], fmt: Format, tmp: Path) -> int:
+    rows = 0
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([(name, pa.type_for_alias(t)) for name, t in PARQUET_COLUMNS])
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for batch in _batches(records, 50_000):
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                rows += len(batch)
+    else:
+        with tmp.open("w", encoding="utf-8", newline="") as fh:
+            if fmt == "csv":
+                out = csv.writer(fh, lineterminator="\n")
+                out.writerow([name for name, _ in PARQUET_COLUMNS])
+                for rec in records:
+                    out.writerow(
+                        [_cell(v) if isinstance(v, str) else _csv_value(v) for v in rec.values()]
+                    )
+                    rows += 1
+            else:
+                for rec in records:
+                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    rows += 1
+    return rows
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else value
+
+
+def _batches(records: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for rec in records:
+        batch.append(rec)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

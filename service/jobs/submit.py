@@ -21,7 +21,13 @@ from service.contract import queue_for_model
 from service.errors import IdempotencyConflictError
 from service.jobs.formats import ingest_upload, resolve_format
 from service.jobs.ingest import IngestOptions, PgCopySink, parse_delimiter
-from service.jobs.validate import JobRequest, job_params, template_fields, validate
+from service.jobs.validate import (
+    JobRequest,
+    auto_chunk_size,
+    job_params,
+    template_fields,
+    validate,
+)
 from service.settings import Settings
 from service.store import quotas
 from service.store.engine import get_engine
@@ -221,15 +227,6 @@ def create_job(
             job.task,
         )
     return job, True
-
-
-def auto_chunk_size(rows: int, settings: Settings) -> int:
-    """The chunk size of a job that names none: ``default_chunk_size`` rows, or more for a
-    job that would otherwise have over ``chunks_per_job`` chunks (at most ``max_chunk_size``).
-    A thousand chunks still spread a job across many workers and give other tenants' jobs
-    turns between them, while their per-chunk costs stay small next to the rows'."""
-    jobs = settings.jobs
-    return min(max(jobs.default_chunk_size, -(-rows // jobs.chunks_per_job)), jobs.max_chunk_size)
 
 
 def chunk_rows(job_id: uuid.UUID, rows: int, size: int) -> list[tuple[uuid.UUID, int, int, int]]:

@@ -123,3 +123,12 @@ def job_params(req: JobRequest) -> dict[str, Any]:
         **req.extra_params,
     }
     return {k: v for k, v in params.items() if v is not None}
+
+
+def auto_chunk_size(rows: int, settings: Settings) -> int:
+    """The chunk size of a job that names none: ``default_chunk_size`` rows, or more for a
+    job that would otherwise have over ``chunks_per_job`` chunks (at most ``max_chunk_size``).
+    A thousand chunks still spread a job across many workers and give other tenants' jobs
+    turns between them, while their per-chunk costs stay small next to the rows'."""
+    jobs = settings.jobs
+    return min(max(jobs.default_chunk_size, -(-rows // jobs.chunks_per_job)), jobs.max_chunk_size)

@@ -1,0 +1,302 @@
+"""``docqueue run``: a file in, results out, no server (issue 15).
+
+The job is the service's: the same request checks (``service.jobs.validate``), the same readers
+and per-row bounds (``service.jobs.formats``), the same chunk runner and engine
+(``workers.embedded``), on the embedded store (``service.store.sqlite``) in a file next to the
+output. Killed in any way, the same command continues where it stopped; a changed input or
+changed options are refused unless ``--restart``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+from service.cli.output import err, fail, out
+from service.errors import BadInputError, DocqueueError
+from service.jobs import validate
+from service.jobs.export import result_record, write_file
+from service.jobs.formats import format_of_name
+from service.jobs.ingest import IngestOptions
+from service.settings import Settings, get_settings
+from service.store.states import JobStatus
+
+app = typer.Typer()
+
+#: What identifies a run's input and options in its store; any change is refused.
+_FINGERPRINT = "fingerprint"
+_JOB = "job_id"
+
+
+@app.command()
+def run(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Results file: .csv, .jsonl or .parquet.")
+    ],
+    task: Annotated[str, typer.Option(help="generate | summarize | classify")],
+    model: Annotated[
+        str | None, typer.Option(help="Model name or path (default: DOCQUEUE_DEFAULT_MODEL).")
+    ] = None,
+    text_column: Annotated[str, typer.Option(help="Column holding the document text.")] = "text",
+    id_column: Annotated[str | None, typer.Option(help="Column with unique ids.")] = None,
+    prompt: Annotated[str | None, typer.Option(help="Template with {text} and columns.")] = None,
+    labels: Annotated[str | None, typer.Option(help="classify: a,b,c or a JSON list.")] = None,
+    max_tokens: Annotated[int | None, typer.Option()] = None,
+    temperature: Annotated[float | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    chunk_size: Annotated[int | None, typer.Option(help="Documents per chunk.")] = None,
+    delimiter: Annotated[
+        str | None, typer.Option(help="',' ';' or 'tab' (default: sniffed).")
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help="csv | jsonl | parquet (default: from the file name, else content)."
+        ),
+    ] = None,
+    summary_words: Annotated[int | None, typer.Option(help="summarize: summary length.")] = None,
+    language: Annotated[str | None, typer.Option(help="summarize: output language.")] = None,
+    store: Annotated[
+        Path | None,
+        typer.Option(help="The run's state (SQLite); default: OUTPUT.docqueue.sqlite."),
+    ] = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Start over: discard the store's earlier run.")
+    ] = False,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Chunks in flight (default: DOCQUEUE_WORKER_CONCURRENCY).", min=1),
+    ] = None,
+) -> None:
+    """Run FILE (CSV, JSON Lines or Parquet) through the model in this process and write the
+    results to OUTPUT, in input order. No server: the state is a SQLite file next to OUTPUT,
+    and the same command after Ctrl-C, kill -9 or a power cut continues where it stopped."""
+    settings = get_settings()
+    out_fmt = format_of_name(output.name)
+    if out_fmt is None:
+        fail(f"--output {output.name!r}: name it .csv, .jsonl or .parquet")
+    req = validate.JobRequest(
+        task=task.strip().lower(),
+        model=(model or settings.jobs.default_model).strip(),
+        text_column=text_column,
+        id_column=id_column,
+        prompt=prompt,
+        labels=validate.parse_labels(labels),
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        chunk_size=chunk_size,
+        delimiter=delimiter,
+        format=fmt,
+        source_name=file.name,
+        extra_params={
+            k: v for k, v in {"summary_words": summary_words, "language": language}.items() if v
+        },
+    )
+    try:
+        validate.validate(req, settings)
+    except BadInputError as exc:
+        fail(exc.message)
+    store_path = store or output.with_name(output.name + ".docqueue.sqlite")
+    try:
+        _run(req, file, output, out_fmt, store_path, restart, concurrency, settings)
+    except DocqueueError as exc:
+        fail(str(exc))
+
+
+def _fingerprint(req: validate.JobRequest, file: Path) -> str:
+    """The input's bytes and every option that shapes the results."""
+    h = hashlib.sha256()
+    with file.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    options = {k: v for k, v in vars(req).items() if k != "source_name"}
+    h.update(json.dumps(options, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _run(
+    req: validate.JobRequest,
+    file: Path,
+    output: Path,
+    out_fmt: Any,
+    store_path: Path,
+    restart: bool,
+    concurrency: int | None,
+    settings: Settings,
+) -> None:
+    from service.store.sqlite import SqliteChunkStore
+    from workers import embedded
+
+    fingerprint = _fingerprint(req, file)
+    with embedded.exclusive(store_path):
+        if restart:
+            for suffix in ("", "-wal", "-shm"):
+                store_path.with_name(store_path.name + suffix).unlink(missing_ok=True)
+        db = SqliteChunkStore(
+            store_path, lease_s=settings.worker.lease_s, max_attempts=settings.worker.max_attempts
+        )
+        job_id = _job(db, req, file, fingerprint, settings)
+        err.print(f"state: {store_path}")
+        job = db.job(job_id)
+        if not JobStatus(job["status"]).terminal:
+            _work(db, job_id, req.model, concurrency or settings.worker.concurrency, settings)
+        _write(db, job_id, output, out_fmt)
+        db.close_file()
+
+
+def _job(
+    db: Any, req: validate.JobRequest, file: Path, fingerprint: str, settings: Settings
+) -> Any:
+    """The store's job: made now from FILE, or the earlier run's if its input and options are
+    the same (else refused: its rows would mix two runs)."""
+    import uuid
+
+    from service.jobs.formats import ingest_upload
+
+    earlier = db.meta(_JOB)
+    if earlier is not None:
+        if db.meta(_FINGERPRINT) != fingerprint:
+            fail(
+                f"{db.path} holds a run of another input or other options; run with the same "
+                "ones to continue it, or add --restart to start over"
+            )
+        err.print("continuing the earlier run")
+        return uuid.UUID(earlier)
+    opts = IngestOptions.from_settings(
+        settings,
+        text_column=req.text_column,
+        id_column=req.id_column,
+        delimiter=req.delimiter,
+        template_fields=validate.template_fields(req.prompt) if req.prompt else frozenset(),
+        format=req.format,
+        file_name=file.name,
+    )
+
+    def load(sink: Any) -> Any:
+        with file.open("rb") as fh:
+            return ingest_upload(sink, fh, fh, opts)
+
+    job_id = db.create_job(
+        task=req.task,
+        model=req.model,
+        params=validate.job_params(req),
+        load=load,
+        chunk_size=req.chunk_size or (lambda rows: validate.auto_chunk_size(rows, settings)),
+    )
+    db.set_meta({_JOB: str(job_id), _FINGERPRINT: fingerprint, "input": str(file.resolve())})
+    return job_id
+
+
+def _work(db: Any, job_id: Any, model: str, concurrency: int, settings: Settings) -> None:
+    from workers import embedded
+    from workers.engines import build_engine
+    from workers.runtime import Runtime
+
+    embedded.start_reaper()
+    embedded.install_sigterm()
+    err.print(f"starting the {settings.engine.kind} engine for {model} ...")
+    engine = build_engine(
+        settings.engine.kind,
+        model,
+        max_model_len=settings.engine.max_model_len,
+        gpu_memory_utilization=settings.engine.gpu_memory_utilization,
+        kv_cache_gib=settings.engine.kv_cache_gib,
+        max_num_seqs=settings.engine.max_num_seqs,
+        dtype=settings.engine.dtype,
+        enforce_eager=settings.engine.enforce_eager,
+        tensor_parallel_size=settings.engine.tensor_parallel_size,
+    )
+    rt = Runtime(
+        settings=settings,
+        model=model,
+        name=f"run@{socket.gethostname()}",
+        engine=engine,
+        db=None,
+        store=db,
+        slots=concurrency,
+    )
+    rt.start()
+    stop = threading.Event()
+    result: list[Any] = []
+    runner = threading.Thread(
+        target=lambda: result.append(
+            embedded.run_job(rt, db, job_id, concurrency=concurrency, stop=stop)
+        ),
+        name="docqueue-run",
+        daemon=True,
+    )
+    try:
+        runner.start()
+        _follow(db, job_id, runner)
+    except KeyboardInterrupt:
+        stop.set()
+        err.print("interrupted: what finished is kept; run the same command to continue")
+        rt.shutdown()
+        raise typer.Exit(130) from None
+    rt.shutdown()
+    outcome = result[0] if result else None
+    if outcome is None or outcome.stopped is not None:
+        why = "stopped" if outcome is None else outcome.stopped
+        fail(f"the run stopped: {why}; what finished is kept, run the same command to continue")
+
+
+def _follow(db: Any, job_id: Any, runner: threading.Thread) -> None:
+    """A progress bar over the store's counters until the runner thread ends."""
+    job = db.job(job_id)
+    total = int(job["total"])
+    started = time.monotonic()
+    base_done = int(job["succeeded"]) + int(job["failed"]) + int(job["cancelled"])
+    base_tokens = int(job["completion_tokens"])
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("documents", total=total, completed=base_done, rate="")
+        while True:
+            runner.join(0.5)
+            job = db.job(job_id)
+            done = int(job["succeeded"]) + int(job["failed"]) + int(job["cancelled"])
+            secs = max(time.monotonic() - started, 1e-9)
+            docs_s = (done - base_done) / secs
+            toks_s = (int(job["completion_tokens"]) - base_tokens) / secs
+            bar.update(task, completed=done, rate=f"{docs_s:,.1f} docs/s {toks_s:,.0f} tok/s")
+            if not runner.is_alive():
+                return
+
+
+def _write(db: Any, job_id: Any, output: Path, out_fmt: Any) -> None:
+    job = db.job(job_id)
+    records = (result_record(d.external_id, d.idx, r) for d, r in db.rows(job_id) if r)
+    rows = write_file(records, out_fmt, output)
+    failed = int(job["failed"])
+    out.print(
+        f"{job['status']}: {rows} rows in {output} ({job['succeeded']} succeeded, {failed} "
+        f"failed, {job['cancelled']} cancelled; {job['completion_tokens']} output tokens)"
+    )
+    if failed:
+        out.print(f"the failed rows have their reason in the 'error' column of {output}")
+    if job["status"] != JobStatus.COMPLETED:
+        raise typer.Exit(1)

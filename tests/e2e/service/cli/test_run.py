@@ -1,0 +1,143 @@
+"""``docqueue run`` as a user runs it: no server (the database and broker URLs point at closed
+ports), the tiny model through real vLLM in the same process, killed with SIGKILL at about 40%
+and run again; its engine processes must not outlive it, and every row ends in the output once,
+equal to what the service path gives for the same input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.settings import Settings
+from tests.support.stack import (
+    FAST_RECOVERY,
+    docqueue_bin,
+    job_results,
+    new_key,
+    post_job,
+    wait_job,
+)
+
+pytestmark = pytest.mark.e2e
+
+ROWS = 2000
+OPTIONS = ("--task", "generate", "--max-tokens", "12", "--temperature", "0", "--id-column", "id")
+
+
+def descendants(pid: int) -> set[int]:
+    kids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+            except OSError:
+                continue
+            kids.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(int(name))
+    out, todo = set(), [pid]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def done_rows(store: Path) -> int:
+    if not store.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=1) as conn:
+            row = conn.execute("SELECT succeeded + failed FROM jobs").fetchone()
+    except sqlite3.Error:
+        return 0
+    return int(row[0]) if row else 0
+
+
+def run_env(tiny_model_path: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        **FAST_RECOVERY,
+        "DOCQUEUE_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:9/nothing",
+        "DOCQUEUE_REDIS_URL": "redis://127.0.0.1:9/0",
+        "DOCQUEUE_DEFAULT_MODEL": tiny_model_path,
+        "COLUMNS": "200",
+    }
+
+
+def test_run_survives_sigkill_leaves_no_engine_behind_and_matches_the_service(
+    tmp_path: Path, settings: Settings, api_server: str, tiny_worker: Any, tiny_model_path: str
+) -> None:
+    body = "id,text\n" + "".join(
+        f"doc-{i},Report {i}: the team noted item {i % 13} and order {i * 7 % 101}.\n"
+        for i in range(1, ROWS + 1)
+    )
+    src = tmp_path / "in.csv"
+    src.write_text(body)
+    out = tmp_path / "out.csv"
+    store = tmp_path / "out.csv.docqueue.sqlite"
+    env = run_env(tiny_model_path)
+    argv = [docqueue_bin(), "run", str(src), "-o", str(out), *OPTIONS]
+    log = (tmp_path / "run1.log").open("wb")
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while done_rows(store) < ROWS * 0.4:
+            assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the run never reached 40%"
+            time.sleep(0.05)
+        engine = descendants(proc.pid)
+        assert engine, "the engine runs in processes of its own (vLLM's engine core)"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        log.close()
+    killed_at = done_rows(store)
+    assert ROWS * 0.4 <= killed_at < ROWS, killed_at
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in engine):
+        assert time.monotonic() < deadline, f"engine processes outlived the run: {engine}"
+        time.sleep(0.2)
+    assert not out.exists()
+
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing the earlier run" in again.stderr
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert [r["id"] for r in rows] == [f"doc-{i}" for i in range(1, ROWS + 1)]
+    assert all(r["error"] == "" and r["output"] for r in rows)
+    with sqlite3.connect(store) as conn:  # each row written once: the kill lost none, redid none
+        assert conn.execute("SELECT count(*), max(attempts) FROM results").fetchone()[0] == ROWS
+        (attempts,) = conn.execute("SELECT max(attempts) FROM chunks").fetchone()
+    assert attempts == 2, "the chunks in flight at the kill ran again"
+
+    # The same input through the service: the same outputs, greedy.
+    key = new_key(settings, api_server)
+    job = post_job(
+        api_server, key, body, task="generate", model=tiny_model_path, max_tokens=12,
+        temperature=0, id_column="id",
+    )  # fmt: skip
+    assert wait_job(api_server, key, job["id"])["status"] == "completed"
+    service = {r["id"]: r["output"] for r in job_results(api_server, key, job["id"])}
+    assert {r["id"]: r["output"] for r in rows} == service
+
+    # Another input or other options are refused, not mixed in; --restart starts over.
+    changed = subprocess.run(
+        [*argv, "--max-tokens", "4"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert changed.returncode == 1 and "--restart" in changed.stderr

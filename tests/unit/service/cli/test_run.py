@@ -1,0 +1,118 @@
+"""``docqueue run`` on the zero-cost bench engine (``DOCQUEUE_ENGINE=bench``): the command's
+own behaviour (state file, fingerprint, restart, errors, output), fast. The real-engine run,
+killed and resumed, is ``tests/e2e/service/cli/test_run.py``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.settings import get_settings
+
+MODEL = "bench-zero-cost"
+
+
+@pytest.fixture(autouse=True)
+def bench_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("DOCQUEUE_ENGINE", "bench")
+    monkeypatch.setenv("DOCQUEUE_DATABASE_URL", "postgresql+psycopg://nobody@127.0.0.1:9/x")
+    monkeypatch.setenv("DOCQUEUE_REDIS_URL", "redis://127.0.0.1:9/0")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def make_input(path: Path, n: int) -> Path:
+    rows = "".join(f"r{i},text number {i},{i % 2}\n" for i in range(1, n + 1))
+    path.write_text(f"id,text,half\n{rows}")
+    return path
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["run", *args])
+    return result.exit_code, result.output.replace("\n", "")  # rich wraps at 80 columns
+
+
+def test_a_run_writes_every_row_in_input_order_and_a_rerun_refuses_other_options(
+    tmp_path: Path,
+) -> None:
+    src = make_input(tmp_path / "in.csv", 300)
+    out = tmp_path / "out.jsonl"
+    base = [str(src), "-o", str(out), "--task", "generate", "--model", MODEL, "--id-column", "id"]
+    code, text = run(*base, "--chunk-size", "16")
+    assert code == 0, text
+    assert "completed: 300 rows" in text and f"{out}.docqueue.sqlite" in text
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(1, 301)]
+    assert {r["output"] for r in rows} == {"ok"} and rows[0]["prompt_tokens"] == 3
+
+    out.unlink()  # the same run again: nothing to run, the output is written again
+    code, text = run(*base, "--chunk-size", "16")
+    assert code == 0 and "continuing the earlier run" in text and out.exists()
+
+    code, text = run(*base, "--chunk-size", "32")
+    assert code == 1 and "another input or other options" in text and "--restart" in text
+    make_input(src, 301)
+    code, text = run(*base, "--chunk-size", "16")
+    assert code == 1 and "another input" in text
+
+    code, text = run(*base, "--chunk-size", "32", "--restart")
+    assert code == 0 and "completed: 301 rows" in text
+
+
+def test_bad_input_and_options_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text("id,text\na,x\nb,y\na,z\n")
+    out = tmp_path / "out.csv"
+    code, text = run(str(src), "-o", str(out), "--task", "generate", "--id-column", "id")
+    assert code == 1 and "row 3: duplicate id 'a'" in text
+    code, text = run(str(src), "-o", str(out), "--task", "classify", "--labels", "x")
+    assert code == 1 and "at least two labels" in text
+    code, text = run(str(src), "-o", str(tmp_path / "out.xlsx"), "--task", "generate")
+    assert code == 1 and ".csv, .jsonl or .parquet" in text
+    assert not out.exists()
+
+
+def test_csv_output_and_classify_labels(tmp_path: Path) -> None:
+    src = make_input(tmp_path / "in.csv", 20)
+    out = tmp_path / "out.csv"
+    code, text = run(
+        str(src), "-o", str(out), "--task", "classify", "--labels", "yes,no", "--model", MODEL
+    )
+    assert code == 0, text
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert [r["id"] for r in rows] == [str(i) for i in range(1, 21)]  # no id column: the row
+    assert {(r["label"], r["confidence"]) for r in rows} == {("yes", "1.0")}
+
+
+def test_run_imports_neither_celery_nor_psycopg(tmp_path: Path) -> None:
+    """Where only an engine is installed: the service's broker and database drivers stay out."""
+    src = make_input(tmp_path / "in.csv", 10)
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from service.cli import app\n"
+        f"r = CliRunner().invoke(app, ['run', {str(src)!r}, '-o', {str(tmp_path / 'o.csv')!r},"
+        f" '--task', 'generate', '--model', {MODEL!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'celery', 'kombu', 'psycopg',"
+        " 'redis'}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "DOCQUEUE_ENGINE": "bench"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
