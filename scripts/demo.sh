@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # The demo, end to end on this machine: install, build the local demo model (SmolLM2-135M,
-# no model hub), migrate a demo database, start the API and a worker in the background,
-# summarize examples/news.csv and classify examples/reviews.csv with progress bars, print the
-# results as tables, then stop what it started.
+# no model hub), then
+#  1. with no server at all: `docqueue run` summarizes examples/news.csv in this process;
+#  2. where PostgreSQL and Redis run (or can be started): migrate a demo database, start the
+#     API and a worker in the background, summarize examples/news.csv and classify
+#     examples/reviews.csv as jobs with progress bars, print the results as tables, then stop
+#     what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash scripts/services.sh || {
-  echo "the demo needs PostgreSQL and Redis on 127.0.0.1; 'docker compose up -d postgres redis' starts both" >&2
-  exit 1
-}
 [ -x .venv/bin/docqueue ] || bash scripts/install.sh
 
 export DOCQUEUE_DATABASE_URL=${DOCQUEUE_DATABASE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/docqueue_demo}
@@ -23,6 +22,17 @@ DQ=.venv/bin/docqueue
 echo "== building the demo model (cached after the first run)"
 MODEL=$(.venv/bin/python scripts/prepare_models.py smollm2 2>/dev/null | sed -n 's/^smollm2-135m-instruct: //p')
 [ -n "$MODEL" ] || { .venv/bin/python scripts/prepare_models.py smollm2; exit 1; }
+
+echo "== no server: docqueue run examples/news.csv (the engine in this process, state in a file)"
+RUN_OUT=$(mktemp -d -t docqueue-run.XXXX)
+$DQ run examples/news.csv --task summarize --model "$MODEL" --id-column id \
+  --summary-words 25 --max-tokens 48 -o "$RUN_OUT/news.csv" --table
+
+bash scripts/services.sh || {
+  echo "PostgreSQL and Redis are not running, so the service part is skipped;" \
+    "'docker compose up -d postgres redis' starts both" >&2
+  exit 0
+}
 
 db=${DOCQUEUE_DATABASE_URL##*/}
 psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='$db'" | grep -q 1 \

@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from service.batches.requests import ENDPOINTS, LineError, parse_lines
+from service.batches.requests import ENDPOINTS, LineError, display_text, parse_lines
 from service.contract import PRIORITIES, queue_for_model
 from service.errors import BadInputError, ConflictError, NotFoundError, QuotaExceededError
 from service.files import store as files
@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 _PUBLIC_ID = re.compile(r"batch_([0-9a-f]{32})")
 #: OpenAI's only completion window.
 WINDOW = timedelta(hours=24)
-#: How much of a request's text a document keeps for people to read (the body is whole).
-DISPLAY_CHARS = 1000
 #: Rows written per statement while a batch is ingested.
 _INSERT_ROWS = 1000
 
@@ -195,22 +193,6 @@ def validate_and_ingest(batch_id: uuid.UUID, settings: Settings) -> str:
     return "in_progress"
 
 
-def _display(request: Any) -> str:
-    """A request's text for people (listings, the native results): its last message or its
-    prompt, cut to ``DISPLAY_CHARS``."""
-    body = request.raw_body
-    text: Any = ""
-    if isinstance(body.get("messages"), list) and body["messages"]:
-        last = body["messages"][-1]
-        text = last.get("content", "") if isinstance(last, dict) else ""
-        if isinstance(text, list):
-            text = " ".join(p.get("text", "") for p in text if isinstance(p, dict))
-    elif "prompt" in body:
-        text = body["prompt"]
-        text = text[0] if isinstance(text, list) and text else text
-    return str(text)[:DISPLAY_CHARS] if isinstance(text, str) else ""
-
-
 def _ingest(
     engine: Engine,
     batch_id: uuid.UUID,
@@ -232,7 +214,7 @@ def _ingest(
                 "job_id": job.id,
                 "idx": n,
                 "external_id": r.custom_id,
-                "text": _display(r),
+                "text": display_text(r.raw_body),
                 "extra": {"body": dict(r.raw_body)},
             }
             for n, r in enumerate(requests, 1)

@@ -316,3 +316,22 @@ def _structure(number: int, line: dict[str, Any], endpoint: str, out: Parsed) ->
             "body.model",
         )
     return None
+
+
+#: A request's text kept for people (the native results' ``text``), in characters.
+DISPLAY_CHARS = 1000
+
+
+def display_text(body: Mapping[str, Any]) -> str:
+    """A request's text for people (listings, the native results): its last message or its
+    prompt, cut to ``DISPLAY_CHARS``."""
+    text: Any = ""
+    if isinstance(body.get("messages"), list) and body["messages"]:
+        last = body["messages"][-1]
+        text = last.get("content", "") if isinstance(last, dict) else ""
+        if isinstance(text, list):
+            text = " ".join(p.get("text", "") for p in text if isinstance(p, dict))
+    elif "prompt" in body:
+        text = body["prompt"]
+        text = text[0] if isinstance(text, list) and text else text
+    return str(text)[:DISPLAY_CHARS] if isinstance(text, str) else ""

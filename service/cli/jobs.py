@@ -418,7 +418,11 @@ def _results_to_file(client: Client, job_id: str, fmt: str, output: Path) -> int
 def _results_table(job_id: str, limit: int) -> None:
     with api_client() as client:
         body = b"".join(client.results(job_id, "jsonl"))
-    rows = [json.loads(line) for line in body.splitlines()]
+    print_results([json.loads(line) for line in body.splitlines()], limit)
+
+
+def print_results(rows: list[dict[str, Any]], limit: int) -> None:
+    """Results (download records) as a table, the first ``limit`` of them."""
     table = Table("id", "output", "label", "confidence", "error", show_lines=True)
     for r in rows[:limit]:
         conf = f"{r['confidence']:.2f}" if r["confidence"] is not None else ""

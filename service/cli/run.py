@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import threading
 import time
@@ -49,7 +50,10 @@ def run(
     output: Annotated[
         Path, typer.Option("-o", "--output", help="Results file: .csv, .jsonl or .parquet.")
     ],
-    task: Annotated[str, typer.Option(help="generate | summarize | classify")],
+    task: Annotated[
+        str | None,
+        typer.Option(help="generate | summarize | classify (not for an OpenAI batch file)"),
+    ] = None,
     model: Annotated[
         str | None, typer.Option(help="Model name or path (default: DOCQUEUE_DEFAULT_MODEL).")
     ] = None,
@@ -83,16 +87,34 @@ def run(
         int | None,
         typer.Option(help="Chunks in flight (default: DOCQUEUE_WORKER_CONCURRENCY).", min=1),
     ] = None,
+    table: Annotated[
+        bool, typer.Option("--table", help="Also print the results as a table (first 50).")
+    ] = False,
 ) -> None:
     """Run FILE (CSV, JSON Lines or Parquet) through the model in this process and write the
     results to OUTPUT, in input order. No server: the state is a SQLite file next to OUTPUT,
-    and the same command after Ctrl-C, kill -9 or a power cut continues where it stopped."""
+    and the same command after Ctrl-C, kill -9 or a power cut continues where it stopped.
+
+    An OpenAI batch file (JSON Lines of {custom_id, method, url, body}) runs its requests as
+    they are, as the Batch API would, and OUTPUT (.jsonl) gets OpenAI's output lines; the
+    requests that failed go to OUTPUT's name with .errors.jsonl."""
+    from service.cli.jobs import batch_endpoint
+
     settings = get_settings()
+    endpoint = batch_endpoint(file)
+    if endpoint is not None and task is not None:
+        fail("FILE is an OpenAI batch file: its requests say what to do; drop --task")
+    if endpoint is None and task is None:
+        fail("--task is required (generate, summarize or classify) unless FILE is an OpenAI "
+             "batch file")  # fmt: skip
     out_fmt = format_of_name(output.name)
-    if out_fmt is None:
-        fail(f"--output {output.name!r}: name it .csv, .jsonl or .parquet")
+    if out_fmt is None or (endpoint is not None and out_fmt != "jsonl"):
+        fail(
+            f"--output {output.name!r}: name it "
+            + ("something .jsonl (OpenAI output lines)" if endpoint else ".csv, .jsonl or .parquet")
+        )
     req = validate.JobRequest(
-        task=task.strip().lower(),
+        task=(task or "generate").strip().lower(),
         model=(model or settings.jobs.default_model).strip(),
         text_column=text_column,
         id_column=id_column,
@@ -114,8 +136,10 @@ def run(
     except BadInputError as exc:
         fail(exc.message)
     store_path = store or output.with_name(output.name + ".docqueue.sqlite")
+    if endpoint is not None:
+        req.extra_params = {"endpoint": endpoint, "model": model}
     try:
-        _run(req, file, output, out_fmt, store_path, restart, concurrency, settings)
+        _run(req, file, output, out_fmt, store_path, restart, concurrency, settings, table)
     except DocqueueError as exc:
         fail(str(exc))
 
@@ -140,6 +164,7 @@ def _run(
     restart: bool,
     concurrency: int | None,
     settings: Settings,
+    table: bool,
 ) -> None:
     from service.store.sqlite import SqliteChunkStore
     from workers import embedded
@@ -156,8 +181,9 @@ def _run(
         err.print(f"state: {store_path}")
         job = db.job(job_id)
         if not JobStatus(job["status"]).terminal:
-            _work(db, job_id, req.model, concurrency or settings.worker.concurrency, settings)
-        _write(db, job_id, output, out_fmt)
+            concurrency = concurrency or settings.worker.concurrency
+            _work(db, job_id, str(job["model"]), concurrency, settings)
+        _write(db, job_id, output, out_fmt, table)
         db.close_file()
 
 
@@ -179,6 +205,9 @@ def _job(
             )
         err.print("continuing the earlier run")
         return uuid.UUID(earlier)
+    endpoint = req.extra_params.get("endpoint")
+    if endpoint is not None:
+        return _batch_job(db, req, file, fingerprint, settings)
     opts = IngestOptions.from_settings(
         settings,
         text_column=req.text_column,
@@ -201,6 +230,59 @@ def _job(
         chunk_size=req.chunk_size or (lambda rows: validate.auto_chunk_size(rows, settings)),
     )
     db.set_meta({_JOB: str(job_id), _FINGERPRINT: fingerprint, "input": str(file.resolve())})
+    return job_id
+
+
+def _batch_job(
+    db: Any, req: validate.JobRequest, file: Path, fingerprint: str, settings: Settings
+) -> Any:
+    """An OpenAI batch file's requests as the job's rows, checked as ``POST /v1/batches``
+    checks them (a faulty file is refused naming its lines). Its model is the one its lines
+    name (through ``DOCQUEUE_MODEL_ALIASES``), or ``--model``."""
+    from service.batches.requests import ENDPOINTS, display_text, parse_lines
+
+    endpoint = str(req.extra_params["endpoint"])
+    if endpoint not in ENDPOINTS:
+        fail(f"endpoint {endpoint[:100]!r} is not supported; expected one of: "
+             + ", ".join(ENDPOINTS))  # fmt: skip
+    limit = min(settings.openai.batch_max_requests, settings.jobs.max_rows_per_job)
+    with file.open("rb") as fh:
+        parsed = parse_lines(
+            fh,
+            endpoint,
+            max_requests=limit,
+            max_line_bytes=settings.openai.batch_max_line_bytes,
+        )
+    if not parsed.ok:
+        shown = "; ".join(f"line {e.line}: {e.message}" for e in parsed.errors[:10])
+        more = f" (and {len(parsed.errors) - 10} more)" if len(parsed.errors) > 10 else ""
+        fail(f"{file.name} is not a valid batch file: {shown}{more}")
+    if not parsed.requests or parsed.model is None:
+        fail(f"{file.name} holds no requests")
+    given = req.extra_params.get("model")
+    model = str(given) if given else settings.openai.resolve_model(parsed.model)
+
+    def load(sink: Any) -> None:
+        for n, r in enumerate(parsed.requests, 1):
+            body = json.dumps({"body": dict(r.raw_body)})
+            sink.add(n, r.custom_id, display_text(r.raw_body), body, r.line)
+
+    job_id = db.create_job(
+        task=ENDPOINTS[endpoint],
+        model=model,
+        params={"default_max_tokens": settings.openai.batch_default_max_tokens},
+        load=load,
+        chunk_size=lambda rows: validate.auto_chunk_size(rows, settings),
+    )
+    db.set_meta(
+        {
+            _JOB: str(job_id),
+            _FINGERPRINT: fingerprint,
+            "input": str(file.resolve()),
+            "endpoint": endpoint,
+            "asked_model": parsed.model,
+        }
+    )
     return job_id
 
 
@@ -287,10 +369,18 @@ def _follow(db: Any, job_id: Any, runner: threading.Thread) -> None:
                 return
 
 
-def _write(db: Any, job_id: Any, output: Path, out_fmt: Any) -> None:
+def _write(db: Any, job_id: Any, output: Path, out_fmt: Any, table: bool) -> None:
     job = db.job(job_id)
+    if db.meta("endpoint") is not None:
+        _write_openai(db, job_id, output)
+        return
     records = (result_record(d.external_id, d.idx, r) for d, r in db.rows(job_id) if r)
     rows = write_file(records, out_fmt, output)
+    if table:
+        from service.cli.jobs import print_results
+
+        first = (result_record(d.external_id, d.idx, r) for d, r in db.rows(job_id, 50) if r)
+        print_results([rec for rec, _ in zip(first, range(50), strict=False)], 50)
     failed = int(job["failed"])
     out.print(
         f"{job['status']}: {rows} rows in {output} ({job['succeeded']} succeeded, {failed} "
@@ -300,3 +390,75 @@ def _write(db: Any, job_id: Any, output: Path, out_fmt: Any) -> None:
         out.print(f"the failed rows have their reason in the 'error' column of {output}")
     if job["status"] != JobStatus.COMPLETED:
         raise typer.Exit(1)
+
+
+def _write_openai(db: Any, job_id: Any, output: Path) -> None:
+    """OpenAI's output lines for the requests that succeeded, in OUTPUT, and its error lines
+    for the rest in OUTPUT's name with .errors.jsonl: the lines a finalized batch's two files
+    hold (``service.batches.lines.render``), in input order."""
+    from types import SimpleNamespace
+
+    from service.batches.lines import render
+    from service.batches.requests import ENDPOINTS
+
+    job = db.job(job_id)
+    kind = ENDPOINTS[str(db.meta("endpoint"))]
+    model = str(db.meta("asked_model") or job["model"])
+    status = "completed" if job["status"] == JobStatus.COMPLETED else "cancelled"
+    errors_path = output.with_name(output.name.removesuffix(".jsonl") + ".errors.jsonl")
+    counts = [0, 0]
+    tmp = [p.with_name(f".{p.name}.partial") for p in (output, errors_path)]
+    try:
+        with (
+            tmp[0].open("w", encoding="utf-8") as ok_fh,
+            tmp[1].open("w", encoding="utf-8") as bad_fh,
+        ):
+            for doc, r in db.rows(job_id):
+                body = (doc.extra or {}).get("body") or {}
+                prompt = body.get("prompt")
+                prompt = prompt[0] if isinstance(prompt, list) and prompt else prompt
+                row = SimpleNamespace(
+                    idx=doc.idx,
+                    custom_id=doc.external_id,
+                    has_result=r is not None,
+                    body=body if r is not None and r["error"] is not None else None,
+                    prompt_chars=len(prompt) if isinstance(prompt, str) else None,
+                    **_result_fields(r),
+                )
+                line, ok = render(row, job_id, kind, model, status)  # type: ignore[arg-type]
+                (ok_fh if ok else bad_fh).write(line.model_dump_json() + "\n")
+                counts[0 if ok else 1] += 1
+    except BaseException:
+        for t in tmp:
+            t.unlink(missing_ok=True)
+        raise
+    os.replace(tmp[0], output)
+    if counts[1]:
+        os.replace(tmp[1], errors_path)
+    else:
+        tmp[1].unlink()
+        errors_path.unlink(missing_ok=True)
+    out.print(
+        f"{job['status']}: {counts[0]} output lines in {output}"
+        + (f", {counts[1]} error lines in {errors_path}" if counts[1] else "")
+        + f" ({job['completion_tokens']} output tokens)"
+    )
+    if job["status"] != JobStatus.COMPLETED:
+        raise typer.Exit(1)
+
+
+def _result_fields(r: dict[str, Any] | None) -> dict[str, Any]:
+    """A stored result as the line renderer reads it (the finalizer's SQL row's columns)."""
+    from datetime import UTC, datetime
+
+    if r is None:
+        return {"error": None}
+    return {
+        "output": r["output"],
+        "finish_reason": r["finish_reason"],
+        "error": r["error"],
+        "prompt_tokens": r["prompt_tokens"],
+        "completion_tokens": r["completion_tokens"],
+        "choices": None if r["choices"] is None else json.loads(r["choices"]),
+        "created_at": datetime.fromtimestamp(r["created_at"], UTC),
+    }

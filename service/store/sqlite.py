@@ -110,6 +110,7 @@ CREATE TABLE IF NOT EXISTS results (
   attempts INTEGER NOT NULL DEFAULT 1,
   latency_ms REAL,
   choices TEXT,
+  created_at REAL NOT NULL,
   PRIMARY KEY (job_id, idx)
 ) WITHOUT ROWID;
 """
@@ -559,9 +560,10 @@ def _insert_results(
     if not results:
         return Written(status)
     ok = bad = pt = ct = 0
+    now = time.time()
     for r in results:
         cur = conn.execute(
-            "INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 str(job_id),
                 r.idx,
@@ -576,6 +578,7 @@ def _insert_results(
                 r.attempts,
                 r.latency_ms,
                 None if r.choices is None else json.dumps(r.choices),
+                now,
             ),
         )
         if cur.rowcount:

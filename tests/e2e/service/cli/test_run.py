@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import signal
 import sqlite3
@@ -141,3 +142,50 @@ def test_run_survives_sigkill_leaves_no_engine_behind_and_matches_the_service(
         [*argv, "--max-tokens", "4"], env=env, capture_output=True, text=True, timeout=60
     )
     assert changed.returncode == 1 and "--restart" in changed.stderr
+
+
+def test_an_openai_batch_file_runs_without_a_server_and_the_sdk_parses_its_lines(
+    tmp_path: Path, tiny_model_path: str
+) -> None:
+    from openai.types.chat import ChatCompletion
+
+    src = tmp_path / "requests.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "custom_id": f"q{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {
+                        "model": "gpt-4o-mini",
+                        "messages": [{"role": "user", "content": f"Name a colour ({i})."}],
+                        "max_tokens": 8,
+                        "temperature": 0,
+                        **({"n": 2} if i == 2 else {}),
+                    },
+                }
+            )
+            + "\n"
+            for i in range(1, 21)
+        )
+    )
+    out = tmp_path / "out.jsonl"
+    env = {**run_env(tiny_model_path), "DOCQUEUE_MODEL_ALIASES": f"gpt-4o-mini={tiny_model_path}"}
+    done = subprocess.run(
+        [docqueue_bin(), "run", str(src), "-o", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == [f"q{i}" for i in range(1, 21)]
+    for x in lines:
+        assert x["error"] is None and x["response"]["status_code"] == 200
+        completion = ChatCompletion.model_validate(x["response"]["body"])
+        assert completion.model == "gpt-4o-mini" and completion.usage is not None
+        assert completion.usage.completion_tokens > 0
+    assert len(ChatCompletion.model_validate(lines[1]["response"]["body"]).choices) == 2
+    assert not (tmp_path / "out.errors.jsonl").exists()

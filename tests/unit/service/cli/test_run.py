@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
+from service.cli import app, output
 from service.settings import get_settings
 
 MODEL = "bench-zero-cost"
@@ -26,6 +26,8 @@ def bench_engine(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("DOCQUEUE_ENGINE", "bench")
     monkeypatch.setenv("DOCQUEUE_DATABASE_URL", "postgresql+psycopg://nobody@127.0.0.1:9/x")
     monkeypatch.setenv("DOCQUEUE_REDIS_URL", "redis://127.0.0.1:9/0")
+    for console in (output.out, output.err):  # no wrapping at 80 columns inside messages
+        monkeypatch.setattr(console, "width", 10_000)
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
@@ -39,7 +41,7 @@ def make_input(path: Path, n: int) -> Path:
 
 def run(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(app, ["run", *args])
-    return result.exit_code, result.output.replace("\n", "")  # rich wraps at 80 columns
+    return result.exit_code, result.output
 
 
 def test_a_run_writes_every_row_in_input_order_and_a_rerun_refuses_other_options(
@@ -116,3 +118,59 @@ def test_run_imports_neither_celery_nor_psycopg(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def batch_file(path: Path, n: int, **extra: object) -> Path:
+    lines = []
+    for i in range(1, n + 1):
+        body: dict[str, object] = {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": f"say {i}"}],
+            "max_tokens": 5,
+        }
+        if i == 3:
+            body.update(extra)
+        lines.append(
+            json.dumps(
+                {
+                    "custom_id": f"req-{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": body,
+                }
+            )
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_an_openai_batch_file_gives_openai_output_and_error_lines(tmp_path: Path) -> None:
+    from openai.types.batch_error import BatchError  # noqa: F401 (the SDK is installed)
+    from openai.types.chat import ChatCompletion
+
+    src = batch_file(tmp_path / "requests.jsonl", 12, logit_bias={"1": 2})
+    out = tmp_path / "out.jsonl"
+    code, text = run(str(src), "-o", str(out), "--model", MODEL)
+    assert code == 0, text
+    assert "11 output lines" in text and "1 error lines" in text
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["custom_id"] for x in lines] == [f"req-{i}" for i in range(1, 13) if i != 3]
+    for x in lines:
+        completion = ChatCompletion.model_validate(x["response"]["body"])
+        assert completion.model == "gpt-4o-mini" and completion.choices[0].message.content
+    (bad,) = [json.loads(x) for x in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert bad["custom_id"] == "req-3" and bad["response"]["status_code"] == 400
+    assert bad["response"]["body"]["error"]["param"] == "logit_bias"
+
+    code, text = run(str(src), "-o", str(out), "--task", "generate")
+    assert code == 1 and "drop --task" in text
+    code, text = run(str(src), "-o", str(tmp_path / "out.csv"))
+    assert code == 1 and ".jsonl" in text
+
+
+def test_a_faulty_batch_file_is_refused_naming_its_lines(tmp_path: Path) -> None:
+    src = batch_file(tmp_path / "requests.jsonl", 4)
+    src.write_text(src.read_text() + src.read_text().splitlines()[0] + "\n")  # req-1 again
+    code, text = run(str(src), "-o", str(tmp_path / "out.jsonl"), "--model", MODEL)
+    assert code == 1 and "line 5: custom_id 'req-1' is used by an earlier line" in text
+    assert not (tmp_path / "out.jsonl").exists()
