@@ -251,7 +251,9 @@ class VllmEngine:
             # the last one ends (streamed outputs of a parent request end, "finished", with the
             # first child that does).
             kw["output_kind"] = RequestOutputKind.FINAL_ONLY
-        if req.n != 1:
+        if req.n != 1 and req.temperature > 0:
+            # vLLM refuses n > 1 when greedy (every choice would be the same); OpenAI answers
+            # it with n equal choices, so the driver decodes one and copies it (``_convert``).
             kw["n"] = req.n
         if req.top_p != 1.0:
             kw["top_p"] = req.top_p
@@ -282,7 +284,7 @@ class VllmEngine:
         from vllm.v1.engine.exceptions import EngineDeadError as VllmDead
 
         engine = self._engine
-        pending: dict[str, tuple[Batch, int, int, bool, Any]] = {}
+        pending: dict[str, tuple[Batch, int, int, bool, Any, int]] = {}
         marked = 0.0
         try:
             while True:
@@ -327,6 +329,7 @@ class VllmEngine:
                                     len(req.prompt_token_ids),
                                     req.wants_choices,
                                     None if params.detokenize else self._decoder,
+                                    req.n if params.n == 1 else 1,
                                 )
                     elif cmd == "abort":
                         ids = [rid for rid in arg.request_ids if rid in pending]
@@ -344,12 +347,12 @@ class VllmEngine:
                     slot = pending.get(out.request_id)
                     if slot is None:
                         continue
-                    batch, i, n_prompt, wants, decoder = slot
+                    batch, i, n_prompt, wants, decoder, copies = slot
                     if not out.finished:
                         batch.progress()  # a token: the engine is not hung
                         continue
                     del pending[out.request_id]
-                    batch.set(i, _convert(out, n_prompt, wants, decoder))
+                    batch.set(i, _convert(out, n_prompt, wants, decoder, copies))
                 now = time.monotonic()
                 if now - marked >= PROGRESS_EVERY_S:
                     # A step returned: the engine is not hung, whether or not a request ended.
@@ -386,10 +389,11 @@ def _confidence(comp: Any) -> float | None:
 
 
 def _convert(
-    out: Any, n_prompt: int, wants_choices: bool = False, decoder: Any = None
+    out: Any, n_prompt: int, wants_choices: bool = False, decoder: Any = None, copies: int = 1
 ) -> GenResult:
     """docqueue's result from vLLM's final output; ``decoder``: the tokenizer backend that
-    makes the text of a request vLLM did not detokenize (``_final_text``)."""
+    makes the text of a request vLLM did not detokenize (``_final_text``); ``copies``: a greedy
+    request's n, its one completion given n times."""
     comp = out.outputs[0]
     confidence = _confidence(comp)
     prompt_tokens = len(out.prompt_token_ids) if out.prompt_token_ids is not None else n_prompt
@@ -401,14 +405,17 @@ def _convert(
             completion_tokens=len(comp.token_ids),
             confidence=confidence,
         )
-    choices = tuple(
-        Choice(
-            _text(c, decoder, out.prompt_token_ids),
-            c.finish_reason,
-            len(c.token_ids),
-            _token_logprobs(c),
+    choices = (
+        tuple(
+            Choice(
+                _text(c, decoder, out.prompt_token_ids),
+                c.finish_reason,
+                len(c.token_ids),
+                _token_logprobs(c),
+            )
+            for c in sorted(out.outputs, key=lambda c: c.index)
         )
-        for c in sorted(out.outputs, key=lambda c: c.index)
+        * copies
     )
     return GenResult(
         text=choices[0].text,
