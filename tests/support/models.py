@@ -26,6 +26,12 @@ def tiny_model() -> str:
     return str(prepare_models().ensure_tiny_model())
 
 
+def tiny_bert_model() -> str:
+    """A tiny randomly initialised ``BertForSequenceClassification`` (labels billing, outage,
+    other): the encoder classifier of the transformers engine's tests."""
+    return str(prepare_models().ensure_tiny_bert_classifier())
+
+
 def tiny_model_alias(tag: str) -> str:
     """The tiny model under another path (a symlink next to it): another model name, so another
     queue. A module that runs its own worker of the tiny model uses one, so the session's shared
