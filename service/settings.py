@@ -218,7 +218,9 @@ class OpenAISettings(_Group):
 class EngineSettings(_Group):
     # bench: zero-cost; sim: a simulated GPU's step times (workers/engines/sim.py); both are
     # for benchmarks only.
-    kind: Literal["vllm", "bench", "sim"] = env("ENGINE", "vllm")
+    # transformers: Hugging Face models vLLM does not serve (encoder classifiers, older GPUs,
+    # CPU-only hosts), batched by a token budget (workers/engines/transformers_engine.py).
+    kind: Literal["vllm", "transformers", "bench", "sim"] = env("ENGINE", "vllm")
     max_model_len: int | None = env("MAX_MODEL_LEN", None, gt=0)  # default: the model's own
     gpu_memory_utilization: float = env("VLLM_GPU_MEMORY_UTILIZATION", 0.90, gt=0, le=1)
     kv_cache_gib: float = env("VLLM_KV_CACHE_GIB", 2.0, gt=0)  # CPU backend only
@@ -231,6 +233,10 @@ class EngineSettings(_Group):
     # eager, the quick start tests use.
     enforce_eager: bool | None = env("VLLM_ENFORCE_EAGER", None)
     tensor_parallel_size: int = env("TENSOR_PARALLEL_SIZE", 1, ge=1)
+    # The transformers engine's step: at most this many tokens, rows x (longest prompt + most
+    # new tokens) with the padding, and at most this many rows. dtype above applies to it too.
+    transformers_batch_tokens: int = env("TRANSFORMERS_BATCH_TOKENS", 16_384, gt=0)
+    transformers_max_batch_rows: int = env("TRANSFORMERS_MAX_BATCH_ROWS", 128, gt=0)
     # The simulated engine (DOCQUEUE_ENGINE=sim): a decode step of sim_step_ms plus
     # sim_step_ms_per_seq per running sequence, at most sim_max_num_seqs running, and the
     # prompts a step admits prefilled at sim_prefill_tokens_per_ms in that step.

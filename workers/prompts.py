@@ -127,6 +127,21 @@ def render(
     return Rendered(best, truncated=True)
 
 
+def encode_document(tokenizer: Any, doc: Doc, max_tokens: int) -> Rendered:
+    """The document alone, as an encoder classifier takes it (its tokenizer's special tokens,
+    no prompt), cut to ``max_tokens`` as its tokenizer cuts."""
+    if not doc.text.strip():
+        raise RowError("empty text: nothing to process")
+    try:
+        full = tokenizer(doc.text, truncation=True, max_length=max_tokens + 1).input_ids
+    except Exception as exc:  # a tokenizer that chokes on this text
+        raise RowError(f"could not tokenize the document: {exc}") from exc
+    if len(full) <= max_tokens:
+        return Rendered(list(full), truncated=False)
+    cut = tokenizer(doc.text, truncation=True, max_length=max_tokens).input_ids
+    return Rendered(list(cut), truncated=True)
+
+
 def _longest_prefix(
     tokenizer: Any,
     task: str,

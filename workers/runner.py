@@ -25,7 +25,7 @@ from service.store.states import CANCEL_STATUSES, ChunkState, Task
 from workers import metrics as worker_metrics
 from workers.engines import Batch, Engine, GenRequest
 from workers.engines.base import Choice
-from workers.prompts import openai_request, render
+from workers.prompts import encode_document, openai_request, render
 
 log = logging.getLogger(__name__)
 #: How often a running chunk checks whether its job was cancelled or its lease lost.
@@ -254,9 +254,15 @@ def _submit(
     requests: list[GenRequest] = []
     errors: dict[int, str] = {}
     own_requests = lease.task in (Task.CHAT, Task.COMPLETION)  # an OpenAI batch's rows
+    caps = getattr(engine, "capabilities", None)
+    unprompted = caps is not None and not caps.prompted  # an encoder classifier
     for pos, doc in enumerate(part):
         try:
-            if own_requests:
+            if unprompted:
+                if lease.task != Task.CLASSIFY:
+                    raise RowError(f"{engine.model} is a classifier: it serves classify only")
+                r = encode_document(tokenizer, doc, engine.max_model_len)
+            elif own_requests:
                 requests.append(
                     openai_request(
                         tokenizer,
@@ -268,7 +274,8 @@ def _submit(
                 )
                 prepared.append((pos, False))
                 continue
-            r = render(tokenizer, lease.task, params, doc, budget)
+            else:
+                r = render(tokenizer, lease.task, params, doc, budget)
         except RowError as exc:
             errors[pos] = str(exc)
             continue

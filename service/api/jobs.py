@@ -149,6 +149,9 @@ async def submit_job(
     )
     if settings.jobs.reject_unserved_models:
         await run_in_threadpool(_refuse_unserved, db, req.model, settings)
+    # Checked with the request (validate.check_capabilities) before the upload is read.
+    req.capabilities = await run_in_threadpool(_capabilities, db, req.model, settings)
+    validate.check_capabilities(req, req.capabilities)
     # Async, and parsed in a pool process: an upload neither holds the GIL here nor one of the
     # threads that status polls are served from while it waits for its turn to be parsed.
     submissions = pool.shared(settings)
@@ -179,6 +182,11 @@ def _refuse_unserved(db: Engine, model: str, settings: Settings) -> None:
             "(this server refuses unserved models: DOCQUEUE_REJECT_UNSERVED_MODELS)",
             field="model",
         )
+
+
+def _capabilities(db: Engine, model: str, settings: Settings) -> validate.ModelCapabilities | None:
+    with read(db) as session:
+        return queries.model_capabilities(session, settings, model)
 
 
 def _job_and_served(

@@ -20,7 +20,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializ
 from service.collections.documents import CollectionCounts, UpsertCounts
 from service.contract import priority_class
 from service.errors import InvalidParameterError
-from service.jobs.queries import progress
+from service.jobs.queries import progress, served_capabilities
+from service.jobs.validate import CAUSAL_TASKS
 from service.store.states import JobStatus, Task
 from service.store.tables import Collection, CollectionDocument, Job, Schedule, Worker
 from service.store.tables import File as FileRow
@@ -354,6 +355,12 @@ class ServedModel(BaseModel):
     id: str
     served: bool = True
     ready: bool = Field(description="a live worker's engine is loaded")
+    tasks: list[str] = Field(
+        default_factory=lambda: list(CAUSAL_TASKS), description="the tasks it serves"
+    )
+    labels: list[str] | None = Field(
+        default=None, description="a classifier's own labels (classify without labels uses them)"
+    )
     queue: str | None = Field(default=None, description="admin keys only")
     workers: list[WorkerOut] | None = Field(default=None, description="admin keys only")
 
@@ -366,8 +373,20 @@ class ServedModelList(BaseModel):
     def of(cls, workers: list[Worker], detail: bool = True) -> ServedModelList:
         """``detail``: with queues and workers (an admin key); else names and readiness."""
         models: dict[str, ServedModel] = {}
+        capabilities = served_capabilities(workers)
         for w in workers:
-            entry = models.setdefault(w.model, ServedModel(id=w.model, ready=False))
+            caps = capabilities.get(w.model)
+            entry = models.setdefault(
+                w.model,
+                ServedModel(id=w.model, ready=False)
+                if caps is None
+                else ServedModel(
+                    id=w.model,
+                    ready=False,
+                    tasks=list(caps.tasks),
+                    labels=None if caps.labels is None else list(caps.labels),
+                ),
+            )
             entry.ready = entry.ready or w.engine_ready
             if not detail:
                 continue

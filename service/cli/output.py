@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from sqlalchemy.engine import make_url
@@ -19,7 +20,7 @@ from sqlalchemy.exc import ArgumentError
 
 from service.cli.client import ApiError, Client
 from service.errors import TransientError
-from service.settings import get_settings
+from service.settings import Settings, get_settings
 
 out = Console()
 err = Console(stderr=True)
@@ -65,3 +66,15 @@ def api_client() -> Iterator[Client]:
             yield client
     except (ApiError, TransientError) as exc:
         fail(exc.message)
+
+
+def with_engine(settings: Settings, engine: str | None) -> Settings:
+    """``settings`` with the engine a command's ``--engine`` names (checked, as the setting
+    itself is: one of ``EngineSettings.kind``'s values)."""
+    if engine is None:
+        return settings
+    try:
+        group = settings.engine.model_validate({**settings.engine.model_dump(), "kind": engine})
+    except ValidationError:
+        fail(f"--engine {engine!r}: expected vllm or transformers")
+    return settings.model_copy(update={"engine": group})

@@ -28,8 +28,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from service.cli.output import err, fail, out
-from service.errors import BadInputError, DocqueueError
+from service.cli.output import err, fail, out, with_engine
+from service.errors import BadInputError, ConfigError, DocqueueError
 from service.jobs import validate
 from service.jobs.export import result_record, write_file
 from service.jobs.formats import format_of_name
@@ -90,6 +90,10 @@ def run(
     table: Annotated[
         bool, typer.Option("--table", help="Also print the results as a table (first 50).")
     ] = False,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="vllm | transformers (default: DOCQUEUE_ENGINE, else vllm)."),
+    ] = None,
 ) -> None:
     """Run FILE (CSV, JSON Lines or Parquet) through the model in this process and write the
     results to OUTPUT, in input order. No server: the state is a SQLite file next to OUTPUT,
@@ -100,7 +104,7 @@ def run(
     requests that failed go to OUTPUT's name with .errors.jsonl."""
     from service.cli.jobs import batch_endpoint
 
-    settings = get_settings()
+    settings = with_engine(get_settings(), engine)
     endpoint = batch_endpoint(file)
     if endpoint is not None and task is not None:
         fail("FILE is an OpenAI batch file: its requests say what to do; drop --task")
@@ -132,8 +136,9 @@ def run(
         },
     )
     try:
+        req.capabilities = _capabilities(req.model, settings)
         validate.validate(req, settings)
-    except BadInputError as exc:
+    except (BadInputError, ConfigError) as exc:
         fail(exc.message)
     store_path = store or output.with_name(output.name + ".docqueue.sqlite")
     if endpoint is not None:
@@ -142,6 +147,22 @@ def run(
         _run(req, file, output, out_fmt, store_path, restart, concurrency, settings, table)
     except DocqueueError as exc:
         fail(str(exc))
+
+
+def _capabilities(model: str, settings: Settings) -> validate.ModelCapabilities | None:
+    """What the engine will make of the model, from its config alone (nothing is loaded yet):
+    a sequence classifier classifies only, with its labels, on the transformers engine, and
+    the vllm engine refuses it."""
+    from workers.engines import model_config, refuse_classifier
+
+    if settings.engine.kind == "vllm":
+        refuse_classifier(model)
+    if settings.engine.kind != "transformers":
+        return None
+    from workers.engines.transformers_engine import capabilities_of
+
+    config = model_config(model)
+    return None if config is None else capabilities_of(config)
 
 
 def _fingerprint(req: validate.JobRequest, file: Path) -> str:

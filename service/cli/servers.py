@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from service.cli.output import err, fail, out, redact_url
+from service.cli.output import err, fail, out, redact_url, with_engine
 from service.errors import ConfigError
 from service.settings import DatabaseSettings, get_settings
 
@@ -87,12 +87,25 @@ def worker(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan, start nothing.")
     ] = False,
+    engine: Annotated[
+        str | None,
+        typer.Option(help="vllm | transformers (default: DOCQUEUE_ENGINE, else vllm)."),
+    ] = None,
 ) -> None:
     """Start one Celery worker per GPU (or one CPU worker), each running the model's engine."""
     from workers import launcher
 
-    s = get_settings()
+    s = with_engine(get_settings(), engine)
+    if engine is not None:
+        os.environ["DOCQUEUE_ENGINE"] = s.engine.kind  # the worker processes' setting
     model = model or s.jobs.default_model
+    if s.engine.kind == "vllm":
+        from workers.engines import refuse_classifier
+
+        try:
+            refuse_classifier(model)
+        except ConfigError as exc:
+            fail(exc.message)
     try:
         specs = launcher.plan(gpus, tensor_parallel)
     except ValueError as exc:

@@ -12,6 +12,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from service.errors import NotFoundError
+from service.jobs.validate import ModelCapabilities
 from service.settings import Settings
 from service.store.registry import live_horizon_s
 from service.store.states import JobStatus
@@ -60,6 +61,7 @@ def list_jobs(
 _SERVED_TTL_S = 1.0
 _served: dict[str, tuple[float, frozenset[str]]] = {}
 _served_lock = threading.Lock()
+_capabilities: dict[str, dict[str, ModelCapabilities | None]] = {}
 
 
 def served_models(session: Session, settings: Settings) -> frozenset[str]:
@@ -87,7 +89,36 @@ def live_workers(session: Session, settings: Settings) -> list[Worker]:
     )
     with _served_lock:  # what served_models answers next, until it is a second old
         _served[settings.database.url] = (time.monotonic(), frozenset(w.model for w in workers))
+        _capabilities[settings.database.url] = served_capabilities(workers)
     return workers
+
+
+def served_capabilities(workers: list[Worker]) -> dict[str, ModelCapabilities | None]:
+    """Per served model, what its workers' engines say it can do: None where any worker says
+    nothing (vLLM's: every task), else the first worker's word."""
+    caps: dict[str, ModelCapabilities | None] = {}
+    for w in workers:
+        said = ModelCapabilities.of(w.capabilities)
+        if w.model not in caps:
+            caps[w.model] = said
+        elif said is None:
+            caps[w.model] = None
+    return caps
+
+
+def model_capabilities(
+    session: Session, settings: Settings, model: str
+) -> ModelCapabilities | None:
+    """What the model's live workers say it can do (None: unknown, unserved or every task),
+    read at most once a second per process like ``served_models``."""
+    key = settings.database.url
+    with _served_lock:
+        hit = _served.get(key)
+        if hit is not None and time.monotonic() - hit[0] < _SERVED_TTL_S:
+            return _capabilities.get(key, {}).get(model)
+    live_workers(session, settings)
+    with _served_lock:
+        return _capabilities.get(key, {}).get(model)
 
 
 class Progress(NamedTuple):

@@ -13,6 +13,58 @@ from service.jobs.ingest import parse_delimiter
 from service.settings import Settings
 from service.store.states import NATIVE_TASKS
 
+#: Every task a causal language model serves (the native three and an OpenAI batch's rows).
+CAUSAL_TASKS = (*NATIVE_TASKS, "chat", "completion")
+
+
+@dataclass(frozen=True)
+class ModelCapabilities:
+    """What a served model can do, as its workers' engine says (``/v1/models`` shows it, and
+    jobs are checked against it): its tasks, a classifier's fixed labels (``id2label``), and
+    whether its input is a prompt (False: an encoder classifier takes the document itself)."""
+
+    tasks: tuple[str, ...] = CAUSAL_TASKS
+    labels: tuple[str, ...] | None = None
+    prompted: bool = True
+
+    @classmethod
+    def of(cls, raw: dict[str, Any] | None) -> ModelCapabilities | None:
+        """From a worker row's JSON (None: a worker that does not say, vLLM's)."""
+        if not raw:
+            return None
+        labels = raw.get("labels")
+        return cls(
+            tasks=tuple(raw.get("tasks") or CAUSAL_TASKS),
+            labels=tuple(labels) if labels else None,
+            prompted=bool(raw.get("prompted", True)),
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {"tasks": list(self.tasks), "labels": self.labels and list(self.labels),
+                "prompted": self.prompted}  # fmt: skip
+
+
+def check_capabilities(req: JobRequest, caps: ModelCapabilities | None) -> None:
+    """A job the model cannot run is a 422 naming why: a task it does not serve, or labels
+    other than a classifier's own. A classifier's job without labels gets its labels."""
+    if caps is None:
+        return
+    if req.task not in caps.tasks:
+        kind = f"a classifier (labels {list(caps.labels)})" if caps.labels else "this model"
+        raise InvalidParameterError(
+            f"model {req.model!r} is {kind}: it serves {', '.join(caps.tasks)}, not {req.task}",
+            field="task",
+        )
+    if req.task == "classify" and caps.labels is not None:
+        if req.labels is None:
+            req.labels = list(caps.labels)
+        elif sorted(req.labels) != sorted(caps.labels):
+            raise InvalidParameterError(
+                f"labels must be the classifier's own, {list(caps.labels)}, or left out; "
+                f"got {req.labels}",
+                field="labels",
+            )
+
 
 @dataclass
 class JobRequest:
@@ -34,6 +86,8 @@ class JobRequest:
     idempotency_key: str | None = None
     source_name: str | None = None
     extra_params: dict[str, Any] = field(default_factory=dict)
+    # What the model's live workers say it can do (None: unknown or unserved); not stored.
+    capabilities: ModelCapabilities | None = None
 
 
 def parse_labels(raw: str | None) -> list[str] | None:
@@ -76,6 +130,7 @@ def validate(req: JobRequest, settings: Settings) -> None:
         )
     if not req.model.strip():
         raise InvalidParameterError("model must not be empty", field="model")
+    check_capabilities(req, req.capabilities)
     if req.task == "classify" and not req.labels:
         raise InvalidParameterError(
             "classify needs labels: comma-separated (a,b,c) or a JSON list", field="labels"

@@ -6,7 +6,10 @@ counts a model as served while a heartbeat is recent (``service.jobs.queries.liv
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, text
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, text
+from sqlalchemy.dialects.postgresql import JSONB
 
 from service.settings import Settings
 
@@ -26,18 +29,22 @@ def register_worker(
     pid: int,
     ready: bool,
     slots: int = 1,
+    capabilities: dict[str, Any] | None = None,
 ) -> None:
-    """``slots``: chunks the worker runs at once; the dispatcher keeps that many released."""
+    """``slots``: chunks the worker runs at once; the dispatcher keeps that many released.
+    ``capabilities``: what the engine says the model can do (None: every task)."""
     conn.execute(
         text(
             """
-            INSERT INTO workers (name, model, queue, device, pid, engine_ready, slots)
-            VALUES (:name, :model, :queue, :device, :pid, :ready, :slots)
+            INSERT INTO workers (name, model, queue, device, pid, engine_ready, slots,
+                                 capabilities)
+            VALUES (:name, :model, :queue, :device, :pid, :ready, :slots, :capabilities)
             ON CONFLICT (name) DO UPDATE SET model = excluded.model, queue = excluded.queue,
               device = excluded.device, pid = excluded.pid, engine_ready = excluded.engine_ready,
-              slots = excluded.slots, started_at = now(), last_heartbeat_at = now()
+              slots = excluded.slots, capabilities = excluded.capabilities,
+              started_at = now(), last_heartbeat_at = now()
             """
-        ),
+        ).bindparams(bindparam("capabilities", type_=JSONB)),
         {
             "name": name,
             "model": model,
@@ -46,6 +53,7 @@ def register_worker(
             "pid": pid,
             "ready": ready,
             "slots": slots,
+            "capabilities": capabilities,
         },
     )
 

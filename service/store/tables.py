@@ -293,6 +293,8 @@ class Worker(Base):
     engine_ready: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
     # Chunks it runs at once (its Celery slots): the dispatcher keeps this many released.
     slots: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # What its engine says the model can do (validate.ModelCapabilities); NULL: every task.
+    capabilities: Mapped[dict[str, Any] | None] = mapped_column(JsonDoc, nullable=True)
 
     __table_args__ = (Index("ix_workers_model_heartbeat", "model", "last_heartbeat_at"),)
 

@@ -151,3 +151,20 @@ def test_columns_do_not_rewrite_the_built_in_instructions() -> None:
     assert "exactly one of: pos, neg." in cls
     own = instruction("summarize", {"prompt": "{language}/{words}: {text}"}, d, d.text)
     assert own == "en/many: The text."
+
+
+def test_an_encoder_classifier_gets_the_document_alone_cut_to_its_length() -> None:
+    from transformers import AutoTokenizer
+
+    from tests.support.models import tiny_bert_model
+    from workers.prompts import encode_document
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_model())
+    short = encode_document(tok, Doc(1, None, "the api is down", None), 32)
+    assert short.token_ids == list(tok("the api is down").input_ids) and not short.truncated
+    assert tok.decode(short.token_ids) == "[CLS] the api is down [SEP]"
+    long = encode_document(tok, Doc(2, None, "word " * 100, None), 32)
+    assert len(long.token_ids) == 32 and long.truncated
+    assert long.token_ids[-1] == tok.sep_token_id  # cut the tokenizer's way, [SEP] kept
+    with pytest.raises(RowError, match="empty text"):
+        encode_document(tok, Doc(3, None, "  ", None), 32)

@@ -290,3 +290,58 @@ def test_unserved_models_are_refused_when_the_server_says_so(
     with local_client(settings) as lenient:
         accepted = submit(lenient, api_key, CSV, model=model_name)
         assert accepted.status_code == 202 and accepted.json()["warning"]
+
+
+def test_a_classifier_is_advertised_and_jobs_are_checked_against_its_labels(
+    client: TestClient, api_key: str, settings: Settings, model_name: str
+) -> None:
+    """A transformers worker serving a sequence classifier says so: /v1/models shows its one
+    task and its labels, a job for another task is a 422, labels are optional and must be its
+    own if given; the job gets them."""
+    from service.store.engine import get_engine
+    from service.store.registry import register_worker
+
+    classifier = f"{model_name}-bert"
+    caps = {"tasks": ["classify"], "labels": ["billing", "outage", "other"], "prompted": False}
+    with get_engine(settings.database.url).begin() as conn:
+        register_worker(
+            conn, f"cpu-1@{uuid.uuid4().hex[:6]}", classifier, "q", "cpu", 1, True, 1, caps
+        )
+        register_worker(conn, f"cpu-2@{uuid.uuid4().hex[:6]}", model_name, "q", "cpu", 1, True)
+    models = {m["id"]: m for m in client.get("/v1/models", headers=auth(api_key)).json()["data"]}
+    assert models[classifier]["tasks"] == ["classify"]
+    assert models[classifier]["labels"] == ["billing", "outage", "other"]
+    assert models[model_name]["tasks"] == [
+        "generate",
+        "summarize",
+        "classify",
+        "chat",
+        "completion",
+    ]
+    assert models[model_name]["labels"] is None
+
+    refused = submit(client, api_key, CSV, model=classifier, task="generate")
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["field"] == "task"
+    assert "is a classifier (labels ['billing', 'outage', 'other'])" in error["message"]
+    assert "serves classify, not generate" in error["message"]
+
+    wrong = submit(client, api_key, CSV, model=classifier, task="classify", labels="spam,ham")
+    assert wrong.status_code == 422 and wrong.json()["error"]["field"] == "labels"
+    assert (
+        "the classifier's own, ['billing', 'outage', 'other']" in wrong.json()["error"]["message"]
+    )
+
+    job = submit(client, api_key, CSV, model=classifier, task="classify")
+    assert job.status_code == 202, job.text
+    reordered = submit(
+        client, api_key, CSV, model=classifier, task="classify", labels="other,outage,billing"
+    )
+    assert reordered.status_code == 202, reordered.text
+    with pg(settings.database.url) as conn:
+        row = conn.execute("SELECT params FROM jobs WHERE id = %s", (job.json()["id"],)).fetchone()
+    assert row is not None and row[0]["labels"] == ["billing", "outage", "other"]
+    # A causal model still needs labels to classify.
+    needs = submit(client, api_key, CSV, model=model_name, task="classify")
+    assert needs.status_code == 422 and needs.json()["error"]["field"] == "labels"

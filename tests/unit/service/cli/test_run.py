@@ -174,3 +174,66 @@ def test_a_faulty_batch_file_is_refused_naming_its_lines(tmp_path: Path) -> None
     code, text = run(str(src), "-o", str(tmp_path / "out.jsonl"), "--model", MODEL)
     assert code == 1 and "line 5: custom_id 'req-1' is used by an earlier line" in text
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_transformers_engine_classifies_with_an_encoder_classifier_and_its_own_labels(
+    tmp_path: Path,
+) -> None:
+    from tests.support.models import tiny_bert_model
+
+    src = tmp_path / "in.csv"
+    src.write_text(
+        "id,text\n"
+        + "".join(f"t{i},ticket {i}: the {w} is {v}\n" for i, (w, v) in enumerate(
+            [("api", "down"), ("invoice", "wrong"), ("site", "slow"), ("card", "declined")] * 5
+        ))
+    )  # fmt: skip
+    out = tmp_path / "out.csv"
+    model = tiny_bert_model()
+    code, text = run(str(src), "-o", str(out), "--engine", "transformers", "--task", "classify",
+                     "--model", model, "--id-column", "id")  # fmt: skip
+    assert code == 0, text
+    rows = list(csv.DictReader(out.open()))
+    assert [r["id"] for r in rows] == [f"t{i}" for i in range(20)]
+    assert {r["label"] for r in rows} <= {"billing", "outage", "other"}
+    assert all(0 < float(r["confidence"]) <= 1 and r["error"] == "" for r in rows)
+    code, text = run(str(src), "-o", str(tmp_path / "g.csv"), "--engine", "transformers",
+                     "--task", "generate", "--model", model)  # fmt: skip
+    assert code == 1 and "is a classifier (labels ['billing', 'outage', 'other'])" in text
+    code, text = run(str(src), "-o", str(tmp_path / "l.csv"), "--engine", "transformers",
+                     "--task", "classify", "--labels", "a,b", "--model", model)  # fmt: skip
+    assert code == 1 and "the classifier's own" in text
+    code, text = run(str(src), "-o", str(tmp_path / "v.csv"), "--engine", "vllm",
+                     "--task", "classify", "--model", model)  # fmt: skip
+    assert code == 1 and "use --engine transformers" in text
+
+
+def test_run_on_the_transformers_engine_imports_neither_vllm_celery_nor_psycopg(
+    tmp_path: Path,
+) -> None:
+    """Where only torch and transformers are installed."""
+    from tests.support.models import tiny_model
+
+    src = make_input(tmp_path / "in.csv", 10)
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from service.cli import app\n"
+        f"r = CliRunner().invoke(app, ['run', {str(src)!r}, '-o', {str(tmp_path / 'o.csv')!r},"
+        f" '--engine', 'transformers', '--task', 'summarize', '--max-tokens', '4',"
+        f" '--model', {tiny_model()!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'celery', 'kombu', 'psycopg',"
+        " 'redis', 'vllm'}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={k: v for k, v in os.environ.items() if k != "DOCQUEUE_ENGINE"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    rows = list(csv.DictReader((tmp_path / "o.csv").open()))
+    assert len(rows) == 10 and all(r["output"] and r["completion_tokens"] == "4" for r in rows)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from service.errors import InvalidParameterError
-from service.jobs.validate import JobRequest, parse_labels, template_fields, validate
+from service.jobs.validate import (
+    JobRequest,
+    ModelCapabilities,
+    check_capabilities,
+    parse_labels,
+    template_fields,
+    validate,
+)
 from service.settings import Settings
 from tests.support.helpers import override
 
@@ -66,3 +73,40 @@ def test_an_escaped_text_is_not_the_text_field() -> None:
     _validate("Summarize {text}. Say {{text}} literally.", "summarize")
     with pytest.raises(InvalidParameterError, match=r"must contain \{text\}"):
         _validate("Summarize {{text}}", "summarize")
+
+
+CLASSIFIER = ModelCapabilities(tasks=("classify",), labels=("billing", "outage"), prompted=False)
+
+
+def test_a_classifier_serves_classify_only_and_gives_a_job_its_labels() -> None:
+    req = JobRequest(task="generate", model="bert")
+    with pytest.raises(InvalidParameterError, match="serves classify, not generate") as exc:
+        check_capabilities(req, CLASSIFIER)
+    assert exc.value.where["field"] == "task"
+    req = JobRequest(task="classify", model="bert")
+    check_capabilities(req, CLASSIFIER)
+    assert req.labels == ["billing", "outage"]
+    same = JobRequest(task="classify", model="bert", labels=["outage", "billing"])
+    check_capabilities(same, CLASSIFIER)
+    assert same.labels == ["outage", "billing"]
+    other = JobRequest(task="classify", model="bert", labels=["billing", "spam"])
+    with pytest.raises(InvalidParameterError, match="the classifier's own") as exc:
+        check_capabilities(other, CLASSIFIER)
+    assert exc.value.where["field"] == "labels"
+
+
+def test_validate_checks_the_capabilities_a_request_carries() -> None:
+    settings = Settings()
+    req = JobRequest(task="classify", model="bert", capabilities=CLASSIFIER)
+    validate(req, settings)  # no labels needed: the classifier's own
+    assert req.labels == ["billing", "outage"]
+    causal = JobRequest(task="classify", model="llama", capabilities=ModelCapabilities())
+    with pytest.raises(InvalidParameterError, match="classify needs labels"):
+        validate(causal, settings)
+    check_capabilities(JobRequest(task="generate", model="llama"), None)  # unknown: no check
+
+
+def test_capabilities_round_trip_through_a_worker_row() -> None:
+    assert ModelCapabilities.of(CLASSIFIER.as_json()) == CLASSIFIER
+    assert ModelCapabilities.of(None) is None
+    assert ModelCapabilities.of(ModelCapabilities().as_json()) == ModelCapabilities()

@@ -1,0 +1,570 @@
+"""The transformers engine: Hugging Face models where vLLM does not serve them (an older GPU, a
+CPU-only host, an encoder classifier), batched the way a hand-written loop is not.
+
+A driver thread keeps one pool of the requests of every batch submitted (every chunk's
+sub-batches), so the model stays fed across chunks as with vLLM. Each step takes the oldest
+request and the requests nearest it in prompt length from a window of the pool, left-padded
+into one batch sized by a token budget (prompt and new tokens, padding included), not by a
+fixed count:
+
+- **generate** (causal LMs): one ``model.generate`` call. Each row keeps its own
+  ``max_tokens``, temperature, ``top_p`` and seed (``_RowSampler``); the call itself is greedy,
+  so greedy rows are exactly what a plain ``model.generate`` gives on the same padded batch.
+- **classify on a causal LM**: each label's continuation (its tokens and EOS) is scored after
+  the prompt in one forward pass; the most likely label wins and its confidence is its
+  probability among the labels (exact, not sampled).
+- **a ``*ForSequenceClassification`` model**: classify directly, the document without a
+  prompt; labels from ``id2label``, confidence the softmax.
+
+It imports neither vLLM, Celery nor psycopg: ``docqueue run --engine transformers`` runs where
+only torch and transformers are installed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.errors import EngineDeadError
+from service.jobs.validate import ModelCapabilities
+from workers.engines.base import Batch, Choice, GenRequest, GenResult
+
+log = logging.getLogger(__name__)
+
+#: Requests beyond the oldest that a step may pick from, in multiples of the batch's row cap:
+#: wide enough to group prompts of like length, narrow enough that no request waits long.
+WINDOW_BATCHES = 4
+
+
+@dataclass(eq=False)
+class _Item:
+    batch: Batch
+    index: int  # the request's place in its batch
+    req: GenRequest
+    seq: int  # submission order: the oldest goes first
+    copies: list[GenResult] = field(default_factory=list)  # n > 1: the choices so far
+
+    @property
+    def length(self) -> int:
+        return len(self.req.prompt_token_ids)
+
+    @property
+    def scores(self) -> bool:
+        return self.req.choices is not None
+
+
+def plan(
+    lengths: list[int], new_tokens: list[int], budget_tokens: int, max_rows: int
+) -> list[list[int]]:
+    """Batches of request positions, sorted by prompt length and packed while rows * (longest
+    prompt + most new tokens) stays within ``budget_tokens`` and rows within ``max_rows``. A
+    request over the budget on its own still gets a batch of one."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = most = 0
+    for i in order:
+        grown_longest, grown_most = max(longest, lengths[i]), max(most, new_tokens[i])
+        if current and (
+            (len(current) + 1) * (grown_longest + grown_most) > budget_tokens
+            or len(current) >= max_rows
+        ):
+            batches.append(current)
+            current, grown_longest, grown_most = [], lengths[i], new_tokens[i]
+        current.append(i)
+        longest, most = grown_longest, grown_most
+    if current:
+        batches.append(current)
+    return batches
+
+
+def left_pad(rows: list[list[int]], pad: int, device: str = "cpu") -> tuple[Any, Any]:
+    """Token ids and attention mask of rows padded on the left to the longest, as a decoder
+    generates from them (every row's next token at the same position)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(device: str, dtype: str) -> Any:
+    """``auto``: bf16 on a GPU that has it, else fp16 on a GPU, fp32 on CPU."""
+    import torch
+
+    named = {
+        "half": torch.float16,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "float": torch.float32,
+        "float32": torch.float32,
+    }
+    if dtype != "auto":
+        return named[dtype]
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def is_classifier(config: Any) -> bool:
+    """A ``*ForSequenceClassification`` architecture (a fine-tuned BERT, say)."""
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
+def capabilities_of(config: Any) -> ModelCapabilities:
+    """A sequence classifier classifies only, with its own labels, the document unprompted;
+    anything else is served as a causal LM."""
+    if is_classifier(config):
+        id2label = getattr(config, "id2label", None) or {}
+        labels = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+        return ModelCapabilities(tasks=("classify",), labels=labels, prompted=False)
+    return ModelCapabilities()
+
+
+class TransformersEngine:
+    """One model on one device (the GPU the worker is pinned to, else the CPU), kept warm."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        batch_tokens: int = 16_384,
+        max_batch_rows: int = 128,
+        device: str | None = None,
+    ) -> None:
+        import torch
+        from transformers import AutoConfig, AutoTokenizer
+
+        started = time.monotonic()
+        self.model = model
+        self.device = device or pick_device()
+        config = AutoConfig.from_pretrained(model)
+        self.capabilities = capabilities_of(config)
+        self._dtype = pick_dtype(self.device, dtype)
+        if self.capabilities.prompted:
+            from transformers import AutoModelForCausalLM
+
+            self._model = AutoModelForCausalLM.from_pretrained(model, dtype=self._dtype)
+        else:
+            from transformers import AutoModelForSequenceClassification
+
+            self._model = AutoModelForSequenceClassification.from_pretrained(
+                model, dtype=self._dtype
+            )
+        self._model.to(self.device).eval()  # type: ignore[arg-type]
+        self._tok = AutoTokenizer.from_pretrained(model)
+        limit = getattr(config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(max_model_len or limit, limit)
+        eos = self._tok.eos_token_id
+        gen_eos = getattr(getattr(self._model, "generation_config", None), "eos_token_id", None)
+        eos_ids = gen_eos if gen_eos is not None else eos
+        self._eos: list[int] = (
+            [] if eos_ids is None else list(eos_ids) if isinstance(eos_ids, list) else [eos_ids]
+        )
+        pad = self._tok.pad_token_id
+        self._pad: int = int(pad if pad is not None else (self._eos[0] if self._eos else 0))
+        self.batch_tokens = batch_tokens
+        self.max_batch_rows = max_batch_rows
+        self._torch = torch
+        self._label_ids: dict[str, list[int]] = {}
+        self._tokenizer_local = threading.local()
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._pool: deque[_Item] = deque()
+        self._seq = itertools.count()
+        self._cancelled: set[int] = set()  # id() of batches cancelled while running
+        self._dead: BaseException | None = None
+        self.batches_run: list[list[tuple[int, int]]] = []  # (batch id, index) per step: tests
+        self.start_s = time.monotonic() - started
+        self._thread = threading.Thread(target=self._drive, name="transformers-driver", daemon=True)
+        self._thread.start()
+        log.info(
+            "transformers engine for %s ready in %.1f s on %s (%s)",
+            model,
+            self.start_s,
+            self.device,
+            str(self._dtype).removeprefix("torch."),
+        )
+
+    # --- used by chunk tasks (any thread) -------------------------------------------------
+
+    def tokenizer(self) -> Any:
+        tok = getattr(self._tokenizer_local, "tok", None)
+        if tok is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(self.model)
+            self._tokenizer_local.tok = tok
+        return tok
+
+    def submit(self, requests: list[GenRequest]) -> Batch:
+        batch = Batch(len(requests))
+        if self._dead is not None:
+            batch.fail(EngineDeadError(f"engine is dead: {self._dead}"))
+            return batch
+        if requests:
+            self._inbox.put(("submit", (batch, requests)))
+        return batch
+
+    def cancel(self, batch: Batch) -> None:
+        if not batch.done:
+            self._cancelled.add(id(batch))  # seen by a generate call under way (``_Progress``)
+            self._inbox.put(("abort", batch))
+
+    def close(self) -> None:
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    # --- the driver thread ----------------------------------------------------------------
+
+    def _take(self, block: bool) -> bool:
+        """Moves what chunk threads sent into the pool; False once the engine is closing."""
+        while True:
+            try:
+                cmd, arg = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            block = False
+            if cmd == "stop":
+                return False
+            if cmd == "submit":
+                batch, requests = arg
+                for i, req in enumerate(requests):
+                    refused = self._refuse(req)
+                    if refused is not None:
+                        batch.set(
+                            i, GenResult(error=refused, prompt_tokens=len(req.prompt_token_ids))
+                        )
+                    else:
+                        self._pool.append(_Item(batch, i, req, next(self._seq)))
+            elif cmd == "abort":
+                self._cancelled.discard(id(arg))  # no step under way holds it any more
+                self._pool = deque(it for it in self._pool if it.batch is not arg)
+
+    def _refuse(self, req: GenRequest) -> str | None:
+        """What this engine cannot do for one request: that row's error, named."""
+        asked = [
+            name
+            for name, on in (
+                ("stop", bool(req.stop)),
+                ("logprobs", req.logprobs is not None),
+                ("response_format", req.json_schema is not None or req.json_object),
+                ("presence_penalty", bool(req.presence_penalty)),
+                ("frequency_penalty", bool(req.frequency_penalty)),
+            )
+            if on
+        ]
+        if asked:
+            return f"not supported by the transformers engine: {', '.join(asked)}"
+        scored = req.choices is not None or not self.capabilities.prompted
+        if len(req.prompt_token_ids) + (0 if scored else req.max_tokens) > self.max_model_len:
+            return (
+                f"the prompt ({len(req.prompt_token_ids)} tokens) and max_tokens exceed the "
+                f"model's context of {self.max_model_len} tokens"
+            )
+        return None
+
+    def _drive(self) -> None:
+        try:
+            while self._take(block=not self._pool):
+                if not self._pool:
+                    continue
+                items = self._next()
+                self.batches_run.append([(id(it.batch), it.index) for it in items])
+                self._run(items)
+        except BaseException as exc:  # the engine broke: fail what is in flight, loudly
+            log.exception("transformers engine driver stopped")
+            self._dead = exc
+            dead = EngineDeadError(f"transformers engine failed: {exc}")
+            for it in list(self._pool):
+                it.batch.fail(dead)
+            self._pool.clear()
+            while True:
+                try:
+                    cmd, arg = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd == "submit":
+                    arg[0].fail(dead)
+
+    def _next(self) -> list[_Item]:
+        """The oldest request and its neighbours in length, of its kind, from the window."""
+        head = self._pool[0]
+        window = [
+            it
+            for it in itertools.islice(self._pool, self.max_batch_rows * WINDOW_BATCHES)
+            if it.scores == head.scores
+        ]
+        lengths = [it.length for it in window]
+        if head.scores:
+            new = [max(len(self._label(c)) for c in it.req.choices or ()) for it in window]
+            rows = [len(it.req.choices or ()) for it in window]
+            lengths = [ln * r for ln, r in zip(lengths, rows, strict=True)]
+            new = [n * r for n, r in zip(new, rows, strict=True)]
+        else:
+            new = [it.req.max_tokens for it in window]
+        for batch in plan(lengths, new, self.batch_tokens, self.max_batch_rows):
+            if 0 in batch:  # the head's
+                picked = [window[i] for i in batch]
+                taken = {id(it) for it in picked}
+                self._pool = deque(it for it in self._pool if id(it) not in taken)
+                return picked
+        raise AssertionError("the plan lost the oldest request")
+
+    def _run(self, items: list[_Item]) -> None:
+        if not self.capabilities.prompted:
+            self._classify_encoder(items)
+        elif items[0].scores:
+            self._classify_causal(items)
+        else:
+            self._generate(items)
+
+    # --- the three kinds of step ----------------------------------------------------------
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[Any, Any]:
+        return left_pad(rows, self._pad, self.device)
+
+    def _generate(self, items: list[_Item]) -> None:
+        torch = self._torch
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        # n > 1: n rows of the same prompt, gathered into one result at the end.
+        rows = [(it, c) for it in items for c in range(max(1, it.req.n))]
+        ids, mask = self._left_pad([it.req.prompt_token_ids for it, _ in rows])
+        width = ids.shape[1]
+        most = max(it.req.max_tokens for it, _ in rows)
+        sampler = _RowSampler([(it.req, c) for it, c in rows], self._eos, width, self.device)
+        watch = _Progress({id(it.batch): it.batch for it, _ in rows}, self._cancelled, rows)
+        config = GenerationConfig(  # type: ignore[no-untyped-call]
+            max_new_tokens=most,
+            do_sample=False,
+            pad_token_id=self._pad,
+            eos_token_id=self._eos or None,
+        )
+        with torch.inference_mode():
+            out = self._model.generate(  # type: ignore[misc]
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=config,
+                logits_processor=LogitsProcessorList([sampler] if sampler.active else []),
+                stopping_criteria=StoppingCriteriaList([watch]),
+            )
+        new = out[:, width:].tolist()
+        eos = set(self._eos)
+        for (it, _), tokens in zip(rows, new, strict=True):
+            if id(it.batch) in self._cancelled:
+                continue
+            tokens = tokens[: it.req.max_tokens]
+            end = next((k for k, t in enumerate(tokens) if t in eos), None)
+            if end is not None:
+                text_ids, reason, count = tokens[:end], "stop", end + 1
+            else:
+                text_ids, reason, count = tokens, "length", len(tokens)
+            text = str(self._tok.decode(text_ids, skip_special_tokens=True))
+            it.copies.append(GenResult(text=text, finish_reason=reason, completion_tokens=count))
+            if len(it.copies) == max(1, it.req.n):
+                it.batch.set(it.index, self._result(it))
+
+    def _result(self, it: _Item) -> GenResult:
+        first = it.copies[0]
+        prompt = len(it.req.prompt_token_ids)
+        if not it.req.wants_choices:
+            return GenResult(
+                text=first.text,
+                finish_reason=first.finish_reason,
+                prompt_tokens=prompt,
+                completion_tokens=first.completion_tokens,
+            )
+        choices = tuple(Choice(c.text, c.finish_reason, c.completion_tokens) for c in it.copies)
+        return GenResult(
+            text=first.text,
+            finish_reason=first.finish_reason,
+            prompt_tokens=prompt,
+            completion_tokens=sum(c.completion_tokens for c in choices),
+            choices=choices,
+        )
+
+    def _label(self, label: str) -> list[int]:
+        """A label's continuation: its tokens, then EOS (so a label that is a prefix of
+        another is not favoured by being shorter)."""
+        ids = self._label_ids.get(label)
+        if ids is None:
+            ids = list(self._tok(label, add_special_tokens=False).input_ids) + self._eos[:1]
+            self._label_ids[label] = ids
+        return ids
+
+    def _classify_causal(self, items: list[_Item]) -> None:
+        torch = self._torch
+        pairs = [(it, label) for it in items for label in it.req.choices or ()]
+        conts = [self._label(label) for _, label in pairs]
+        ids, mask = self._left_pad(
+            [it.req.prompt_token_ids + cont for (it, _), cont in zip(pairs, conts, strict=True)]
+        )
+        keep = max(len(c) for c in conts) + 1
+        with torch.inference_mode():
+            logits = self._model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [rows, keep, vocab]
+        scores = []
+        for row, cont in enumerate(conts):
+            # Left-padded, the continuation ends each row: its k tokens are predicted at the
+            # k positions before the last.
+            k = len(cont)
+            steps = logp[row, keep - 1 - k : keep - 1]
+            target = torch.tensor(cont, device=steps.device)
+            scores.append(steps.gather(1, target[:, None]).sum().item())
+        at = 0
+        for it in items:
+            labels = it.req.choices or ()
+            mine = torch.tensor(scores[at : at + len(labels)])
+            at += len(labels)
+            if id(it.batch) in self._cancelled:
+                continue
+            probs = torch.softmax(mine, dim=0)
+            best = int(torch.argmax(probs))
+            it.batch.set(
+                it.index,
+                GenResult(
+                    text=labels[best],
+                    finish_reason="stop",
+                    prompt_tokens=len(it.req.prompt_token_ids),
+                    completion_tokens=len(self._label(labels[best])),
+                    confidence=float(probs[best]),
+                ),
+            )
+
+    def _classify_encoder(self, items: list[_Item]) -> None:
+        torch = self._torch
+        labels = self.capabilities.labels or ()
+        rows = [it.req.prompt_token_ids for it in items]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # right-padded, as encoders are trained
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        with torch.inference_mode():
+            logits = self._model(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+            ).logits
+        probs = torch.softmax(logits.float(), dim=-1).cpu()
+        for it, p in zip(items, probs, strict=True):
+            if id(it.batch) in self._cancelled:
+                continue
+            asked = it.req.choices or labels
+            unknown = [x for x in asked if x not in labels]
+            if unknown:
+                it.batch.set(
+                    it.index,
+                    GenResult(
+                        error=f"labels {unknown} are not this classifier's: {list(labels)}",
+                        prompt_tokens=len(it.req.prompt_token_ids),
+                    ),
+                )
+                continue
+            best = int(torch.argmax(p))
+            it.batch.set(
+                it.index,
+                GenResult(
+                    text=labels[best],
+                    finish_reason="stop",
+                    prompt_tokens=len(it.req.prompt_token_ids),
+                    completion_tokens=0,
+                    confidence=float(p[best]),
+                ),
+            )
+
+
+class _RowSampler:
+    """A logits processor that samples each sampled row with its own temperature, ``top_p``
+    and generator (seeded per request), and ends each row at its own ``max_tokens``, inside
+    one greedy ``generate`` call: a sampled row's logits become its drawn token alone, so the
+    greedy pick takes it. Greedy rows are left as they are."""
+
+    def __init__(
+        self, rows: list[tuple[GenRequest, int]], eos: list[int], width: int, device: str
+    ) -> None:
+        import torch
+
+        self.width = width
+        self.eos = eos[0] if eos else None
+        self.limits = [req.max_tokens for req, _ in rows]
+        self.ragged = len(set(self.limits)) > 1 and self.eos is not None
+        self.sampled: list[tuple[int, float, float, Any]] = []
+        for row, (req, copy) in enumerate(rows):
+            if req.temperature > 0:
+                gen = torch.Generator(device=device)
+                if req.seed is not None:
+                    gen.manual_seed(req.seed + copy)
+                else:
+                    gen.seed()
+                self.sampled.append((row, req.temperature, req.top_p, gen))
+        self.active = bool(self.sampled) or self.ragged
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        step = input_ids.shape[1] - self.width
+        for row, temperature, top_p, gen in self.sampled:
+            logits = scores[row].float() / temperature
+            probs = torch.softmax(logits, dim=-1)
+            if top_p < 1.0:
+                sorted_p, order = torch.sort(probs, descending=True)
+                drop = torch.cumsum(sorted_p, dim=-1) - sorted_p > top_p
+                sorted_p[drop] = 0.0
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+            token = torch.multinomial(probs, 1, generator=gen)
+            scores[row] = float("-inf")
+            scores[row, token] = 0.0
+        if self.ragged:
+            for row, limit in enumerate(self.limits):
+                if step >= limit:  # done: EOS ends this row's part of the call
+                    scores[row] = float("-inf")
+                    scores[row, self.eos] = 0.0
+        return scores
+
+
+class _Progress:
+    """A stopping criterion that marks the batches of a ``generate`` call as progressing at
+    every step (the heartbeat's progress deadline) and stops the rows of a cancelled batch."""
+
+    def __init__(
+        self, batches: dict[int, Batch], cancelled: set[int], rows: list[tuple[_Item, int]]
+    ) -> None:
+        self.batches = batches
+        self.cancelled = cancelled
+        self.owners = [id(it.batch) for it, _ in rows]
+        self.marked = 0.0
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        now = time.monotonic()
+        if now - self.marked >= 0.5:
+            self.marked = now
+            for b in self.batches.values():
+                b.progress()
+        stop = [owner in self.cancelled for owner in self.owners]
+        return torch.tensor(stop, device=input_ids.device)
