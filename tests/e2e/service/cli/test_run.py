@@ -238,3 +238,27 @@ def test_an_openai_batch_file_runs_without_a_server_and_the_sdk_parses_its_lines
     sampled = ChatCompletion.model_validate(lines[2]["response"]["body"])
     assert [c.index for c in sampled.choices] == [0, 1, 2]
     assert not (tmp_path / "out.errors.jsonl").exists()
+
+
+def test_run_on_the_transformers_engine_with_a_1500_row_file(
+    tmp_path: Path, tiny_model_path: str
+) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text(
+        "id,text\n"
+        + "".join(f"r{i},Ticket {i}: the {('api', 'invoice', 'app')[i % 3]} "
+                  f"{'is down' if i % 2 else 'looks wrong'} since {i % 24}h\n" for i in range(1500))
+    )  # fmt: skip
+    out = tmp_path / "out.jsonl"
+    env = {k: v for k, v in run_env(tiny_model_path).items() if k != "DOCQUEUE_ENGINE"}
+    done = subprocess.run(
+        [docqueue_bin(), "run", str(src), "-o", str(out), "--engine", "transformers",
+         "--task", "summarize", "--max-tokens", "6", "--id-column", "id"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "starting the transformers engine" in done.stderr
+    assert "completed: 1500 rows" in done.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(1500)]
+    assert all(r["error"] is None and r["output"] and r["completion_tokens"] == 6 for r in rows)
