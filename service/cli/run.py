@@ -28,6 +28,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from service.cli import options
 from service.cli.output import err, fail, out, with_engine
 from service.errors import BadInputError, ConfigError, DocqueueError
 from service.jobs import validate
@@ -46,36 +47,26 @@ _JOB = "job_id"
 
 @app.command()
 def run(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
+    file: options.InputFile,
     output: Annotated[
         Path, typer.Option("-o", "--output", help="Results file: .csv, .jsonl or .parquet.")
     ],
-    task: Annotated[
-        str | None,
-        typer.Option(help="generate | summarize | classify (not for an OpenAI batch file)"),
-    ] = None,
+    task: options.Task = None,
     model: Annotated[
         str | None, typer.Option(help="Model name or path (default: DOCQUEUE_DEFAULT_MODEL).")
     ] = None,
-    text_column: Annotated[str, typer.Option(help="Column holding the document text.")] = "text",
-    id_column: Annotated[str | None, typer.Option(help="Column with unique ids.")] = None,
-    prompt: Annotated[str | None, typer.Option(help="Template with {text} and columns.")] = None,
-    labels: Annotated[str | None, typer.Option(help="classify: a,b,c or a JSON list.")] = None,
-    max_tokens: Annotated[int | None, typer.Option()] = None,
-    temperature: Annotated[float | None, typer.Option()] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    chunk_size: Annotated[int | None, typer.Option(help="Documents per chunk.")] = None,
-    delimiter: Annotated[
-        str | None, typer.Option(help="',' ';' or 'tab' (default: sniffed).")
-    ] = None,
-    fmt: Annotated[
-        str | None,
-        typer.Option(
-            "--format", help="csv | jsonl | parquet (default: from the file name, else content)."
-        ),
-    ] = None,
-    summary_words: Annotated[int | None, typer.Option(help="summarize: summary length.")] = None,
-    language: Annotated[str | None, typer.Option(help="summarize: output language.")] = None,
+    text_column: options.TextColumn = "text",
+    id_column: options.IdColumn = None,
+    prompt: options.Prompt = None,
+    labels: options.Labels = None,
+    max_tokens: options.MaxTokens = None,
+    temperature: options.Temperature = None,
+    seed: options.Seed = None,
+    chunk_size: options.ChunkSize = None,
+    delimiter: options.Delimiter = None,
+    fmt: options.Format = None,
+    summary_words: options.SummaryWords = None,
+    language: options.Language = None,
     store: Annotated[
         Path | None,
         typer.Option(help="The run's state (SQLite); default: OUTPUT.docqueue.sqlite."),
@@ -90,10 +81,7 @@ def run(
     table: Annotated[
         bool, typer.Option("--table", help="Also print the results as a table (first 50).")
     ] = False,
-    engine: Annotated[
-        str | None,
-        typer.Option(help="vllm | transformers (default: DOCQUEUE_ENGINE, else vllm)."),
-    ] = None,
+    engine: options.Engine = None,
 ) -> None:
     """Run FILE (CSV, JSON Lines or Parquet) through the model in this process and write the
     results to OUTPUT, in input order. No server: the state is a SQLite file next to OUTPUT,
@@ -201,10 +189,15 @@ def _run(
         job_id = _job(db, req, file, fingerprint, settings)
         err.print(f"state: {store_path}")
         job = db.job(job_id)
+        rt = None
         if not JobStatus(job["status"]).terminal:
             concurrency = concurrency or settings.worker.concurrency
-            _work(db, job_id, str(job["model"]), concurrency, settings)
-        _write(db, job_id, output, out_fmt, table)
+            rt = _work(db, job_id, str(job["model"]), concurrency, settings)
+        try:
+            _write(db, job_id, output, out_fmt, table)
+        finally:
+            if rt is not None:  # after the output: an engine takes seconds to stop
+                rt.shutdown()
         db.close_file()
 
 
@@ -307,25 +300,17 @@ def _batch_job(
     return job_id
 
 
-def _work(db: Any, job_id: Any, model: str, concurrency: int, settings: Settings) -> None:
+def _work(db: Any, job_id: Any, model: str, concurrency: int, settings: Settings) -> Any:
+    """Runs the job to its end with the engine in this process; returns the ``Runtime``, still
+    up, for the caller to shut down once the output is written."""
     from workers import embedded
-    from workers.engines import build_engine
+    from workers.engines import engine_for
     from workers.runtime import Runtime
 
     embedded.start_reaper()
     embedded.install_sigterm()
     err.print(f"starting the {settings.engine.kind} engine for {model} ...")
-    engine = build_engine(
-        settings.engine.kind,
-        model,
-        max_model_len=settings.engine.max_model_len,
-        gpu_memory_utilization=settings.engine.gpu_memory_utilization,
-        kv_cache_gib=settings.engine.kv_cache_gib,
-        max_num_seqs=settings.engine.max_num_seqs,
-        dtype=settings.engine.dtype,
-        enforce_eager=settings.engine.enforce_eager,
-        tensor_parallel_size=settings.engine.tensor_parallel_size,
-    )
+    engine = engine_for(settings, model)
     rt = Runtime(
         settings=settings,
         model=model,
@@ -353,11 +338,12 @@ def _work(db: Any, job_id: Any, model: str, concurrency: int, settings: Settings
         err.print("interrupted: what finished is kept; run the same command to continue")
         rt.shutdown()
         raise typer.Exit(130) from None
-    rt.shutdown()
     outcome = result[0] if result else None
     if outcome is None or outcome.stopped is not None:
+        rt.shutdown()
         why = "stopped" if outcome is None else outcome.stopped
         fail(f"the run stopped: {why}; what finished is kept, run the same command to continue")
+    return rt
 
 
 def _follow(db: Any, job_id: Any, runner: threading.Thread) -> None:
