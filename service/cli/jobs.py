@@ -26,6 +26,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from service.cli import options
 from service.cli.client import Client
 from service.cli.output import api_client, err, fail, out, print_json
 from service.store.states import JobStatus
@@ -39,32 +40,22 @@ UPLOAD_BAR_MIN_BYTES = 4 * 1024 * 1024
 
 @app.command()
 def submit(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)],
-    task: Annotated[
-        str | None,
-        typer.Option(help="generate | summarize | classify (not for an OpenAI batch file)"),
-    ] = None,
+    file: options.InputFile,
+    task: options.Task = None,
     model: Annotated[
         str | None, typer.Option(help="Model name or path (default: server's).")
     ] = None,
-    text_column: Annotated[str, typer.Option(help="Column holding the document text.")] = "text",
-    id_column: Annotated[str | None, typer.Option(help="Column with unique ids.")] = None,
-    prompt: Annotated[str | None, typer.Option(help="Template with {text} and columns.")] = None,
-    labels: Annotated[str | None, typer.Option(help="classify: a,b,c or a JSON list.")] = None,
-    max_tokens: Annotated[int | None, typer.Option()] = None,
-    temperature: Annotated[float | None, typer.Option()] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    chunk_size: Annotated[int | None, typer.Option(help="Documents per chunk.")] = None,
+    text_column: options.TextColumn = "text",
+    id_column: options.IdColumn = None,
+    prompt: options.Prompt = None,
+    labels: options.Labels = None,
+    max_tokens: options.MaxTokens = None,
+    temperature: options.Temperature = None,
+    seed: options.Seed = None,
+    chunk_size: options.ChunkSize = None,
     priority: Annotated[str, typer.Option(help="interactive | bulk")] = "interactive",
-    delimiter: Annotated[
-        str | None, typer.Option(help="',' ';' or 'tab' (default: sniffed).")
-    ] = None,
-    fmt: Annotated[
-        str | None,
-        typer.Option(
-            "--format", help="csv | jsonl | parquet (default: from the file name, else content)."
-        ),
-    ] = None,
+    delimiter: options.Delimiter = None,
+    fmt: options.Format = None,
     idempotency_key: Annotated[
         str | None,
         typer.Option(
@@ -72,8 +63,8 @@ def submit(
             "is refused."
         ),
     ] = None,
-    summary_words: Annotated[int | None, typer.Option(help="summarize: summary length.")] = None,
-    language: Annotated[str | None, typer.Option(help="summarize: output language.")] = None,
+    summary_words: options.SummaryWords = None,
+    language: options.Language = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the job with a progress bar.")
     ] = False,

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from service.cli import options
 from service.cli.output import err, fail, out, redact_url, with_engine
 from service.errors import ConfigError
 from service.settings import DatabaseSettings, get_settings
@@ -87,10 +88,7 @@ def worker(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the plan, start nothing.")
     ] = False,
-    engine: Annotated[
-        str | None,
-        typer.Option(help="vllm | transformers (default: DOCQUEUE_ENGINE, else vllm)."),
-    ] = None,
+    engine: options.Engine = None,
 ) -> None:
     """Start one Celery worker per GPU (or one CPU worker), each running the model's engine."""
     from workers import launcher
