@@ -26,7 +26,7 @@ from service.store.engine import get_engine
 from service.store.registry import heartbeat, register_worker, unregister_worker
 from service.store.states import Task
 from workers import metrics as worker_metrics
-from workers.engines import Batch, Engine, build_engine
+from workers.engines import Batch, Engine, engine_for
 
 log = logging.getLogger(__name__)
 
@@ -266,17 +266,7 @@ def start(
     # Metrics first: the endpoint shows engine_ready 0 during the engine's slow start.
     worker_metrics.serve(settings.worker.metrics_port, settings.worker.metrics_address)
     worker_metrics.engine_ready(model, False)
-    engine = build_engine(
-        settings.engine.kind,
-        model,
-        max_model_len=settings.engine.max_model_len,
-        gpu_memory_utilization=settings.engine.gpu_memory_utilization,
-        kv_cache_gib=settings.engine.kv_cache_gib,
-        max_num_seqs=settings.engine.max_num_seqs,
-        dtype=settings.engine.dtype,
-        enforce_eager=settings.engine.enforce_eager,
-        tensor_parallel_size=settings.engine.tensor_parallel_size,
-    )
+    engine = engine_for(settings, model)
     # A frozen worker's open transaction ends after a quarter lease: it must not hold its job's
     # row lock (and every other worker's progress on that job) until it wakes up.
     db = get_engine(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.errors import ConfigError
+from service.settings import Settings
 from workers.engines.base import Batch, Engine, GenRequest, GenResult
 
 
@@ -44,6 +45,23 @@ def build_engine(kind: str, model: str, **options: object) -> Engine:
     raise ValueError(f"unknown engine {kind!r}; expected vllm, transformers, bench or sim")
 
 
+def engine_for(settings: Settings, model: str) -> Engine:
+    """The engine ``settings.engine`` configures, for ``model`` (a worker's, or ``docqueue
+    run``'s)."""
+    e = settings.engine
+    return build_engine(
+        e.kind,
+        model,
+        max_model_len=e.max_model_len,
+        gpu_memory_utilization=e.gpu_memory_utilization,
+        kv_cache_gib=e.kv_cache_gib,
+        max_num_seqs=e.max_num_seqs,
+        dtype=e.dtype,
+        enforce_eager=e.enforce_eager,
+        tensor_parallel_size=e.tensor_parallel_size,
+    )
+
+
 def model_config(model: str) -> Any:
     """The model's ``config.json`` through transformers (a local path, or the local cache:
     nothing is downloaded here); None where it cannot be read."""
@@ -69,4 +87,4 @@ def refuse_classifier(model: str) -> None:
         )
 
 
-__all__ = ["Batch", "Engine", "GenRequest", "GenResult", "build_engine"]
+__all__ = ["Batch", "Engine", "GenRequest", "GenResult", "build_engine", "engine_for"]

@@ -124,6 +124,24 @@ class Batch:
         return self._done.is_set()
 
 
+class ThreadTokenizers:
+    """The model's tokenizer, one per calling thread: fast tokenizers are not safe to share
+    across threads, and each chunk thread renders its own prompts."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self._local = threading.local()
+
+    def get(self) -> Any:
+        tok = getattr(self._local, "tok", None)
+        if tok is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(self.model)
+            self._local.tok = tok
+        return tok
+
+
 class Engine(Protocol):
     model: str
     max_model_len: int

@@ -33,7 +33,7 @@ from typing import Any
 
 from service.errors import EngineDeadError
 from service.jobs.validate import ModelCapabilities
-from workers.engines.base import Batch, Choice, GenRequest, GenResult
+from workers.engines.base import Batch, Choice, GenRequest, GenResult, ThreadTokenizers
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,18 @@ class _Item:
 
 
 def plan(
-    lengths: list[int], new_tokens: list[int], budget_tokens: int, max_rows: int
+    lengths: list[int],
+    new_tokens: list[int],
+    budget_tokens: int,
+    max_rows: int,
+    max_len: int | None = None,
 ) -> list[list[int]]:
     """Batches of request positions, sorted by prompt length and packed while rows * (longest
-    prompt + most new tokens) stays within ``budget_tokens`` and rows within ``max_rows``. A
-    request over the budget on its own still gets a batch of one."""
+    prompt + most new tokens) stays within ``budget_tokens``, rows within ``max_rows`` and the
+    longest prompt + most new tokens within ``max_len`` (every row of a ``generate`` call runs
+    as long as the longest; a short-prompt row's many new tokens must not push a long prompt's
+    row past the model's context). A request over the budget on its own still gets a batch of
+    one."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
@@ -74,6 +81,7 @@ def plan(
         if current and (
             (len(current) + 1) * (grown_longest + grown_most) > budget_tokens
             or len(current) >= max_rows
+            or (max_len is not None and grown_longest + grown_most > max_len)
         ):
             batches.append(current)
             current, grown_longest, grown_most = [], lengths[i], new_tokens[i]
@@ -84,9 +92,12 @@ def plan(
     return batches
 
 
-def left_pad(rows: list[list[int]], pad: int, device: str = "cpu") -> tuple[Any, Any]:
-    """Token ids and attention mask of rows padded on the left to the longest, as a decoder
-    generates from them (every row's next token at the same position)."""
+def pad_rows(
+    rows: list[list[int]], pad: int, device: str = "cpu", *, left: bool = True
+) -> tuple[Any, Any]:
+    """Token ids and attention mask of rows padded to the longest: on the left, as a decoder
+    generates from them (every row's next token at the same position), or on the right, as
+    encoders are trained."""
     import torch
 
     width = max(len(r) for r in rows)
@@ -94,8 +105,9 @@ def left_pad(rows: list[list[int]], pad: int, device: str = "cpu") -> tuple[Any,
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
+            at = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, at] = torch.tensor(r, dtype=torch.long)
+            mask[i, at] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -187,7 +199,7 @@ class TransformersEngine:
         self.max_batch_rows = max_batch_rows
         self._torch = torch
         self._label_ids: dict[str, list[int]] = {}
-        self._tokenizer_local = threading.local()
+        self._tokenizers = ThreadTokenizers(model)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._pool: deque[_Item] = deque()
         self._seq = itertools.count()
@@ -208,13 +220,7 @@ class TransformersEngine:
     # --- used by chunk tasks (any thread) -------------------------------------------------
 
     def tokenizer(self) -> Any:
-        tok = getattr(self._tokenizer_local, "tok", None)
-        if tok is None:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(self.model)
-            self._tokenizer_local.tok = tok
-        return tok
+        return self._tokenizers.get()
 
     def submit(self, requests: list[GenRequest]) -> Batch:
         batch = Batch(len(requests))
@@ -326,7 +332,8 @@ class TransformersEngine:
             new = [n * r for n, r in zip(new, rows, strict=True)]
         else:
             new = [it.req.max_tokens for it in window]
-        for batch in plan(lengths, new, self.batch_tokens, self.max_batch_rows):
+        limit = None if head.scores else self.max_model_len
+        for batch in plan(lengths, new, self.batch_tokens, self.max_batch_rows, limit):
             if 0 in batch:  # the head's
                 picked = [window[i] for i in batch]
                 taken = {id(it) for it in picked}
@@ -344,16 +351,13 @@ class TransformersEngine:
 
     # --- the three kinds of step ----------------------------------------------------------
 
-    def _left_pad(self, rows: list[list[int]]) -> tuple[Any, Any]:
-        return left_pad(rows, self._pad, self.device)
-
     def _generate(self, items: list[_Item]) -> None:
         torch = self._torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         # n > 1: n rows of the same prompt, gathered into one result at the end.
         rows = [(it, c) for it in items for c in range(max(1, it.req.n))]
-        ids, mask = self._left_pad([it.req.prompt_token_ids for it, _ in rows])
+        ids, mask = pad_rows([it.req.prompt_token_ids for it, _ in rows], self._pad, self.device)
         width = ids.shape[1]
         most = max(it.req.max_tokens for it, _ in rows)
         sampler = _RowSampler([(it.req, c) for it, c in rows], self._eos, width, self.device)
@@ -420,8 +424,10 @@ class TransformersEngine:
         torch = self._torch
         pairs = [(it, label) for it in items for label in it.req.choices or ()]
         conts = [self._label(label) for _, label in pairs]
-        ids, mask = self._left_pad(
-            [it.req.prompt_token_ids + cont for (it, _), cont in zip(pairs, conts, strict=True)]
+        ids, mask = pad_rows(
+            [it.req.prompt_token_ids + cont for (it, _), cont in zip(pairs, conts, strict=True)],
+            self._pad,
+            self.device,
         )
         keep = max(len(c) for c in conts) + 1
         with torch.inference_mode():
@@ -444,31 +450,17 @@ class TransformersEngine:
                 continue
             probs = torch.softmax(mine, dim=0)
             best = int(torch.argmax(probs))
-            it.batch.set(
-                it.index,
-                GenResult(
-                    text=labels[best],
-                    finish_reason="stop",
-                    prompt_tokens=len(it.req.prompt_token_ids),
-                    completion_tokens=len(self._label(labels[best])),
-                    confidence=float(probs[best]),
-                ),
-            )
+            tokens = len(self._label(labels[best]))
+            it.batch.set(it.index, _labelled(it, labels[best], float(probs[best]), tokens))
 
     def _classify_encoder(self, items: list[_Item]) -> None:
         torch = self._torch
         labels = self.capabilities.labels or ()
-        rows = [it.req.prompt_token_ids for it in items]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # right-padded, as encoders are trained
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_rows(
+            [it.req.prompt_token_ids for it in items], self._pad, self.device, left=False
+        )
         with torch.inference_mode():
-            logits = self._model(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-            ).logits
+            logits = self._model(input_ids=ids, attention_mask=mask).logits
         probs = torch.softmax(logits.float(), dim=-1).cpu()
         for it, p in zip(items, probs, strict=True):
             if id(it.batch) in self._cancelled:
@@ -485,16 +477,17 @@ class TransformersEngine:
                 )
                 continue
             best = int(torch.argmax(p))
-            it.batch.set(
-                it.index,
-                GenResult(
-                    text=labels[best],
-                    finish_reason="stop",
-                    prompt_tokens=len(it.req.prompt_token_ids),
-                    completion_tokens=0,
-                    confidence=float(p[best]),
-                ),
-            )
+            it.batch.set(it.index, _labelled(it, labels[best], float(p[best]), 0))
+
+
+def _labelled(it: _Item, label: str, confidence: float, tokens: int) -> GenResult:
+    return GenResult(
+        text=label,
+        finish_reason="stop",
+        prompt_tokens=len(it.req.prompt_token_ids),
+        completion_tokens=tokens,
+        confidence=confidence,
+    )
 
 
 class _RowSampler:

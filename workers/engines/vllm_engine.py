@@ -33,7 +33,14 @@ from typing import Any, Literal
 
 from service.batches.requests import LOGPROB_FLOOR
 from service.errors import EngineDeadError
-from workers.engines.base import Batch, Choice, GenRequest, GenResult, TokenLogprob
+from workers.engines.base import (
+    Batch,
+    Choice,
+    GenRequest,
+    GenResult,
+    ThreadTokenizers,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +168,7 @@ class VllmEngine:
         # The backend that decodes finished outputs; None: vLLM detokenizes every request.
         self._decoder = _bytelevel_decoder(self._engine) if outputs == "final" else None
         self.max_model_len = int(self._engine.model_config.max_model_len)
-        self._tokenizer_local = threading.local()
+        self._tokenizers = ThreadTokenizers(model)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._ids = itertools.count()
         self._dead: BaseException | None = None
@@ -173,13 +180,7 @@ class VllmEngine:
     # --- used by chunk tasks (any thread) -------------------------------------------------
 
     def tokenizer(self) -> Any:
-        tok = getattr(self._tokenizer_local, "tok", None)
-        if tok is None:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(self.model)
-            self._tokenizer_local.tok = tok
-        return tok
+        return self._tokenizers.get()
 
     def submit(self, requests: list[GenRequest]) -> Batch:
         batch = Batch(len(requests))

@@ -68,7 +68,7 @@ def test_summaries_equal_plain_generate_on_the_same_padded_batches(
 ) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.engines.transformers_engine import left_pad, plan
+    from workers.engines.transformers_engine import pad_rows, plan
     from workers.prompts import render
 
     rows = run_job(
@@ -88,7 +88,7 @@ def test_summaries_equal_plain_generate_on_the_same_padded_batches(
     groups = plan([len(p) for p in prompts], [10] * len(prompts),
                   engine.transformers_batch_tokens, engine.transformers_max_batch_rows)  # fmt: skip
     for group in groups:
-        ids, mask = left_pad([prompts[i] for i in group], pad)
+        ids, mask = pad_rows([prompts[i] for i in group], pad)
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,

@@ -13,7 +13,7 @@ from workers.engines.base import GenRequest
 from workers.engines.transformers_engine import (
     TransformersEngine,
     capabilities_of,
-    left_pad,
+    pad_rows,
     plan,
 )
 
@@ -40,7 +40,7 @@ def prompts(engine: Any, n: int) -> list[list[int]]:
 
 def plain_generate(engine: Any, rows: list[list[int]], max_new: int) -> list[list[int]]:
     """What a hand-written loop gets from ``model.generate`` on one left-padded batch."""
-    ids, mask = left_pad(rows, engine._pad)
+    ids, mask = pad_rows(rows, engine._pad)
     with torch.inference_mode():
         out = engine._model.generate(
             input_ids=ids,
@@ -58,6 +58,10 @@ def test_plan_sorts_by_length_and_packs_by_token_budget() -> None:
     # Sorted: 10, 12, 30 (3 x 40 = 120 > 100, so 10 and 12 go alone: 2 x 22), then 30 and 50
     # would be 2 x 60 = 120: each alone; 400 is over the budget and still gets a batch.
     assert batches == [[1, 3], [2], [0], [4]]
+    # A long prompt's row never runs as long as a short prompt's many new tokens would take
+    # it past the context: 90 + 100 > 150, so the two go apart.
+    assert plan([10, 90], [100, 5], budget_tokens=10_000, max_rows=8, max_len=150) == [[0], [1]]
+    assert plan([10, 90], [100, 5], budget_tokens=10_000, max_rows=8) == [[0, 1]]
     assert plan([5] * 10, [5] * 10, budget_tokens=10_000, max_rows=4) == [
         [0, 1, 2, 3],
         [4, 5, 6, 7],
