@@ -122,20 +122,10 @@ def output_tokens(path: Path) -> tuple[int, int]:
 def run_vllm_batch(model: str, requests: Path, work: Path) -> dict[str, Any]:
     out = work / "vllm-out.jsonl"
     out.unlink(missing_ok=True)
-    spec = work / "batch-spec.json"
-    spec.write_text(json.dumps({"model": model, "input": str(requests), "output": str(out)}))
-    done = subprocess.run(
-        [sys.executable, __file__, "--run-batch-side", str(spec)],
-        env={**os.environ, **ENV},
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
-    for line in done.stdout.splitlines():
-        if line.startswith(REPLY):
-            ok, tokens = output_tokens(out)
-            return {**json.loads(line[len(REPLY) :]), "tokens": tokens, "ok": ok}
-    raise RuntimeError(f"vllm run-batch failed:\n{done.stderr[-3000:]}")
+    spec = {"model": model, "input": str(requests), "output": str(out)}
+    got = side("--run-batch-side", spec, work, "vllm run-batch")
+    ok, tokens = output_tokens(out)
+    return {**got, "tokens": tokens, "ok": ok}
 
 
 def prompts_for(model: str, texts: list[str]) -> list[list[int]]:
@@ -152,11 +142,12 @@ def prompts_for(model: str, texts: list[str]) -> list[list[int]]:
     ]
 
 
-def run_raw(model: str, prompts: list[list[int]], max_tokens: int, work: Path) -> dict[str, Any]:
-    spec = work / "spec.json"
-    spec.write_text(json.dumps({"model": model, "prompts": prompts, "max_tokens": max_tokens}))
+def side(flag: str, spec: dict[str, Any], work: Path, what: str) -> dict[str, Any]:
+    """Runs one side in a fresh process of this script and returns what it printed."""
+    path = work / f"{flag.strip('-')}.json"
+    path.write_text(json.dumps(spec))
     done = subprocess.run(
-        [sys.executable, __file__, "--raw-side", str(spec)],
+        [sys.executable, __file__, flag, str(path)],
         env={**os.environ, **ENV},
         capture_output=True,
         text=True,
@@ -165,12 +156,29 @@ def run_raw(model: str, prompts: list[list[int]], max_tokens: int, work: Path) -
     for line in done.stdout.splitlines():
         if line.startswith(REPLY):
             return dict(json.loads(line[len(REPLY) :]))
-    raise RuntimeError(f"raw vLLM failed:\n{done.stderr[-3000:]}")
+    raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
 
 
-def run_docqueue(model: str, src: Path, max_tokens: int, work: Path) -> dict[str, Any]:
+def run_raw(model: str, prompts: list[list[int]], max_tokens: int, work: Path) -> dict[str, Any]:
+    spec = {"model": model, "prompts": prompts, "max_tokens": max_tokens}
+    return side("--raw-side", spec, work, "raw vLLM")
+
+
+def job_clock(store: Path) -> tuple[float, float, int]:
+    """A finished ``docqueue run``'s first claim and end (its state file's clock) and its output
+    tokens."""
+    with sqlite3.connect(store) as conn:
+        started, finished, tokens = conn.execute(
+            "SELECT started_at, finished_at, completion_tokens FROM jobs"
+        ).fetchone()
+    return float(started), float(finished), int(tokens)
+
+
+def run_docqueue(
+    model: str, src: Path, max_tokens: int, work: Path, *options: str
+) -> dict[str, Any]:
     """``docqueue run`` on a CSV of documents (timed to its job's end) or on an OpenAI batch
-    file (timed to its output file written)."""
+    file (timed to its output file written), with ``options`` beyond the task's."""
     batch = src.suffix == ".jsonl"
     out = work / ("dq-out.jsonl" if batch else "dq-out.csv")
     store = out.with_name(out.name + ".docqueue.sqlite")
@@ -181,6 +189,7 @@ def run_docqueue(model: str, src: Path, max_tokens: int, work: Path) -> dict[str
     if not batch:  # a batch file's requests say it all
         argv += ["--task", "generate", "--model", model, "--temperature", "0"]
         argv += ["--max-tokens", str(max_tokens)]
+    argv += options
     done = subprocess.run(
         argv,
         env={**env, **ENV, "DOCQUEUE_DEFAULT_MODEL": model},
@@ -190,10 +199,7 @@ def run_docqueue(model: str, src: Path, max_tokens: int, work: Path) -> dict[str
     )
     if done.returncode != 0:
         raise RuntimeError(f"docqueue run failed:\n{done.stderr[-3000:]}")
-    with sqlite3.connect(store) as conn:
-        started, finished, tokens = conn.execute(
-            "SELECT started_at, finished_at, completion_tokens FROM jobs"
-        ).fetchone()
+    started, finished, tokens = job_clock(store)
     if batch:
         ok, _ = output_tokens(out)
         return {"secs": out.stat().st_mtime - started, "tokens": int(tokens), "ok": ok}

@@ -21,9 +21,6 @@ least 3x (a) and at least (b), and (d) at least 0.9x (c).
 from __future__ import annotations
 
 import argparse
-import os
-import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
@@ -65,12 +62,12 @@ def plain_batches(engine: Any, prompts: list[list[int]], size: int, max_new: int
     """(a) with ``size`` 1, (b) with 8: ``model.generate`` on batches in input order."""
     import torch
 
-    from workers.engines.transformers_engine import left_pad
+    from workers.engines.transformers_engine import pad_rows
 
     model, pad, eos = engine._model, engine._pad, set(engine._eos)
     total = 0
     for start in range(0, len(prompts), size):
-        ids, mask = left_pad(prompts[start : start + size], pad, engine.device)
+        ids, mask = pad_rows(prompts[start : start + size], pad, engine.device)
         width = ids.shape[1]
         with torch.inference_mode():
             out = model.generate(
@@ -94,24 +91,12 @@ def engine_side(engine: Any, prompts: list[list[int]], max_new: int) -> int:
 
 
 def run_side(model: str, texts: list[str], max_new: int, work: Path) -> tuple[float, int]:
+    from scripts.bench.run import run_docqueue
+
     src = work / "docs.csv"
     src.write_text("text\n" + "".join(f"{t}\n" for t in texts))
-    out = work / "out.csv"
-    store = work / "out.csv.docqueue.sqlite"
-    for p in work.glob("out.csv*"):
-        p.unlink()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DOCQUEUE_")}
-    argv = [str(Path(sys.executable).with_name("docqueue")), "run", str(src), "-o", str(out)]
-    argv += ["--engine", "transformers", "--task", "generate", "--model", model]
-    argv += ["--max-tokens", str(max_new), "--temperature", "0"]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=3600)
-    if done.returncode != 0:
-        raise RuntimeError(f"docqueue run failed:\n{done.stderr[-3000:]}")
-    with sqlite3.connect(store) as conn:
-        started, finished, tokens = conn.execute(
-            "SELECT started_at, finished_at, completion_tokens FROM jobs"
-        ).fetchone()
-    return finished - started, int(tokens)
+    got = run_docqueue(model, src, max_new, work, "--engine", "transformers")
+    return float(got["secs"]), int(got["tokens"])
 
 
 def bench(name: str, path: Path, docs: int, max_new: int) -> bool:
