@@ -47,7 +47,6 @@ class _Item:
     batch: Batch
     index: int  # the request's place in its batch
     req: GenRequest
-    seq: int  # submission order: the oldest goes first
     copies: list[GenResult] = field(default_factory=list)  # n > 1: the choices so far
 
     @property
@@ -202,10 +201,9 @@ class TransformersEngine:
         self._tokenizers = ThreadTokenizers(model)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._pool: deque[_Item] = deque()
-        self._seq = itertools.count()
         self._cancelled: set[int] = set()  # id() of batches cancelled while running
         self._dead: BaseException | None = None
-        self.batches_run: list[list[tuple[int, int]]] = []  # (batch id, index) per step: tests
+        self.steps = 0  # model calls made (generate or forward passes)
         self.start_s = time.monotonic() - started
         self._thread = threading.Thread(target=self._drive, name="transformers-driver", daemon=True)
         self._thread.start()
@@ -265,7 +263,7 @@ class TransformersEngine:
                             i, GenResult(error=refused, prompt_tokens=len(req.prompt_token_ids))
                         )
                     else:
-                        self._pool.append(_Item(batch, i, req, next(self._seq)))
+                        self._pool.append(_Item(batch, i, req))
             elif cmd == "abort":
                 self._cancelled.discard(id(arg))  # no step under way holds it any more
                 self._pool = deque(it for it in self._pool if it.batch is not arg)
@@ -294,18 +292,20 @@ class TransformersEngine:
         return None
 
     def _drive(self) -> None:
+        items: list[_Item] = []
         try:
             while self._take(block=not self._pool):
                 if not self._pool:
                     continue
                 items = self._next()
-                self.batches_run.append([(id(it.batch), it.index) for it in items])
+                self.steps += 1
                 self._run(items)
+                items = []
         except BaseException as exc:  # the engine broke: fail what is in flight, loudly
             log.exception("transformers engine driver stopped")
             self._dead = exc
             dead = EngineDeadError(f"transformers engine failed: {exc}")
-            for it in list(self._pool):
+            for it in [*items, *self._pool]:  # the step under way, then the waiting
                 it.batch.fail(dead)
             self._pool.clear()
             while True:
@@ -492,9 +492,10 @@ def _labelled(it: _Item, label: str, confidence: float, tokens: int) -> GenResul
 
 class _RowSampler:
     """A logits processor that samples each sampled row with its own temperature, ``top_p``
-    and generator (seeded per request), and ends each row at its own ``max_tokens``, inside
-    one greedy ``generate`` call: a sampled row's logits become its drawn token alone, so the
-    greedy pick takes it. Greedy rows are left as they are."""
+    and seed, and ends each row at its own ``max_tokens``, inside one greedy ``generate``
+    call: a sampled row's logits become its drawn token alone, so the greedy pick takes it.
+    Greedy rows are left as they are. Probabilities are computed for all sampled rows at once;
+    unseeded rows draw together, a seeded row from its own generator (reproducible)."""
 
     def __init__(
         self, rows: list[tuple[GenRequest, int]], eos: list[int], width: int, device: str
@@ -503,39 +504,49 @@ class _RowSampler:
 
         self.width = width
         self.eos = eos[0] if eos else None
-        self.limits = [req.max_tokens for req, _ in rows]
-        self.ragged = len(set(self.limits)) > 1 and self.eos is not None
-        self.sampled: list[tuple[int, float, float, Any]] = []
-        for row, (req, copy) in enumerate(rows):
-            if req.temperature > 0:
+        self.limits = torch.tensor([req.max_tokens for req, _ in rows], device=device)
+        self.ragged = len({req.max_tokens for req, _ in rows}) > 1 and self.eos is not None
+        sampled = [(row, req, copy) for row, (req, copy) in enumerate(rows) if req.temperature > 0]
+        self.rows = torch.tensor([row for row, _, _ in sampled], dtype=torch.long, device=device)
+        self.temperature = torch.tensor(
+            [req.temperature for _, req, _ in sampled], device=device
+        ).unsqueeze(1)
+        self.top_p = torch.tensor([req.top_p for _, req, _ in sampled], device=device)
+        self.nucleus = any(req.top_p < 1.0 for _, req, _ in sampled)
+        self.seeded: list[tuple[int, Any]] = []  # (position among the sampled, its generator)
+        for at, (_, req, copy) in enumerate(sampled):
+            if req.seed is not None:
                 gen = torch.Generator(device=device)
-                if req.seed is not None:
-                    gen.manual_seed(req.seed + copy)
-                else:
-                    gen.seed()
-                self.sampled.append((row, req.temperature, req.top_p, gen))
-        self.active = bool(self.sampled) or self.ragged
+                gen.manual_seed(req.seed + copy)
+                self.seeded.append((at, gen))
+        seeded = {at for at, _ in self.seeded}
+        self.free = torch.tensor(
+            [at for at in range(len(sampled)) if at not in seeded], dtype=torch.long, device=device
+        )
+        self.active = bool(sampled) or self.ragged
 
     def __call__(self, input_ids: Any, scores: Any) -> Any:
         import torch
 
-        step = input_ids.shape[1] - self.width
-        for row, temperature, top_p, gen in self.sampled:
-            logits = scores[row].float() / temperature
-            probs = torch.softmax(logits, dim=-1)
-            if top_p < 1.0:
-                sorted_p, order = torch.sort(probs, descending=True)
-                drop = torch.cumsum(sorted_p, dim=-1) - sorted_p > top_p
-                sorted_p[drop] = 0.0
-                probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
-            token = torch.multinomial(probs, 1, generator=gen)
-            scores[row] = float("-inf")
-            scores[row, token] = 0.0
-        if self.ragged:
-            for row, limit in enumerate(self.limits):
-                if step >= limit:  # done: EOS ends this row's part of the call
-                    scores[row] = float("-inf")
-                    scores[row, self.eos] = 0.0
+        if len(self.rows):
+            probs = torch.softmax(scores[self.rows].float() / self.temperature, dim=-1)
+            if self.nucleus:  # keep the smallest set of tokens whose mass reaches top_p
+                sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+                drop = torch.cumsum(sorted_p, dim=-1) - sorted_p > self.top_p.unsqueeze(1)
+                probs = torch.zeros_like(probs).scatter(1, order, sorted_p.masked_fill(drop, 0.0))
+            drawn = torch.empty(len(self.rows), dtype=torch.long, device=probs.device)
+            if len(self.free):
+                drawn[self.free] = torch.multinomial(probs[self.free], 1).squeeze(1)
+            for at, gen in self.seeded:
+                drawn[at] = torch.multinomial(probs[at], 1, generator=gen)[0]
+            picked = torch.full_like(scores[self.rows], float("-inf"))
+            picked.scatter_(1, drawn.unsqueeze(1), 0.0)
+            scores[self.rows] = picked
+        if self.ragged:  # a row past its own max_tokens: EOS ends its part of the call
+            done = (input_ids.shape[1] - self.width) >= self.limits
+            if bool(done.any()):
+                scores[done] = float("-inf")
+                scores[done, self.eos] = 0.0
         return scores
 
 

@@ -196,9 +196,10 @@ def test_an_encoder_classifier_labels_and_confidences_equal_a_direct_forward_pas
     ] * 3
     tok = classifier.tokenizer()
     rows = [encode_document(tok, Doc(i, None, t, None), 64).token_ids for i, t in enumerate(texts)]
+    steps = classifier.steps
     batch = classifier.submit([GenRequest(prompt_token_ids=r, max_tokens=1) for r in rows])
     assert batch.wait(60)
-    assert len(classifier.batches_run) > 1, "the token budget splits these into batches"
+    assert classifier.steps - steps > 1, "the token budget splits these into batches"
     seen = set()
     for r, result in zip(rows, batch.results, strict=True):
         with torch.inference_mode():
@@ -221,3 +222,43 @@ def test_a_classifier_refuses_labels_it_does_not_have(classifier: Any) -> None:
     assert batch.results[0].error == (
         "labels ['spam'] are not this classifier's: ['billing', 'outage', 'other']"
     )
+
+
+def test_a_tiny_top_p_keeps_only_the_likeliest_token_beside_greedy_rows(engine: Any) -> None:
+    rows = prompts(engine, 4)
+    greedy = engine.submit([GenRequest(prompt_token_ids=r, max_tokens=10) for r in rows])
+    assert greedy.wait(60)
+    mixed = engine.submit(
+        [
+            GenRequest(prompt_token_ids=r, max_tokens=10, temperature=1.5, top_p=1e-6)
+            if i % 2
+            else GenRequest(prompt_token_ids=r, max_tokens=10)
+            for i, r in enumerate(rows)
+        ]
+    )
+    assert mixed.wait(60)
+    # The nucleus of mass 1e-6 is the likeliest token alone: sampling it is greedy decoding.
+    assert [r.text for r in mixed.results] == [r.text for r in greedy.results]
+
+
+def test_an_engine_that_breaks_fails_the_batch_in_flight_and_refuses_more() -> None:
+    from service.errors import EngineDeadError
+    from tests.support.models import tiny_model
+
+    eng = TransformersEngine(tiny_model())
+    try:
+
+        def broken(**kwargs: Any) -> Any:
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+        setattr(eng._model, "generate", broken)  # noqa: B010  (an instance attribute)
+        ids = eng.tokenizer()("hello there").input_ids
+        batch = eng.submit([GenRequest(prompt_token_ids=ids, max_tokens=4)])
+        assert batch.wait(30), "the batch under way fails, it does not hang"
+        assert isinstance(batch.failure, EngineDeadError)
+        assert "CUDA out of memory (simulated)" in str(batch.failure)
+        assert not eng.alive
+        later = eng.submit([GenRequest(prompt_token_ids=ids, max_tokens=4)])
+        assert later.done and isinstance(later.failure, EngineDeadError)
+    finally:
+        eng.close()
