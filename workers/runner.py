@@ -254,7 +254,7 @@ def _submit(
     requests: list[GenRequest] = []
     errors: dict[int, str] = {}
     own_requests = lease.task in (Task.CHAT, Task.COMPLETION)  # an OpenAI batch's rows
-    caps = getattr(engine, "capabilities", None)
+    caps = engine.capabilities
     unprompted = caps is not None and not caps.prompted  # an encoder classifier
     for pos, doc in enumerate(part):
         try:

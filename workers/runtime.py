@@ -209,7 +209,7 @@ class Runtime:
             os.getpid(),
             True,
             self.slots,
-            caps.as_json() if (caps := getattr(self.engine, "capabilities", None)) else None,
+            caps.as_json() if (caps := self.engine.capabilities) else None,
         )
 
     def start(self) -> None:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from service.jobs.validate import ModelCapabilities
 
 
 @dataclass(slots=True)
@@ -146,6 +149,11 @@ class Engine(Protocol):
     model: str
     max_model_len: int
     device: str
+
+    @property
+    def capabilities(self) -> ModelCapabilities | None:
+        """What the model can do, as workers register it and jobs are checked against it; None
+        says nothing (a causal LM: every task, its prompt rendered through the chat template)."""
 
     def tokenizer(self) -> Any:
         """A tokenizer for rendering prompts; one per calling thread (fast tokenizers are not

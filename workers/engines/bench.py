@@ -6,9 +6,12 @@ queueing, leasing, result writes and finalization, not the model.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.engines.base import Batch, Choice, GenRequest, GenResult, TokenLogprob
+
+if TYPE_CHECKING:
+    from service.jobs.validate import ModelCapabilities
 
 
 class _Encoded:
@@ -42,6 +45,8 @@ class BenchEngine:
     deadlocked scheduler): vLLM itself cannot be made to hang on demand, so the heartbeat's
     progress deadline (``workers.runtime``) is tested with this one, in-process (``hang``) and
     in a real worker process (a document with ``HANG_WORD``)."""
+
+    capabilities: ModelCapabilities | None = None  # a causal LM: every task
 
     def __init__(self, model: str, max_model_len: int = 1_000_000, hang: bool = False) -> None:
         self.model = model

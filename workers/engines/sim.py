@@ -27,11 +27,14 @@ import zlib
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.errors import EngineDeadError
 from workers.engines.base import Batch, Choice, GenRequest, GenResult, TokenLogprob
 from workers.engines.bench import WhitespaceTokenizer, _Encoded
+
+if TYPE_CHECKING:
+    from service.jobs.validate import ModelCapabilities
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,8 @@ class _Seq:
 
 class SimEngine:
     """Continuous batching on a simulated clock (see the module docstring)."""
+
+    capabilities: ModelCapabilities | None = None  # a causal LM: every task
 
     def __init__(
         self, model: str, params: SimParams | None = None, max_model_len: int = 32_768

@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from service.batches.requests import LOGPROB_FLOOR
 from service.errors import EngineDeadError
@@ -41,6 +41,9 @@ from workers.engines.base import (
     ThreadTokenizers,
     TokenLogprob,
 )
+
+if TYPE_CHECKING:
+    from service.jobs.validate import ModelCapabilities
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +120,8 @@ def engine_kwargs(
 
 
 class VllmEngine:
+    capabilities: ModelCapabilities | None = None  # a causal LM: every task
+
     def __init__(
         self,
         model: str,
