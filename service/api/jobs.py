@@ -149,9 +149,9 @@ async def submit_job(
     )
     if settings.jobs.reject_unserved_models:
         await run_in_threadpool(_refuse_unserved, db, req.model, settings)
-    # Checked with the request (validate.check_capabilities) before the upload is read.
+    # What the model's workers say it can do: the submit process checks the job against it
+    # (validate.check_capabilities) before it reads a row.
     req.capabilities = await run_in_threadpool(_capabilities, db, req.model, settings)
-    validate.check_capabilities(req, req.capabilities)
     # Async, and parsed in a pool process: an upload neither holds the GIL here nor one of the
     # threads that status polls are served from while it waits for its turn to be parsed.
     submissions = pool.shared(settings)
